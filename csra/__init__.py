@@ -1,0 +1,3 @@
+"""csra: Customer Support Response Assistant (shared settings, job specs and CLI)."""
+
+__version__ = "0.1.0"

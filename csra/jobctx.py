@@ -1,0 +1,62 @@
+"""What a job's domain function sees of the job runner.
+
+Domain code (importing, training, evaluation, generation) takes a ``JobContext`` and stays
+free of Celery and of the database: it reports progress and events, checks for cancellation
+at each step, and raises ``JobError`` with a message a person can act on.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+logger = logging.getLogger(__name__)
+
+
+class JobError(Exception):
+    """A failure the user can fix (bad input, missing model...): its text becomes ``job.error``."""
+
+
+class JobCancelled(Exception):
+    """Raised by ``check_cancelled`` when the user cancelled the job."""
+
+
+class JobContext(Protocol):
+    job_id: int
+    work_dir: Path
+
+    def progress(self, fraction: float, stage: str | None = None, eta_seconds: float | None = None) -> None:
+        """Record progress in [0, 1] and a short stage text."""
+
+    def event(self, kind: str, message: str = "", **data: Any) -> None:
+        """Record a job event: kind is ``log`` or ``metric`` (data: e.g. step, loss, lr)."""
+
+    def check_cancelled(self) -> None:
+        """Raise ``JobCancelled`` if the job was cancelled; cheap enough to call every step."""
+
+
+@dataclass
+class LocalContext:
+    """A context for running domain code outside a worker (tests, benchmarks, notebooks)."""
+
+    work_dir: Path
+    job_id: int = 0
+    cancel_after_checks: int | None = None
+    events: list[tuple[str, str, dict[str, Any]]] = field(default_factory=list)
+    progress_log: list[tuple[float, str | None]] = field(default_factory=list)
+    _checks: int = 0
+
+    def progress(self, fraction: float, stage: str | None = None, eta_seconds: float | None = None) -> None:
+        self.progress_log.append((fraction, stage))
+
+    def event(self, kind: str, message: str = "", **data: Any) -> None:
+        self.events.append((kind, message, data))
+        if message:
+            logger.info("%s: %s", kind, message)
+
+    def check_cancelled(self) -> None:
+        self._checks += 1
+        if self.cancel_after_checks is not None and self._checks > self.cancel_after_checks:
+            raise JobCancelled()

@@ -1,0 +1,106 @@
+"""The one settings object (pydantic-settings, env prefix ``CSRA_``).
+
+Every process (API, workers, UI, CLI) reads its configuration from here; nothing else
+reads ``os.environ`` for csra settings.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CSRA_", extra="ignore", env_file=".env")
+
+    data_dir: Path = Field(Path("./var"), description="SQLite file, Redis data, model store, exports")
+    database_url: str = Field("", description="SQLAlchemy URL; default: SQLite file in the data dir")
+    redis_url: str = Field(
+        "",
+        description="Redis URL; empty: `csra up` starts a local redis-server on redis_port",
+    )
+    redis_port: int = Field(6379, description="port of the redis-server that `csra up` starts")
+    api_host: str = "127.0.0.1"
+    api_port: int = 8000
+    api_url: str = Field("", description="how the UI and CLI reach the API; default from host/port")
+    ui_host: str = "127.0.0.1"
+    ui_port: int = 7860
+    api_key: str | None = Field(None, description="when set, every API call but /health needs it")
+
+    max_attempts: int = Field(2, ge=1, description="total attempts of a job whose worker dies")
+    heartbeat_seconds: float = Field(5.0, gt=0, description="how often a running job beats")
+    stale_after_seconds: float = Field(60.0, gt=0, description="no heartbeat this long: worker lost")
+    sweep_interval_seconds: float = Field(15.0, gt=0, description="period of the stale-job sweep")
+    lost_message_after_seconds: float = Field(
+        30.0, gt=0, description="a queued job whose message is nowhere in Redis this long is re-sent"
+    )
+
+    max_upload_mb: float = Field(200.0, gt=0)
+    import_roots: list[Path] = Field(
+        default_factory=list,
+        description="extra server-side folders a dataset `source` path may come from",
+    )
+    bitext_path: Path = Field(
+        Path("../shared/data/bitext/bitext_customer_support.csv"),
+        description="the development copy of Bitext (repo development and CI only)",
+    )
+    min_message_chars: int = Field(3, ge=0, description="cleaning: shorter customer messages are dropped")
+    min_reply_chars: int = Field(20, ge=0, description="cleaning: shorter replies are dropped")
+
+    baseline_name: str = Field("baseline", description="model-store name of the default base model")
+    torch_threads: int = Field(0, ge=0, description="torch intra-op threads in workers; 0 = torch default")
+
+    @field_validator("data_dir", "bitext_path", mode="after")
+    @classmethod
+    def _absolute(cls, v: Path) -> Path:
+        return v.expanduser().resolve()
+
+    @field_validator("import_roots", mode="after")
+    @classmethod
+    def _absolute_roots(cls, v: list[Path]) -> list[Path]:
+        return [p.expanduser().resolve() for p in v]
+
+    @model_validator(mode="after")
+    def _derived(self) -> "Settings":
+        if not self.database_url:
+            self.database_url = f"sqlite:///{self.data_dir / 'csra.db'}"
+        if not self.api_url:
+            host = "127.0.0.1" if self.api_host in ("0.0.0.0", "::") else self.api_host
+            self.api_url = f"http://{host}:{self.api_port}"
+        self.api_url = self.api_url.rstrip("/")
+        if self.stale_after_seconds <= self.heartbeat_seconds:
+            raise ValueError("CSRA_STALE_AFTER_SECONDS must be larger than CSRA_HEARTBEAT_SECONDS")
+        return self
+
+    @property
+    def effective_redis_url(self) -> str:
+        return self.redis_url or f"redis://127.0.0.1:{self.redis_port}/0"
+
+    @property
+    def allowed_import_roots(self) -> list[Path]:
+        return [self.data_dir, self.bitext_path.parent, *self.import_roots]
+
+    @property
+    def store_dir(self) -> Path:
+        return self.data_dir / "models"
+
+    @property
+    def uploads_dir(self) -> Path:
+        return self.data_dir / "uploads"
+
+    @property
+    def jobs_dir(self) -> Path:
+        return self.data_dir / "jobs"
+
+    @property
+    def exports_dir(self) -> Path:
+        return self.data_dir / "exports"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, created once."""
+    return Settings()

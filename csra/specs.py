@@ -1,0 +1,100 @@
+"""Typed, validated job parameters. Stored on the job row as JSON (``Job.params``).
+
+The API validates requests against these models (a bad value is a 422 naming the field);
+workers re-parse ``job.params`` with the same model.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+DEFAULT_INSTRUCTION = (
+    "You are a customer support agent. Reply to the customer's message helpfully, politely "
+    "and concisely."
+)
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ImportSpec(_Spec):
+    """How to turn a raw file into a cleaned, split dataset."""
+
+    column_mapping: dict[str, str] = Field(
+        default_factory=dict,
+        description="csra column -> source column, e.g. {'input': 'question', 'output': 'answer'}",
+    )
+    train_fraction: float = Field(0.9, gt=0, lt=1)
+    validation_fraction: float = Field(0.05, ge=0, lt=1)
+    test_fraction: float = Field(0.05, ge=0, lt=1)
+    seed: int = 42
+    min_message_chars: int | None = Field(None, ge=0, description="default: CSRA_MIN_MESSAGE_CHARS")
+    min_reply_chars: int | None = Field(None, ge=0, description="default: CSRA_MIN_REPLY_CHARS")
+    default_instruction: str = Field(DEFAULT_INSTRUCTION, min_length=1)
+    format: Literal["csv", "jsonl", "parquet"] | None = Field(
+        None, description="file format; default: from the file name"
+    )
+
+    @model_validator(mode="after")
+    def _fractions(self) -> "ImportSpec":
+        total = self.train_fraction + self.validation_fraction + self.test_fraction
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(f"train/validation/test fractions must add up to 1, not {total:g}")
+        return self
+
+
+class TrainSpec(_Spec):
+    """A fine-tuning run. Defaults are the original design's best config (2 epochs, lr 5e-5, batch 8)."""
+
+    dataset_id: int = Field(..., description="a dataset whose import succeeded")
+    base_model: str = Field("baseline", description="model-store name or id, HF id, or local folder")
+    method: Literal["full", "lora"] = "full"
+    lora_r: int = Field(8, ge=1, le=256)
+    lora_alpha: int = Field(16, ge=1)
+    lora_dropout: float = Field(0.05, ge=0, lt=1)
+    lora_target_modules: list[str] | None = Field(
+        None, description="module names to adapt; default: the attention projections"
+    )
+    epochs: float = Field(2, ge=1, description="passes over the training split")
+    learning_rate: float = Field(5e-5, gt=0, le=1)
+    batch_size: int = Field(8, ge=1, le=512)
+    gradient_accumulation: int = Field(1, ge=1, le=256)
+    max_input_length: int = Field(192, ge=8, description="prompt tokens kept (system+instruction+message)")
+    max_target_length: int = Field(192, ge=8, description="reply tokens kept")
+    warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    seed: int = 42
+    max_train_samples: int | None = Field(None, ge=1)
+    max_eval_samples: int | None = Field(200, ge=1, description="validation rows used for val loss")
+    eval_every: int | Literal["epoch"] = Field(
+        "epoch", description="evaluate (and checkpoint) every N optimizer steps, or each epoch"
+    )
+    logging_steps: int = Field(10, ge=1)
+    early_stopping_patience: int | None = Field(None, ge=1)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="auto: bf16 autocast where the hardware supports it"
+    )
+    output_name: str | None = Field(None, description="model-store name; default: ft-<job id>")
+    keep_best_on_cancel: bool = Field(False, description="on cancel, register the best checkpoint so far")
+
+    @field_validator("output_name")
+    @classmethod
+    def _name(cls, v: str | None) -> str | None:
+        if v is not None and not MODEL_NAME_RE.match(v):
+            raise ValueError(
+                "output_name must be 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
+            )
+        return v
+
+    @field_validator("eval_every")
+    @classmethod
+    def _eval_every(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and v < 1:
+            raise ValueError("eval_every must be a positive number of steps or 'epoch'")
+        return v

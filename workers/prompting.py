@@ -1,0 +1,74 @@
+"""Prompts: one place that turns (instruction, customer message, history) into model input.
+
+Training, evaluation and generation all go through these functions so that a fine-tuned
+model is always asked in exactly the format it was trained on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Literal
+
+Tone = Literal["neutral", "friendly", "strict_professional"]
+
+# Each tone is one documented system-prompt rule (README, "Tone and privacy").
+TONE_RULES: dict[str, str] = {
+    "neutral": "Use a neutral, clear tone.",
+    "friendly": "Use a warm, friendly tone; a short empathetic phrase is welcome.",
+    "strict_professional": "Use a strictly professional tone: formal, concise, no small talk.",
+}
+
+PRIVACY_ON = (
+    "Ask for an order number, account details or an email address only if the request cannot "
+    "be handled without them."
+)
+PRIVACY_OFF = "Never ask the customer for an order number, account details or an email address."
+
+
+def system_message(
+    instruction: str, tone: str | None = None, ask_details_only_if_relevant: bool | None = None
+) -> str:
+    """The system message: the dataset's agent instruction, plus optional tone and privacy rules."""
+    parts = [instruction.strip()]
+    if tone:
+        parts.append(TONE_RULES[tone])
+    if ask_details_only_if_relevant is True:
+        parts.append(PRIVACY_ON)
+    elif ask_details_only_if_relevant is False:
+        parts.append(PRIVACY_OFF)
+    return " ".join(p for p in parts if p)
+
+
+def build_messages(
+    system: str, user_message: str, history: Sequence[dict[str, str]] = ()
+) -> list[dict[str, str]]:
+    """Chat messages with an explicit system message (SmolLM2 inserts a default one otherwise)."""
+    msgs = [{"role": "system", "content": system}]
+    msgs.extend({"role": m["role"], "content": m["content"]} for m in history)
+    msgs.append({"role": "user", "content": user_message})
+    return msgs
+
+
+def has_chat_template(tokenizer: Any) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def render_prompt(tokenizer: Any, messages: Sequence[dict[str, str]]) -> str:
+    """The prompt text the model sees before its reply.
+
+    Models with a chat template (SmolLM2 and other instruct models) use it with the generation
+    prompt appended; others (T5, plain LMs) get a plain transcript ending in ``Agent:``.
+    """
+    if has_chat_template(tokenizer):
+        return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+    lines = []
+    for m in messages:
+        role = {"system": "Instruction", "user": "Customer", "assistant": "Agent"}[m["role"]]
+        lines.append(f"{role}: {m['content']}")
+    lines.append("Agent:")
+    return "\n".join(lines)
+
+
+def example_prompt(tokenizer: Any, instruction: str, customer_message: str) -> str:
+    """The prompt for one dataset example (training and evaluation)."""
+    return render_prompt(tokenizer, build_messages(system_message(instruction), customer_message))
