@@ -1,0 +1,52 @@
+"""The FastAPI gateway. ``app`` is built at import without touching the database or Redis."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+import csra
+from api.deps import require_key
+from api.routes import datasets, health, jobs, models, training
+
+logger = logging.getLogger(__name__)
+
+
+def _validation_detail(exc: RequestValidationError) -> list[dict[str, object]]:
+    return [
+        {"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")} for e in exc.errors()
+    ]
+
+
+async def _unhandled(request: Request, exc: Exception) -> JSONResponse:
+    logger.exception("unhandled error on %s %s", request.method, request.url.path)
+    return JSONResponse(
+        status_code=500,
+        content={"detail": f"internal error ({type(exc).__name__}); the server log has the details"},
+    )
+
+
+async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+    return JSONResponse(status_code=422, content={"detail": _validation_detail(exc)})
+
+
+def create_app() -> FastAPI:
+    app = FastAPI(
+        title="csra",
+        version=csra.__version__,
+        description="Customer Support Response Assistant: datasets, fine-tuning, evaluation and chat jobs.",
+    )
+    app.include_router(health.router)
+    protected = [Depends(require_key)]
+    for module in (datasets, jobs, training, models):
+        app.include_router(module.router, dependencies=protected)
+    app.add_exception_handler(RequestValidationError, _validation)  # type: ignore[arg-type]
+    app.add_exception_handler(Exception, _unhandled)
+    _ = HTTPException  # HTTPException bodies are FastAPI's default {"detail": ...}
+    return app
+
+
+app = create_app()

@@ -1,0 +1,59 @@
+"""Liveness of the database, Redis and the workers behind each queue."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse
+from sqlalchemy import text
+from starlette.concurrency import run_in_threadpool
+
+from api.enqueue import redis_ok
+from csra.queue import QUEUES, get_celery
+from db.session import get_engine
+
+logger = logging.getLogger(__name__)
+router = APIRouter(tags=["health"])
+
+
+def _db_ok() -> bool:
+    try:
+        with get_engine().connect() as conn:
+            conn.execute(text("SELECT 1"))
+        return True
+    except Exception:
+        logger.warning("database check failed", exc_info=True)
+        return False
+
+
+def _workers() -> dict[str, list[str]]:
+    """Live workers per queue, from Celery's broadcast inspect (answers within 0.5 s)."""
+    per_queue: dict[str, list[str]] = {q: [] for q in QUEUES}
+    try:
+        replies = get_celery().control.inspect(timeout=0.5).active_queues() or {}
+    except Exception:
+        logger.warning("worker inspect failed", exc_info=True)
+        return per_queue
+    for worker, queues in replies.items():
+        for q in queues or []:
+            per_queue.setdefault(q["name"], []).append(worker)
+    return per_queue
+
+
+def _check() -> dict[str, Any]:
+    db, rds = _db_ok(), redis_ok()
+    workers = _workers() if rds else {q: [] for q in QUEUES}
+    return {
+        "status": "ok" if db and rds else "degraded",
+        "database": "ok" if db else "unreachable",
+        "redis": "ok" if rds else "unreachable",
+        "workers": workers,
+    }
+
+
+@router.get("/health")
+async def health() -> JSONResponse:
+    body = await run_in_threadpool(_check)
+    return JSONResponse(body, status_code=200 if body["status"] == "ok" else 503)

@@ -1,0 +1,251 @@
+"""The ``csra`` command: run the stack (``up``, ``api``, ``worker``, ``ui``, ``migrate``) and
+talk to a running API (``datasets``, ``train``, ``jobs``, ``job``, ``models``)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from csra.client import ApiError, Client
+from csra.settings import get_settings
+
+app = typer.Typer(help="csra: Customer Support Response Assistant", no_args_is_help=True, add_completion=False)
+datasets_app = typer.Typer(help="Import and inspect datasets", no_args_is_help=True)
+models_app = typer.Typer(help="The model store", invoke_without_command=True)
+app.add_typer(datasets_app, name="datasets")
+app.add_typer(models_app, name="models")
+console = Console(stderr=True)
+out = Console()
+
+TERMINAL = {"succeeded", "failed", "cancelled"}
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _fail(e: ApiError) -> typer.Exit:
+    console.print(f"[red]error:[/red] {e.detail}")
+    return typer.Exit(code=1)
+
+
+# ---------------------------------------------------------------- the stack
+@app.command()
+def up(no_ui: Annotated[bool, typer.Option("--no-ui", help="do not start the Gradio UI")] = False) -> None:
+    """Start Redis (unless CSRA_REDIS_URL is set), migrate, workers, API and UI; Ctrl-C stops all."""
+    from csra.supervisor import up as run_up
+
+    _setup_logging()
+    raise typer.Exit(code=run_up(get_settings(), with_ui=not no_ui))
+
+
+@app.command()
+def migrate(revision: str = "head") -> None:
+    """Upgrade the database to the latest schema (alembic upgrade head)."""
+    from db.migrate import upgrade
+
+    _setup_logging()
+    get_settings().data_dir.mkdir(parents=True, exist_ok=True)
+    upgrade(revision=revision)
+
+
+@app.command()
+def worker(
+    queue: Annotated[str, typer.Option(help="queue(s) to consume: default, train, generate, maintenance (comma-separated)")],
+    concurrency: Annotated[Optional[int], typer.Option(help="processes; default 1 for train, 2 otherwise")] = None,
+    beat: Annotated[bool, typer.Option(help="also run the periodic job sweep (one per deployment)")] = False,
+    loglevel: str = "INFO",
+) -> None:
+    """Start a Celery worker for one queue."""
+    from csra.queue import QUEUES, get_celery
+
+    queues = [q.strip() for q in queue.split(",") if q.strip()]
+    unknown = [q for q in queues if q not in QUEUES]
+    if unknown or not queues:
+        console.print(f"[red]error:[/red] unknown queue(s) {unknown}; choose from {', '.join(QUEUES)}")
+        raise typer.Exit(code=2)
+    conc = concurrency or (1 if "train" in queues else 2)
+    settings = get_settings()
+    argv = ["worker", "-Q", ",".join(queues), "-c", str(conc), "--prefetch-multiplier", "1",
+            "-n", f"{'+'.join(queues)}@%h", "--loglevel", loglevel, "--without-gossip", "--without-mingle"]
+    if beat:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        argv[2] += ",maintenance"  # the beat worker also runs the sweep it schedules
+        argv += ["--beat", "--schedule", str(settings.data_dir / "celerybeat-schedule")]
+    get_celery().worker_main(argv)
+
+
+@app.command()
+def api(
+    host: Optional[str] = None,
+    port: Optional[int] = None,
+    workers: Annotated[int, typer.Option(help="uvicorn worker processes")] = 1,
+) -> None:
+    """Start the HTTP API (uvicorn)."""
+    import uvicorn
+
+    settings = get_settings()
+    uvicorn.run("api.main:app", host=host or settings.api_host, port=port or settings.api_port,
+                workers=workers, log_level="info", access_log=False)
+
+
+@app.command()
+def ui(host: Optional[str] = None, port: Optional[int] = None) -> None:
+    """Start the Gradio UI (it talks to the API over HTTP)."""
+    from ui.app import launch
+
+    settings = get_settings()
+    launch(host or settings.ui_host, port or settings.ui_port)
+
+
+# ---------------------------------------------------------------- client commands
+@datasets_app.command("import")
+def datasets_import(
+    source: Annotated[str, typer.Argument(help="a local file to upload, a server-side path, or a HF dataset id")],
+    name: Annotated[Optional[str], typer.Option(help="dataset name")] = None,
+    server_side: Annotated[bool, typer.Option(help="read SOURCE on the server instead of uploading it")] = False,
+    options: Annotated[Optional[str], typer.Option(help="import options as JSON (column_mapping, fractions, seed)")] = None,
+    wait: Annotated[bool, typer.Option(help="follow the import job until it ends")] = True,
+) -> None:
+    """Import a dataset (CSV, JSONL or Parquet file, or a Hugging Face dataset id)."""
+    path = Path(source)
+    try:
+        with Client() as c:
+            if path.is_file() and not server_side:
+                created = c.import_file(path, name, options)
+            else:
+                body: dict[str, Any] = {"name": name or path.stem or source, "source": source}
+                if options:
+                    body["options"] = json.loads(options)
+                created = c.post("/datasets", body)
+            console.print(f"dataset {created['dataset']['id']} created; import job {created['job']['id']}")
+            if wait:
+                job = _follow(c, created["job"]["id"])
+                if job["status"] == "succeeded":
+                    _print_dataset(c.get(f"/datasets/{created['dataset']['id']}"))
+                raise typer.Exit(code=0 if job["status"] == "succeeded" else 1)
+    except ApiError as e:
+        raise _fail(e) from None
+
+
+@datasets_app.command("list")
+def datasets_list() -> None:
+    """List datasets."""
+    try:
+        with Client() as c:
+            rows = c.get("/datasets")["data"]
+    except ApiError as e:
+        raise _fail(e) from None
+    table = Table("id", "name", "status", "rows", "source")
+    for d in rows:
+        table.add_row(str(d["id"]), d["name"], d["status"], str(d["row_count"]), d["source"][:60])
+    out.print(table)
+
+
+@datasets_app.command("show")
+def datasets_show(dataset_id: int) -> None:
+    """Show a dataset: status, split sizes and cleaning statistics."""
+    try:
+        with Client() as c:
+            _print_dataset(c.get(f"/datasets/{dataset_id}"))
+    except ApiError as e:
+        raise _fail(e) from None
+
+
+def _print_dataset(ds: dict[str, Any]) -> None:
+    out.print(f"dataset {ds['id']} {ds['name']!r}: {ds['status']}, {ds['row_count']} rows")
+    if ds.get("error"):
+        out.print(f"[red]{ds['error']}[/red]")
+    if ds.get("stats"):
+        out.print_json(json.dumps({k: v for k, v in ds["stats"].items() if not isinstance(v, dict)}))
+
+
+@app.command()
+def jobs(
+    kind: Optional[str] = None, status: Optional[str] = None, limit: int = 20
+) -> None:
+    """List recent jobs."""
+    try:
+        with Client() as c:
+            rows = c.get("/jobs", kind=kind, status=status, limit=limit)["data"]
+    except ApiError as e:
+        raise _fail(e) from None
+    table = Table("id", "kind", "status", "progress", "stage", "attempts", "created")
+    for j in rows:
+        table.add_row(str(j["id"]), j["kind"], j["status"], f"{j['progress']:.0%}", j["stage"][:50],
+                      str(j["attempts"]), j["created_at"][:19])
+    out.print(table)
+
+
+@app.command()
+def job(
+    job_id: int,
+    watch: Annotated[bool, typer.Option(help="follow it until it ends")] = False,
+) -> None:
+    """Show one job (and optionally follow it)."""
+    try:
+        with Client() as c:
+            j = _follow(c, job_id) if watch else c.get(f"/jobs/{job_id}")
+    except ApiError as e:
+        raise _fail(e) from None
+    out.print_json(json.dumps(j))
+
+
+@app.command()
+def cancel(job_id: int) -> None:
+    """Cancel a queued or running job."""
+    try:
+        with Client() as c:
+            j = c.post(f"/jobs/{job_id}/cancel")
+    except ApiError as e:
+        raise _fail(e) from None
+    console.print(f"job {job_id}: {j['status']} (cancel requested)")
+
+
+def _follow(c: Client, job_id: int, cancel_on_interrupt: bool = False) -> dict[str, Any]:
+    """A live progress bar (with the latest loss) until the job ends. Ctrl-C detaches."""
+    after, loss = 0, None
+    columns = [TextColumn("job {task.fields[job]}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
+               TextColumn("{task.fields[stage]}"), TimeElapsedColumn()]
+    try:
+        with Progress(*columns, console=console, transient=False) as bar:
+            task = bar.add_task("job", total=1.0, job=job_id, stage="")
+            while True:
+                j = c.get(f"/jobs/{job_id}")
+                events = c.get(f"/jobs/{job_id}/events", after=after, kind="metric")["data"]
+                for ev in events:
+                    after = ev["id"]
+                    if ev["data"] and "loss" in ev["data"]:
+                        loss = ev["data"]["loss"]
+                stage = j["stage"] + (f" | loss {loss:.4f}" if loss is not None else "")
+                bar.update(task, completed=j["progress"], stage=stage[:70])
+                if j["status"] in TERMINAL:
+                    break
+                time.sleep(1.0)
+    except KeyboardInterrupt:
+        if cancel_on_interrupt:
+            c.post(f"/jobs/{job_id}/cancel")
+            console.print(f"job {job_id}: cancel requested")
+        else:
+            console.print(f"detached; job {job_id} keeps running (csra job {job_id} --watch)")
+        raise typer.Exit(code=130) from None
+    colour = {"succeeded": "green", "failed": "red"}.get(j["status"], "yellow")
+    console.print(f"job {job_id} [{colour}]{j['status']}[/{colour}]" + (f": {j['error']}" if j.get("error") else ""))
+    return j
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

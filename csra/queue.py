@@ -1,0 +1,72 @@
+"""The Celery application shared by the API (to enqueue) and the workers (to run).
+
+Only configuration lives here: the API imports this module to publish messages by task
+name and never imports ``workers`` (nor torch). Workers load ``workers.tasks`` through
+``include``.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from celery import Celery
+from kombu import Queue
+
+from csra.settings import get_settings
+
+QUEUES = ("default", "train", "generate", "maintenance")  # maintenance: the periodic sweep only
+
+# job kind -> (task name, queue). Every task has an explicit name and queue.
+TASKS: dict[str, tuple[str, str]] = {
+    "import": ("csra.jobs.import_dataset", "default"),
+    "train": ("csra.jobs.train", "train"),
+    "sweep": ("csra.jobs.sweep", "default"),
+    "evaluate": ("csra.jobs.evaluate", "train"),
+    "generate": ("csra.jobs.generate", "generate"),
+}
+SWEEP_TASK = "csra.maintenance.sweep_jobs"
+
+
+@lru_cache(maxsize=1)
+def get_celery() -> Celery:
+    settings = get_settings()
+    app = Celery("csra", broker=settings.effective_redis_url, include=["workers.tasks"])
+    app.conf.update(
+        task_queues=[Queue(q, routing_key=q) for q in QUEUES],
+        task_default_queue="default",
+        task_create_missing_queues=False,
+        task_ignore_result=True,  # the database is the source of truth, not a result backend
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        worker_hijack_root_logger=False,
+        broker_connection_retry_on_startup=True,
+        broker_transport_options={
+            # A lost worker is detected by the job heartbeat sweep, not by Redis redelivery;
+            # a long visibility timeout keeps long training runs from being delivered twice.
+            "visibility_timeout": 12 * 3600,
+            "socket_connect_timeout": 2,
+            "socket_timeout": 5,
+        },
+        task_publish_retry_policy={"max_retries": 2, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.5},
+        beat_schedule={
+            "sweep-jobs": {
+                "task": SWEEP_TASK,
+                "schedule": settings.sweep_interval_seconds,
+                "options": {"queue": "maintenance", "expires": settings.sweep_interval_seconds * 2},
+            }
+        },
+        timezone="UTC",
+        enable_utc=True,
+    )
+    return app
+
+
+def send_job(job_id: int, kind: str) -> None:
+    """Publish the message that runs job ``job_id``; the Celery task id is ``job-<id>``."""
+    name, queue = TASKS[kind]
+    get_celery().send_task(name, args=[job_id], queue=queue, task_id=task_id_for(job_id))
+
+
+def task_id_for(job_id: int) -> str:
+    return f"job-{job_id}"

@@ -1,0 +1,76 @@
+"""Shared fixtures. Integration fixtures start real services; nothing is mocked."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.stack import RedisServer, Stack, free_port, stack_env
+
+REPO = Path(__file__).resolve().parents[1]
+BITEXT = REPO.parent / "shared" / "data" / "bitext" / "bitext_customer_support.csv"
+
+
+@pytest.fixture(scope="session")
+def bitext_path() -> Path:
+    if not BITEXT.is_file():
+        pytest.skip(f"the Bitext development copy is not at {BITEXT}")
+    return BITEXT
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """Redis + migrated SQLite + workers (default with the sweep, train) + API, all real processes."""
+    root = tmp_path_factory.mktemp("stack")
+    (root / "imports").mkdir()
+    server = RedisServer(root / "redis")
+    server.start()
+    port = free_port()
+    st = Stack(root=root, redis=server, env=stack_env(root, server.url, port), api_port=port)
+    try:
+        subprocess.run([sys.executable, "-m", "csra.cli", "migrate"], env=st.env, check=True, capture_output=True)
+        st.start_worker("default", "--beat")
+        st.start_worker("train")
+        st.csra("api", "api")
+        st.wait_ready(("default", "train", "maintenance"))
+        yield st
+    finally:
+        st.stop()
+
+
+@pytest.fixture()
+def api(stack: Stack) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=stack.url, timeout=30) as client:
+        yield client
+
+
+@pytest.fixture()
+def db_env(stack: Stack, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Point this test process's settings at the stack's database (for direct checks)."""
+    from csra.settings import get_settings
+    from db.session import get_engine, get_sessionmaker
+
+    for k, v in stack.env.items():
+        if k.startswith("CSRA_"):
+            monkeypatch.setenv(k, v)
+    for f in (get_settings, get_engine, get_sessionmaker):
+        f.cache_clear()
+    yield
+    get_engine().dispose()
+    for f in (get_settings, get_engine, get_sessionmaker):
+        f.cache_clear()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if "integration" in str(item.fspath):
+            item.add_marker(pytest.mark.integration)
+
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -1,0 +1,153 @@
+"""Real services for integration tests: a redis-server and csra processes on free loopback ports.
+
+Nothing here is mocked: the tests talk HTTP to a real uvicorn, which enqueues to a real Redis,
+from which real Celery worker processes take the jobs.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import redis
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(predicate, timeout: float, interval: float = 0.1, what: str = "condition"):  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(interval)
+
+
+@dataclass
+class RedisServer:
+    data_dir: Path
+    port: int = field(default_factory=free_port)
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self, persist: bool = True) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise RuntimeError("redis-server is not installed (apt-get install redis-server)")
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        argv = [binary, "--bind", "127.0.0.1", "--port", str(self.port), "--dir", str(self.data_dir),
+                "--save", "", "--appendonly", "yes" if persist else "no", "--protected-mode", "yes"]
+        self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        client = redis.Redis.from_url(self.url, socket_connect_timeout=0.5)
+
+        def up() -> bool:
+            try:
+                return bool(client.ping())
+            except (redis.RedisError, OSError):
+                return False
+
+        wait_until(up, 15, what="redis-server")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+        self.proc = None
+
+    def wipe(self) -> None:
+        """Forget everything (a Redis restarted without its data)."""
+        shutil.rmtree(self.data_dir, ignore_errors=True)
+
+
+@dataclass
+class Stack:
+    root: Path
+    redis: RedisServer
+    env: dict[str, str]
+    api_port: int
+    procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.api_port}"
+
+    def csra(self, name: str, *args: str) -> subprocess.Popen[bytes]:
+        log = (self.root / f"{name}.log").open("ab")
+        proc = subprocess.Popen([sys.executable, "-m", "csra.cli", *args], env=self.env,
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.procs[name] = proc
+        return proc
+
+    def start_worker(self, queue: str, *extra: str) -> subprocess.Popen[bytes]:
+        return self.csra(f"worker-{queue}", "worker", "--queue", queue, *extra)
+
+    def stop_proc(self, name: str, sig: int = signal.SIGTERM) -> None:
+        proc = self.procs.pop(name, None)
+        if proc is None or proc.poll() is not None:
+            return
+        os.killpg(proc.pid, sig)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(5)
+
+    def stop(self) -> None:
+        for name in list(self.procs):
+            self.stop_proc(name)
+        self.redis.stop()
+
+    def health(self) -> dict:
+        try:
+            return httpx.get(f"{self.url}/health", timeout=5).json()
+        except (httpx.HTTPError, ValueError):
+            return {}
+
+    def wait_ready(self, queues: tuple[str, ...], timeout: float = 60) -> None:
+        def ready() -> bool:
+            h = self.health()
+            return bool(h) and h.get("status") == "ok" and all(h["workers"].get(q) for q in queues)
+
+        try:
+            wait_until(ready, timeout, 0.5, what=f"API and workers for {queues}")
+        except TimeoutError:
+            raise TimeoutError(f"stack not ready: {self.health()}\n{self.logs()}") from None
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in self.root.glob("*.log"))
+
+
+def stack_env(root: Path, redis_url: str, api_port: int, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CSRA_")}
+    env.update(
+        CSRA_DATA_DIR=str(root / "data"),
+        CSRA_REDIS_URL=redis_url,
+        CSRA_API_PORT=str(api_port),
+        CSRA_HEARTBEAT_SECONDS="0.5",
+        CSRA_STALE_AFTER_SECONDS="3",
+        CSRA_SWEEP_INTERVAL_SECONDS="1",
+        CSRA_LOST_MESSAGE_AFTER_SECONDS="3",
+        CSRA_MAX_ATTEMPTS="2",
+        CSRA_IMPORT_ROOTS=f'["{root / "imports"}"]',
+        CSRA_TORCH_THREADS="1",
+        PYTHONUNBUFFERED="1",
+    )
+    env.update(extra)
+    return env

@@ -1,0 +1,89 @@
+"""The import job: read a file, clean and split it, store the examples in one transaction."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import delete, insert
+
+from csra.jobctx import JobContext, JobError
+from csra.settings import get_settings
+from csra.specs import ImportSpec
+from db.models import Dataset, DatasetExample, DatasetStatus
+from db.session import session_scope
+from workers import importing
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_source(source: str, work_dir: Path) -> Path:
+    """``upload:<path>`` / ``file:<path>`` / ``hf:<dataset id>`` -> a local file to read."""
+    scheme, _, value = source.partition(":")
+    settings = get_settings()
+    if scheme == "hf":
+        return importing.download_hf_dataset(value, settings.data_dir / "hf-cache")
+    if scheme not in ("upload", "file"):
+        raise JobError(f"unknown dataset source {source!r}")
+    path = Path(value).resolve()
+    if not any(path.is_relative_to(root) for root in settings.allowed_import_roots):
+        raise JobError(f"{path} is outside the allowed import folders")
+    if not path.is_file():
+        raise JobError(f"dataset file {path} does not exist (or is not a file)")
+    return path
+
+
+def _fail_dataset(dataset_id: int, error: str) -> None:
+    with session_scope() as s:
+        ds = s.get(Dataset, dataset_id)
+        if ds is not None:
+            ds.status = DatasetStatus.FAILED.value
+            ds.error = error
+
+
+def handle_import(job_id: int, params: dict[str, Any], ctx: JobContext) -> dict[str, Any]:
+    dataset_id = int(params["dataset_id"])
+    with session_scope() as s:
+        ds = s.get(Dataset, dataset_id)
+        if ds is None:
+            raise JobError(f"dataset {dataset_id} was deleted before its import ran")
+        source, options = ds.source, dict(ds.options or {})
+    try:
+        return _import(dataset_id, source, ImportSpec.model_validate(options), ctx)
+    except JobError as e:
+        _fail_dataset(dataset_id, str(e))
+        raise
+    except Exception as e:
+        _fail_dataset(dataset_id, f"import crashed: {type(e).__name__}: {e}")
+        raise
+
+
+def _import(dataset_id: int, source: str, spec: ImportSpec, ctx: JobContext) -> dict[str, Any]:
+    settings = get_settings()
+    ctx.progress(0.02, "resolving source")
+    path = resolve_source(source, ctx.work_dir)
+    result = importing.import_dataset(
+        path,
+        spec,
+        ctx,
+        min_message_chars=spec.min_message_chars if spec.min_message_chars is not None else settings.min_message_chars,
+        min_reply_chars=spec.min_reply_chars if spec.min_reply_chars is not None else settings.min_reply_chars,
+    )
+    ctx.check_cancelled()
+    ctx.progress(0.9, f"storing {len(result.rows)} examples")
+    cols = ("split", "instruction", "input", "output", "intent", "category", "flags")
+    rows = [{"dataset_id": dataset_id, **{c: str(r.get(c) or "") for c in cols}} for r in result.rows]
+    # One transaction: the examples and the status flip land together or not at all.
+    with session_scope() as s:
+        s.execute(delete(DatasetExample).where(DatasetExample.dataset_id == dataset_id))
+        s.execute(insert(DatasetExample), rows)
+        ds = s.get(Dataset, dataset_id)
+        if ds is None:
+            raise JobError(f"dataset {dataset_id} was deleted while importing")
+        ds.status = DatasetStatus.READY.value
+        ds.stats = result.stats
+        ds.row_count = len(rows)
+        ds.error = None
+    ctx.event("log", f"imported {len(rows)} rows", **{k: v for k, v in result.stats.items() if isinstance(v, int)})
+    return {"dataset_id": dataset_id, "rows": len(rows), "stats": result.stats}
