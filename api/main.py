@@ -10,15 +10,10 @@ from fastapi.responses import JSONResponse
 
 import csra
 from api.deps import require_key
+from api.errors import errors_detail
 from api.routes import datasets, health, jobs, models, training
 
 logger = logging.getLogger(__name__)
-
-
-def _validation_detail(exc: RequestValidationError) -> list[dict[str, object]]:
-    return [
-        {"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")} for e in exc.errors()
-    ]
 
 
 async def _unhandled(request: Request, exc: Exception) -> JSONResponse:
@@ -30,7 +25,7 @@ async def _unhandled(request: Request, exc: Exception) -> JSONResponse:
 
 
 async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-    return JSONResponse(status_code=422, content={"detail": _validation_detail(exc)})
+    return JSONResponse(status_code=422, content={"detail": errors_detail(list(exc.errors()))})
 
 
 def create_app() -> FastAPI:

@@ -147,6 +147,7 @@ def stack_env(root: Path, redis_url: str, api_port: int, **extra: str) -> dict[s
         CSRA_MAX_ATTEMPTS="2",
         CSRA_IMPORT_ROOTS=f'["{root / "imports"}"]',
         CSRA_TORCH_THREADS="1",
+        CSRA_MAX_UPLOAD_MB="2",
         PYTHONUNBUFFERED="1",
     )
     env.update(extra)

@@ -14,15 +14,16 @@ from celery.utils.log import get_task_logger
 from csra.queue import SWEEP_TASK, TASKS, get_celery
 from csra.settings import get_settings
 from workers import runner
+from workers.presence import Presence
+from workers.handlers.imports import handle_import  # preloaded before the pool forks (pandas is slow to import)
 
 logger = get_task_logger(__name__)
 app = get_celery()
+app.steps["worker"].add(Presence)
 
 
 @app.task(name=TASKS["import"][0])
 def import_dataset(job_id: int) -> None:
-    from workers.handlers.imports import handle_import
-
     runner.execute(job_id, handle_import)
 
 

@@ -17,6 +17,7 @@ from starlette.datastructures import UploadFile
 
 from api.deps import DbSession, Owner
 from api.enqueue import submit_job
+from api.errors import unprocessable
 from api.schemas import (
     DatasetCreate,
     DatasetCreated,
@@ -112,7 +113,7 @@ def _parse_options(raw: Any) -> ImportSpec:
     except json.JSONDecodeError as e:
         raise HTTPException(status_code=422, detail=f"'options' is not valid JSON: {e}") from None
     except ValidationError as e:
-        raise HTTPException(status_code=422, detail=f"invalid import options: {e.errors(include_url=False)}") from None
+        raise unprocessable(e, "invalid import options") from None
 
 
 @router.post(
@@ -160,7 +161,7 @@ async def create_dataset(request: Request, db: DbSession, owner: Owner) -> Datas
     try:
         body = DatasetCreate.model_validate(await request.json())
     except ValidationError as e:
-        raise HTTPException(status_code=422, detail=e.errors(include_url=False)) from None
+        raise unprocessable(e) from None
     except ValueError:
         raise HTTPException(
             status_code=422, detail="send JSON {name, source, options} or a multipart upload with a 'file' field"

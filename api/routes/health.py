@@ -10,8 +10,9 @@ from fastapi.responses import JSONResponse
 from sqlalchemy import text
 from starlette.concurrency import run_in_threadpool
 
-from api.enqueue import redis_ok
-from csra.queue import QUEUES, get_celery
+from api.enqueue import redis_client, redis_ok
+from csra.queue import QUEUES
+from csra.presence import live_workers
 from db.session import get_engine
 
 logger = logging.getLogger(__name__)
@@ -29,17 +30,12 @@ def _db_ok() -> bool:
 
 
 def _workers() -> dict[str, list[str]]:
-    """Live workers per queue, from Celery's broadcast inspect (answers within 0.5 s)."""
-    per_queue: dict[str, list[str]] = {q: [] for q in QUEUES}
+    """Live workers per queue (each worker keeps a short-lived presence key in Redis)."""
     try:
-        replies = get_celery().control.inspect(timeout=0.5).active_queues() or {}
+        return live_workers(redis_client(), QUEUES)
     except Exception:
-        logger.warning("worker inspect failed", exc_info=True)
-        return per_queue
-    for worker, queues in replies.items():
-        for q in queues or []:
-            per_queue.setdefault(q["name"], []).append(worker)
-    return per_queue
+        logger.warning("reading worker presence failed", exc_info=True)
+        return {q: [] for q in QUEUES}
 
 
 def _check() -> dict[str, Any]:

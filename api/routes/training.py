@@ -13,6 +13,7 @@ from sqlalchemy import select
 
 from api.deps import DbSession, Owner
 from api.enqueue import submit_job
+from api.errors import unprocessable
 from api.routes.models import find_model
 from api.schemas import JobPublic
 from csra.settings import get_settings
@@ -121,7 +122,7 @@ def create_sweep_job(body: SweepCreate, db: DbSession, owner: Owner) -> Any:
         try:
             spec = TrainSpec.model_validate(cfg)
         except ValidationError as e:
-            raise HTTPException(status_code=422, detail=f"config {i}: {e.errors(include_url=False)}") from None
+            raise unprocessable(e, f"config {i}") from None
         if spec.output_name and any(s.output_name == spec.output_name for s in specs):
             raise HTTPException(status_code=422, detail=f"config {i}: output_name {spec.output_name!r} repeats")
         validate_train_spec(db, spec)

@@ -8,7 +8,7 @@ from typing import Any
 
 from sqlalchemy import delete, insert
 
-from csra.jobctx import JobContext, JobError
+from csra.jobctx import JobCancelled, JobContext, JobError
 from csra.settings import get_settings
 from csra.specs import ImportSpec
 from db.models import Dataset, DatasetExample, DatasetStatus
@@ -54,6 +54,9 @@ def handle_import(job_id: int, params: dict[str, Any], ctx: JobContext) -> dict[
     except JobError as e:
         _fail_dataset(dataset_id, str(e))
         raise
+    except JobCancelled:
+        _fail_dataset(dataset_id, "import cancelled")
+        raise
     except Exception as e:
         _fail_dataset(dataset_id, f"import crashed: {type(e).__name__}: {e}")
         raise
@@ -85,5 +88,4 @@ def _import(dataset_id: int, source: str, spec: ImportSpec, ctx: JobContext) -> 
         ds.stats = result.stats
         ds.row_count = len(rows)
         ds.error = None
-    ctx.event("log", f"imported {len(rows)} rows", **{k: v for k, v in result.stats.items() if isinstance(v, int)})
     return {"dataset_id": dataset_id, "rows": len(rows), "stats": result.stats}
