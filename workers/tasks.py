@@ -41,6 +41,20 @@ def sweep(job_id: int) -> None:
     runner.execute(job_id, handle_sweep)
 
 
+@app.task(name=TASKS["generate"][0])
+def generate(job_id: int) -> None:
+    from workers.handlers.generation import handle_generate
+
+    runner.execute(job_id, handle_generate)
+
+
+@app.task(name=TASKS["evaluate"][0])
+def evaluate(job_id: int) -> None:
+    from workers.handlers.evaluation import handle_evaluate
+
+    runner.execute(job_id, handle_evaluate)
+
+
 @app.task(name=SWEEP_TASK)
 def sweep_jobs() -> dict[str, Any]:
     from workers.maintenance import sweep as do_sweep

@@ -1,0 +1,256 @@
+"""OpenAI-compatible surface: models, chat completions (plain and streamed) and fine-tuning jobs,
+mapped onto csra's own models and jobs, so the official ``openai`` client works against csra."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any, Literal
+
+from fastapi import APIRouter, HTTPException
+from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy import select
+from sse_starlette.sse import EventSourceResponse
+from starlette.concurrency import run_in_threadpool
+
+from api.deps import DbSession, Owner
+from api.enqueue import submit_job
+from api.routes.generation import submit_generation, token_events
+from api.routes.jobs import get_job_or_404
+from api.routes.training import validate_train_spec
+from csra.specs import GenerateSpec, TrainSpec
+from db.models import Job, JobEvent, Model
+from db.session import get_sessionmaker
+
+router = APIRouter(prefix="/v1", tags=["openai-compatible"])
+
+DEFAULT_LR = 5e-5  # learning_rate_multiplier 1.0 = csra's default learning rate
+
+
+class ChatMessageIn(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: Literal["system", "user", "assistant", "developer"]
+    content: str | list[dict[str, Any]] | None = None
+
+
+class ChatCompletionRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")  # the client sends fields csra ignores (n=1, user, ...)
+    model: str
+    messages: list[ChatMessageIn] = Field(..., min_length=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    max_tokens: int | None = Field(None, ge=1, le=2048)
+    max_completion_tokens: int | None = Field(None, ge=1, le=2048)
+    seed: int | None = None
+    stream: bool = False
+    # csra extensions (pass with extra_body=...)
+    tone: Literal["neutral", "friendly", "strict_professional"] = "neutral"
+    ask_details_only_if_relevant: bool = True
+
+
+def _text(content: str | list[dict[str, Any]] | None) -> str:
+    if isinstance(content, list):
+        return "".join(part.get("text", "") for part in content if part.get("type") == "text")
+    return content or ""
+
+
+def _spec(body: ChatCompletionRequest) -> GenerateSpec:
+    msgs = [{"role": "assistant" if m.role == "assistant" else "user", "content": _text(m.content)}
+            for m in body.messages if m.role not in ("system", "developer")]
+    if not msgs or msgs[-1]["role"] != "user":
+        raise HTTPException(status_code=422, detail="messages must end with a user message")
+    return GenerateSpec(model_id=body.model, messages=msgs, temperature=body.temperature or 0.0,
+                        top_p=body.top_p or 1.0, max_new_tokens=body.max_completion_tokens or body.max_tokens or 256,
+                        seed=body.seed, tone=body.tone, ask_details_only_if_relevant=body.ask_details_only_if_relevant)
+
+
+@router.get("/models")
+def list_models(db: DbSession, owner: Owner) -> dict[str, Any]:
+    rows = db.scalars(select(Model).order_by(Model.id)).all()
+    return {"object": "list", "data": [{"id": m.name, "object": "model", "created": int(m.created_at.timestamp()),
+                                        "owned_by": "csra"} for m in rows]}
+
+
+def _completion(job: dict[str, Any], model: str, cid: str) -> dict[str, Any]:
+    if job["status"] != "succeeded":
+        raise HTTPException(status_code=502 if job["status"] == "failed" else 409,
+                            detail=f"generation {job['status']}: {job.get('error') or ''}".strip())
+    r = job["result"]
+    return {
+        "id": cid, "object": "chat.completion", "created": int(time.time()), "model": model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": r["text"]},
+                     "finish_reason": r["finish_reason"], "logprobs": None}],
+        "usage": {"prompt_tokens": r["prompt_tokens"], "completion_tokens": r["completion_tokens"],
+                  "total_tokens": r["prompt_tokens"] + r["completion_tokens"]},
+        "system_fingerprint": f"csra-job-{job['id']}",
+    }
+
+
+def _chunk(cid: str, model: str, delta: dict[str, Any], finish: str | None = None) -> str:
+    return json.dumps({"id": cid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
+                       "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]})
+
+
+async def _stream(job_id: int, model: str, cid: str) -> AsyncIterator[dict[str, str]]:
+    yield {"data": _chunk(cid, model, {"role": "assistant", "content": ""})}
+    finish = "stop"
+    async for ev in token_events(job_id):
+        if ev["event"] == "token":
+            yield {"data": _chunk(cid, model, {"content": json.loads(ev["data"])["text"]})}
+        else:
+            job = json.loads(ev["data"])
+            finish = (job.get("result") or {}).get("finish_reason", "stop") if job["status"] == "succeeded" else "stop"
+    yield {"data": _chunk(cid, model, {}, finish)}
+    yield {"data": "[DONE]"}
+
+
+@router.post("/chat/completions", response_model=None)
+async def chat_completions(body: ChatCompletionRequest, owner: Owner) -> Any:
+    spec = _spec(body)
+
+    def submit() -> int:
+        with get_sessionmaker()() as db:
+            return submit_generation(db, spec, owner).id
+
+    job_id = await run_in_threadpool(submit)
+    cid = f"chatcmpl-{job_id}-{uuid.uuid4().hex[:8]}"
+    if body.stream:
+        return EventSourceResponse(_stream(job_id, body.model, cid), ping=15)
+    final: dict[str, Any] = {}
+    async for ev in token_events(job_id):
+        if ev["event"] == "done":
+            final = json.loads(ev["data"])
+    return _completion(final, body.model, cid)
+
+
+# ----------------------------------------------------------------------------- fine-tuning
+
+STATUS = {"queued": "queued", "running": "running", "succeeded": "succeeded", "failed": "failed",
+          "cancelled": "cancelled"}
+
+
+class Hyperparameters(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    n_epochs: int | Literal["auto"] = "auto"
+    batch_size: int | Literal["auto"] = "auto"
+    learning_rate_multiplier: float | Literal["auto"] = "auto"
+
+
+class FineTuneCreate(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    model: str = "baseline"
+    training_file: str = Field(..., description="a csra dataset id ('3' or 'ds-3')")
+    hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
+    suffix: str | None = Field(None, max_length=40)
+    seed: int | None = None
+    validation_file: str | None = None
+
+
+def _dataset_id(ref: str) -> int:
+    raw = ref.removeprefix("ds-").removeprefix("file-")
+    if not raw.isdigit():
+        raise HTTPException(status_code=422, detail=f"training_file {ref!r} must be a csra dataset id such as 'ds-3' "
+                                                    "(import the file with POST /datasets first)")
+    return int(raw)
+
+
+def _job_id(ref: str) -> int:
+    raw = ref.removeprefix("ftjob-")
+    if not raw.isdigit():
+        raise HTTPException(status_code=404, detail=f"fine-tuning job {ref!r} not found")
+    return int(raw)
+
+
+def _ts(dt: Any) -> int | None:
+    return int(dt.timestamp()) if dt is not None else None
+
+
+def fine_tuning_job(job: Job) -> dict[str, Any]:
+    p, r = job.params or {}, job.result or {}
+    return {
+        "id": f"ftjob-{job.id}", "object": "fine_tuning.job", "created_at": _ts(job.created_at),
+        "finished_at": _ts(job.finished_at), "model": p.get("base_model", "baseline"),
+        "fine_tuned_model": r.get("model_name"), "organization_id": "csra", "result_files": [],
+        "status": STATUS[job.status], "training_file": f"ds-{p.get('dataset_id')}", "validation_file": None,
+        "hyperparameters": {"n_epochs": p.get("epochs"), "batch_size": p.get("batch_size"),
+                            "learning_rate_multiplier": (p.get("learning_rate") or DEFAULT_LR) / DEFAULT_LR},
+        "trained_tokens": r.get("tokens_seen"), "seed": p.get("seed", 42), "estimated_finish": None,
+        "error": {"code": "job_failed", "message": job.error, "param": None} if job.status == "failed" else None,
+        "integrations": None, "metadata": None,
+    }
+
+
+def _train_job(db: DbSession, ref: str, owner: str | None) -> Job:
+    job = get_job_or_404(db, _job_id(ref), owner)
+    if job.kind != "train":
+        raise HTTPException(status_code=404, detail=f"fine-tuning job {ref!r} not found")
+    return job
+
+
+@router.post("/fine_tuning/jobs")
+def create_fine_tuning_job(body: FineTuneCreate, db: DbSession, owner: Owner) -> dict[str, Any]:
+    hp = body.hyperparameters
+    cfg: dict[str, Any] = {"dataset_id": _dataset_id(body.training_file), "base_model": body.model}
+    if hp.n_epochs != "auto":
+        cfg["epochs"] = hp.n_epochs
+    if hp.batch_size != "auto":
+        cfg["batch_size"] = hp.batch_size
+    if hp.learning_rate_multiplier != "auto":
+        cfg["learning_rate"] = DEFAULT_LR * hp.learning_rate_multiplier
+    if body.seed is not None:
+        cfg["seed"] = body.seed
+    if body.suffix:
+        cfg["output_name"] = f"ft-{body.suffix}"
+    try:
+        spec = TrainSpec.model_validate(cfg)
+    except ValueError as e:
+        raise HTTPException(status_code=422, detail=str(e)) from None
+    validate_train_spec(db, spec)
+    job = submit_job(db, "train", spec.model_dump(mode="json"), owner=owner, dataset_id=spec.dataset_id)
+    return fine_tuning_job(job)
+
+
+@router.get("/fine_tuning/jobs")
+def list_fine_tuning_jobs(db: DbSession, owner: Owner, limit: int = 20, after: str | None = None) -> dict[str, Any]:
+    q = select(Job).where(Job.kind == "train")
+    if owner is not None:
+        q = q.where((Job.owner == owner) | Job.owner.is_(None))
+    if after:
+        q = q.where(Job.id < _job_id(after))
+    rows = db.scalars(q.order_by(Job.id.desc()).limit(limit + 1)).all()
+    return {"object": "list", "data": [fine_tuning_job(j) for j in rows[:limit]], "has_more": len(rows) > limit}
+
+
+@router.get("/fine_tuning/jobs/{ref}")
+def read_fine_tuning_job(ref: str, db: DbSession, owner: Owner) -> dict[str, Any]:
+    return fine_tuning_job(_train_job(db, ref, owner))
+
+
+@router.post("/fine_tuning/jobs/{ref}/cancel")
+def cancel_fine_tuning_job(ref: str, db: DbSession, owner: Owner) -> dict[str, Any]:
+    from api.routes.jobs import cancel_job
+
+    job = _train_job(db, ref, owner)
+    return fine_tuning_job(cancel_job(job.id, db, owner))
+
+
+@router.get("/fine_tuning/jobs/{ref}/events")
+def fine_tuning_events(ref: str, db: DbSession, owner: Owner, limit: int = 20, after: str | None = None
+                       ) -> dict[str, Any]:
+    job = _train_job(db, ref, owner)
+    q = select(JobEvent).where(JobEvent.job_id == job.id)
+    if after:
+        q = q.where(JobEvent.id < int(after.removeprefix("ftevent-")))
+    rows = db.scalars(q.order_by(JobEvent.id.desc()).limit(limit + 1)).all()
+    data = [{"id": f"ftevent-{e.id}", "object": "fine_tuning.job.event", "created_at": _ts(e.ts),
+             "level": "error" if e.message.startswith("failed") else "info",
+             "message": e.message or _metric_message(e.data), "data": e.data or {},
+             "type": "metrics" if e.kind == "metric" else "message"} for e in rows[:limit]]
+    return {"object": "list", "data": data, "has_more": len(rows) > limit}
+
+
+def _metric_message(data: dict[str, Any] | None) -> str:
+    data = data or {}
+    return ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in data.items())

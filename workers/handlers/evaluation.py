@@ -1,0 +1,209 @@
+"""Evaluation jobs: batched generation on a held-out split, metrics, stored predictions, report.
+
+Each model's predictions and metrics are committed as soon as that model is done, so a model
+that fails (or a cancel) never loses the results already computed for the others.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import random
+import statistics
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import delete, insert, select
+
+from csra.jobctx import JobCancelled, JobContext, JobError
+from csra.settings import get_settings
+from csra.specs import EvaluateSpec
+from db.models import Evaluation, EvaluationExample, Job, JobEvent, Model
+from db.session import session_scope
+from workers.handlers.models import ensure_baseline_registered, find_model_row
+from workers.handlers.training import load_split
+
+logger = logging.getLogger(__name__)
+
+
+def stratified_sample(rows: list[dict[str, Any]], n: int | None, seed: int) -> list[dict[str, Any]]:
+    """``n`` rows with each intent in proportion to its share (at least one per intent), deterministic."""
+    if n is None or n >= len(rows):
+        return rows
+    by_intent: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in rows:
+        by_intent[r.get("intent") or ""].append(r)
+    rng = random.Random(seed)
+    quotas = {k: max(1, round(n * len(v) / len(rows))) for k, v in sorted(by_intent.items())}
+    while sum(quotas.values()) > n:  # rounding and the minimum of one can overshoot
+        biggest = max(quotas, key=lambda k: quotas[k])
+        quotas[biggest] -= 1
+    picked = []
+    for intent, group in sorted(by_intent.items()):
+        picked += rng.sample(group, min(quotas[intent], len(group)))
+    return sorted(picked, key=lambda r: r["id"])
+
+
+def _evaluation_for(job_id: int, spec: EvaluateSpec) -> int:
+    """The evaluation row of this job (reused by a retried job)."""
+    with session_scope() as s:
+        ev = s.scalar(select(Evaluation).where(Evaluation.job_id == job_id))
+        if ev is None:
+            ev = Evaluation(job_id=job_id, dataset_id=spec.dataset_id, split=spec.split,
+                            params=spec.model_dump(mode="json"), metrics={}, status="running")
+            s.add(ev)
+            s.flush()
+        return ev.id
+
+
+def _resolve(ref: str) -> dict[str, Any]:
+    if ref == get_settings().baseline_name:
+        return ensure_baseline_registered()
+    row = find_model_row(ref)
+    if row is None:
+        raise JobError(f"model {ref!r} does not exist (GET /models lists the models)")
+    return row
+
+
+def _predict(row: dict[str, Any], examples: list[dict[str, Any]], spec: EvaluateSpec, ctx: JobContext,
+             done_before: int, total: int) -> tuple[list[str], list[Any], float]:
+    from models_store.loading import load_model_and_tokenizer
+    from workers.generation import GenerationRequest, generate_many
+    from workers.prompting import example_prompt
+
+    loaded = load_model_and_tokenizer(Path(row["path"]))
+    try:
+        prompts = [example_prompt(loaded.tokenizer, e["instruction"], e["input"]) for e in examples]
+        requests = [GenerationRequest(prompt=p, max_new_tokens=spec.max_new_tokens, temperature=spec.temperature,
+                                      seed=spec.seed, num_beams=spec.num_beams) for p in prompts]
+
+        def on_batch(done: int, n: int) -> None:
+            ctx.progress((done_before + done) / total, f"{row['name']}: generated {done}/{n}")
+
+        t0 = time.perf_counter()
+        results = generate_many(loaded, requests, batch_size=spec.batch_size, on_batch_done=on_batch,
+                                check_cancelled=ctx.check_cancelled)
+        return prompts, results, time.perf_counter() - t0
+    finally:
+        del loaded
+        gc.collect()
+
+
+def _score(examples: list[dict[str, Any]], results: list[Any], wall: float
+           ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    from workers.metrics import ExampleInput, aggregate, score_examples
+
+    inputs = [ExampleInput(prediction=r.text, reference=e["output"], intent=e.get("intent") or "",
+                           category=e.get("category") or "", hit_token_limit=r.finish_reason == "length")
+              for e, r in zip(examples, results, strict=True)]
+    scores = score_examples(inputs)
+    agg = aggregate(scores, inputs)
+    latencies = [r.latency_ms for r in results]
+    tokens = sum(r.completion_tokens for r in results)
+    agg["overall"]["latency_ms_mean"] = statistics.fmean(latencies)
+    agg["overall"]["tokens_per_second"] = tokens / max(wall, 1e-9)  # batched: wall time, not summed latency
+    agg["overall"]["examples_per_second"] = len(results) / max(wall, 1e-9)
+    agg["overall"]["completion_tokens_mean"] = tokens / len(results)
+    return scores, agg
+
+
+def _store(eval_id: int, row: dict[str, Any], examples: list[dict[str, Any]], prompts: list[str],
+           results: list[Any], scores: list[dict[str, Any]], agg: dict[str, Any]) -> None:
+    with session_scope() as s:
+        s.execute(delete(EvaluationExample).where(EvaluationExample.evaluation_id == eval_id,
+                                                  EvaluationExample.model_name == row["name"]))
+        s.execute(insert(EvaluationExample), [
+            {"evaluation_id": eval_id, "model_id": row["id"], "model_name": row["name"], "example_id": e["id"],
+             "intent": e.get("intent") or "", "category": e.get("category") or "", "prompt": e["input"],
+             "reference": e["output"], "prediction": r.text, "scores": sc, "latency_ms": r.latency_ms}
+            for e, p, r, sc in zip(examples, prompts, results, scores, strict=True)
+        ])
+        ev = s.get(Evaluation, eval_id)
+        assert ev is not None
+        ev.metrics = {**(ev.metrics or {}), row["name"]: agg}
+
+
+def _loss_curves(names: list[str]) -> dict[str, list[dict[str, Any]]]:
+    curves: dict[str, list[dict[str, Any]]] = {}
+    with session_scope() as s:
+        for m in s.scalars(select(Model).where(Model.name.in_(names), Model.train_job_id.is_not(None))):
+            points = s.scalars(select(JobEvent.data).where(JobEvent.job_id == m.train_job_id,
+                                                           JobEvent.kind == "metric")).all()
+            curves[m.name] = [p for p in points if p and ("loss" in p or "eval_loss" in p)]
+    return curves
+
+
+def write_report(eval_id: int) -> dict[str, str]:
+    from workers.report import build_report
+
+    with session_scope() as s:
+        ev = s.get(Evaluation, eval_id)
+        assert ev is not None
+        per_model = {k: v for k, v in (ev.metrics or {}).items() if "overall" in v}
+        evaluation = {"id": ev.id, "dataset_id": ev.dataset_id, "split": ev.split,
+                      "created_at": ev.created_at.isoformat(), "per_model": per_model}
+        models = [{"name": m.name, "kind": m.kind, "base_model": m.base_model}
+                  for m in s.scalars(select(Model).where(Model.name.in_(list(per_model))))]
+        examples = [{"model": x.model_name, "intent": x.intent, "category": x.category, "prompt": x.prompt,
+                     "reference": x.reference, "prediction": x.prediction, **(x.scores or {})}
+                    for x in s.scalars(select(EvaluationExample).where(EvaluationExample.evaluation_id == eval_id))]
+    out = get_settings().data_dir / "evaluations" / str(eval_id)
+    paths = build_report(out, evaluation, models, examples, _loss_curves(list(per_model)))
+    return {name: str(p) for name, p in paths.items()}
+
+
+def _finish(eval_id: int, status: str) -> None:
+    with session_scope() as s:
+        ev = s.get(Evaluation, eval_id)
+        if ev is not None:
+            ev.status = status
+
+
+def handle_evaluate(job_id: int, params: dict[str, Any], ctx: JobContext) -> dict[str, Any]:
+    spec = EvaluateSpec.model_validate(params)
+    rows = load_split(spec.dataset_id, spec.split)
+    if not rows:
+        raise JobError(f"the {spec.split} split of dataset {spec.dataset_id} is empty: nothing to evaluate")
+    examples = stratified_sample(rows, spec.max_samples, spec.seed)
+    eval_id = _evaluation_for(job_id, spec)
+    ctx.event("log", f"evaluation {eval_id}: {len(examples)} examples x {len(spec.model_ids)} models")
+    errors: dict[str, str] = {}
+    total = len(examples) * len(spec.model_ids)
+    for i, ref in enumerate(spec.model_ids):
+        try:
+            _evaluate_one(eval_id, ref, examples, spec, ctx, i * len(examples), total)
+        except JobCancelled:
+            _finish(eval_id, "cancelled")
+            raise
+        except Exception as e:  # one model failing must not lose the others' results
+            logger.warning("evaluation %s: model %s failed", eval_id, ref, exc_info=True)
+            errors[ref] = str(e) if isinstance(e, JobError) else f"{type(e).__name__}: {e}"
+            ctx.event("log", f"model {ref} failed: {errors[ref]}")
+    if len(errors) == len(spec.model_ids):
+        _finish(eval_id, "failed")
+        raise JobError("every model failed: " + "; ".join(f"{k}: {v}" for k, v in errors.items()))
+    ctx.progress(0.99, "writing the report")
+    files = write_report(eval_id)
+    _finish(eval_id, "partial" if errors else "succeeded")
+    return {"evaluation_id": eval_id, "examples": len(examples), "errors": errors, "report_files": sorted(files)}
+
+
+def _evaluate_one(eval_id: int, ref: str, examples: list[dict[str, Any]], spec: EvaluateSpec,
+                  ctx: JobContext, done_before: int, total: int) -> None:
+    row = _resolve(ref)
+    with session_scope() as s:
+        ev = s.get(Evaluation, eval_id)
+        if ev is not None and "overall" in (ev.metrics or {}).get(row["name"], {}):
+            return  # a retried job: this model is already done
+    ctx.progress(done_before / total, f"{row['name']}: loading")
+    prompts, results, wall = _predict(row, examples, spec, ctx, done_before, total)
+    ctx.progress((done_before + len(examples)) / total, f"{row['name']}: scoring")
+    scores, agg = _score(examples, results, wall)
+    _store(eval_id, row, examples, prompts, results, scores, agg)
+    ctx.event("metric", f"{row['name']}: rouge_l {agg['overall'].get('rouge_l', 0):.3f}",
+              model=row["name"], **{k: v for k, v in agg["overall"].items() if isinstance(v, (int, float))})
+
+
+_ = Job  # job rows are handled by the runner
