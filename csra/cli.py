@@ -40,12 +40,15 @@ def _fail(e: ApiError) -> typer.Exit:
 
 # ---------------------------------------------------------------- the stack
 @app.command()
-def up(no_ui: Annotated[bool, typer.Option("--no-ui", help="do not start the Gradio UI")] = False) -> None:
+def up(
+    no_ui: Annotated[bool, typer.Option("--no-ui", help="do not start the Gradio UI")] = False,
+    skip_model_init: Annotated[bool, typer.Option(help="do not prepare the default base model first")] = False,
+) -> None:
     """Start Redis (unless CSRA_REDIS_URL is set), migrate, workers, API and UI; Ctrl-C stops all."""
     from csra.supervisor import up as run_up
 
     _setup_logging()
-    raise typer.Exit(code=run_up(get_settings(), with_ui=not no_ui))
+    raise typer.Exit(code=run_up(get_settings(), with_ui=not no_ui, init_models=not skip_model_init))
 
 
 @app.command()

@@ -104,7 +104,7 @@ def csra_argv(*args: str) -> list[str]:
     return [sys.executable, "-m", "csra.cli", *args]
 
 
-def up(settings: Settings, with_ui: bool = True) -> int:
+def up(settings: Settings, with_ui: bool = True, init_models: bool = True) -> int:
     sup = Supervisor(settings)
 
     def _on_signal(signum: int, _frame: object) -> None:
@@ -120,6 +120,8 @@ def up(settings: Settings, with_ui: bool = True) -> int:
         wait_for_redis(settings.effective_redis_url)
         env["CSRA_REDIS_URL"] = settings.effective_redis_url
         subprocess.run(csra_argv("migrate"), check=True, env={**os.environ, **env})
+        if init_models:  # the default base model: converted once (~20 s), instant afterwards
+            subprocess.run(csra_argv("models", "init"), check=True, env={**os.environ, **env})
         sup.start("worker-default", csra_argv("worker", "--queue", "default", "--beat"), env)
         sup.start("worker-train", csra_argv("worker", "--queue", "train"), env)
         sup.start("worker-generate", csra_argv("worker", "--queue", "generate"), env)

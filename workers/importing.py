@@ -241,9 +241,15 @@ def normalise_columns(df: pd.DataFrame, mapping: dict[str, str], default_instruc
     * instruction data ``instruction, input, output`` (instruction = agent instruction,
       input = customer message); a missing or empty instruction becomes ``default_instruction``.
 
+    * chat logs ``messages`` (the OpenAI chat fine-tuning format that ``GET /chats/export``
+      writes): every user turn followed by an assistant turn becomes one row, the system
+      message (if any) its instruction.
+
     An explicit ``mapping`` (csra column -> source column) wins over both. ``intent`` and
     ``category`` default to ``"unknown"``, ``flags`` to ``""``.
     """
+    if not mapping and "messages" in [str(c).strip().lower() for c in df.columns]:
+        df = chat_rows(df[next(c for c in df.columns if str(c).strip().lower() == "messages")], default_instruction)
     sources = _resolve_sources(list(df.columns), mapping)
     missing = [col for col in REQUIRED_COLUMNS if col not in sources]
     if missing:
@@ -255,6 +261,25 @@ def normalise_columns(df: pd.DataFrame, mapping: dict[str, str], default_instruc
     out["intent"] = _fill_blank(out["intent"], UNKNOWN)
     out["category"] = _fill_blank(out["category"], UNKNOWN)
     return out.reset_index(drop=True)
+
+
+def chat_rows(messages: pd.Series, default_instruction: str) -> pd.DataFrame:
+    """One (instruction, input, output) row per user -> assistant pair of each chat."""
+    rows = []
+    for line, chat in enumerate(messages, start=1):
+        if not isinstance(chat, list | np.ndarray):
+            raise JobError(f"line {line}: 'messages' must be a list of {{role, content}} objects")
+        system, last_user = default_instruction, None
+        for m in chat:
+            role, content = (m or {}).get("role"), str((m or {}).get("content") or "")
+            if role == "system" and content.strip():
+                system = content
+            elif role == "user":
+                last_user = content
+            elif role == "assistant" and last_user is not None:
+                rows.append({"instruction": system, "input": last_user, "output": content})
+                last_user = None
+    return pd.DataFrame(rows, columns=["instruction", "input", "output"])
 
 
 def _resolve_sources(columns: list[Any], mapping: dict[str, str]) -> dict[str, Any]:

@@ -19,7 +19,7 @@ def test_csra_up_starts_everything_and_stops_cleanly(tmp_path):
     env.update(CSRA_DATA_DIR=str(tmp_path / "var"), CSRA_API_PORT=str(api_port), CSRA_REDIS_PORT=str(redis_port),
                CSRA_TORCH_THREADS="1")
     log = (tmp_path / "up.log").open("wb")
-    proc = subprocess.Popen([sys.executable, "-m", "csra.cli", "up", "--no-ui"], env=env, stdout=log,
+    proc = subprocess.Popen([sys.executable, "-m", "csra.cli", "up", "--no-ui", "--skip-model-init"], env=env, stdout=log,
                             stderr=subprocess.STDOUT)
     try:
         def ready() -> bool:

@@ -415,3 +415,25 @@ def test_bitext_split_is_seeded(bitext: ImportResult) -> None:
     other = split(cleaned, (0.9, 0.05, 0.05), seed=43)["split"].tolist()
     assert same == [r["split"] for r in bitext.rows]
     assert other != same
+
+
+def test_chat_export_jsonl_imports_as_training_rows(tmp_path):
+    """GET /chats/export?format=jsonl output (OpenAI chat format) imports back as a dataset."""
+    import json as _json
+
+    from csra.jobctx import LocalContext
+    from csra.specs import ImportSpec
+    from workers.importing import import_dataset
+
+    chats = [{"messages": [{"role": "system", "content": "Be brief."},
+                           {"role": "user", "content": f"where is my order number {i}?"},
+                           {"role": "assistant", "content": f"Your order {i} ships tomorrow, thank you for waiting."},
+                           {"role": "user", "content": f"and can I change the address for order {i}?"},
+                           {"role": "assistant", "content": "Yes, you can change it in your account settings."}]}
+             for i in range(20)]
+    path = tmp_path / "chats.jsonl"
+    path.write_text("\n".join(_json.dumps(c) for c in chats))
+    result = import_dataset(path, ImportSpec(), LocalContext(tmp_path), min_message_chars=3, min_reply_chars=10)
+    assert len(result.rows) == 40
+    assert {r["instruction"] for r in result.rows} == {"Be brief."}
+    assert any(r["input"] == "and can I change the address for order 3?" for r in result.rows)
