@@ -320,6 +320,45 @@ def train(
     raise typer.Exit(code=0 if final["status"] == "succeeded" else 1)
 
 
+@app.command("eval")
+def evaluate(
+    models: Annotated[str, typer.Option(help="comma-separated model names or ids, e.g. baseline,my-ft")],
+    dataset: Annotated[int, typer.Option(help="dataset id")],
+    split: str = "test",
+    max_samples: Annotated[Optional[int], typer.Option(help="stratified by intent")] = 300,
+    max_new_tokens: int = 256,
+    num_beams: int = 1,
+) -> None:
+    """Evaluate models on a held-out split with a progress bar; print the leaderboard."""
+    body = {"model_ids": [m.strip() for m in models.split(",") if m.strip()], "dataset_id": dataset, "split": split,
+            "max_samples": max_samples, "max_new_tokens": max_new_tokens, "num_beams": num_beams}
+    try:
+        with Client() as c:
+            job = c.post("/jobs/evaluate", body)
+            console.print(f"evaluation job {job['id']} queued")
+            final = _follow(c, job["id"])
+            if final["status"] != "succeeded":
+                raise typer.Exit(code=1)
+            ev = c.get(f"/evaluations/{final['result']['evaluation_id']}")
+    except ApiError as e:
+        raise _fail(e) from None
+    _print_leaderboard(ev)
+    console.print(f"report: {get_settings().api_url}/evaluations/{ev['id']}/report.html")
+
+
+LEADERBOARD_COLUMNS = ("rouge_l", "bleu", "chrf", "semantic_similarity", "heuristic_quality", "too_verbose",
+                       "asks_needless_details", "repetitive", "unfinished")
+
+
+def _print_leaderboard(ev: dict[str, Any]) -> None:
+    table = Table("model", *LEADERBOARD_COLUMNS, title=f"evaluation {ev['id']} ({ev['split']} split)")
+    rows = [(name, agg["overall"]) for name, agg in (ev.get("metrics") or {}).items() if "overall" in agg]
+    for name, o in sorted(rows, key=lambda r: -(r[1].get("rouge_l") or 0)):
+        table.add_row(name, *(f"{o.get(k):.3f}" if isinstance(o.get(k), (int, float)) else "-"
+                              for k in LEADERBOARD_COLUMNS))
+    out.print(table)
+
+
 def main() -> None:
     app()
 

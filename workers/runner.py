@@ -132,15 +132,17 @@ class DbJobContext:
         self.work_dir.mkdir(parents=True, exist_ok=True)
         self._last_progress = 0.0
         self._last_check = 0.0
+        self._phase = ""
 
     def _owned(self) -> Any:
         return (Job.id == self.job_id, Job.worker == self.claim.worker, Job.attempts == self.claim.attempt)
 
     def progress(self, fraction: float, stage: str | None = None, eta_seconds: float | None = None) -> None:
         now = time.monotonic()
-        if now - self._last_progress < self.MIN_WRITE_INTERVAL and fraction < 1.0:
-            return
-        self._last_progress = now
+        phase = (stage or "").split(":", 1)[0]
+        if now - self._last_progress < self.MIN_WRITE_INTERVAL and fraction < 1.0 and phase == self._phase:
+            return  # throttled, unless a new phase begins ("loading model" -> "training: step 1/300")
+        self._last_progress, self._phase = now, phase
         values: dict[str, Any] = {"progress": max(0.0, min(1.0, fraction)), "eta_seconds": eta_seconds}
         if stage is not None:
             values["stage"] = stage[:200]
