@@ -320,6 +320,35 @@ def train(
     raise typer.Exit(code=0 if final["status"] == "succeeded" else 1)
 
 
+@app.command()
+def sweep(
+    config: Annotated[Path, typer.Argument(help="a sweep file, e.g. configs/original_sweep.json")],
+    dataset: Annotated[int, typer.Option(help="dataset id")],
+    base_model: str = "baseline",
+) -> None:
+    """Run a sweep (one training job per config, then an evaluation) and print its leaderboard."""
+    spec = {k: v for k, v in json.loads(config.read_text()).items() if not k.startswith("_")}
+    spec.update(dataset_id=dataset, base_model=base_model)
+    try:
+        with Client() as c:
+            job = c.post("/jobs/sweep", spec)
+            console.print(f"sweep job {job['id']} queued")
+            final = _follow(c, job["id"])
+    except ApiError as e:
+        raise _fail(e) from None
+    rows = (final.get("result") or {}).get("leaderboard", [])
+    table = Table("job", "status", "epochs", "lr", "batch", "model", "best val loss", "rouge_l", "heuristic")
+    for r in rows:
+        m = r.get("metrics") or {}
+        table.add_row(str(r["job_id"]), r["status"], str(r["epochs"]), f"{r['learning_rate']:g}",
+                      str(r["batch_size"]), r.get("model_name") or "-",
+                      f"{r['best_val_loss']:.4f}" if r.get("best_val_loss") is not None else "-",
+                      f"{m['rouge_l']:.3f}" if "rouge_l" in m else "-",
+                      f"{m['heuristic_quality']:.2f}" if "heuristic_quality" in m else "-")
+    out.print(table)
+    raise typer.Exit(code=0 if final["status"] == "succeeded" else 1)
+
+
 @app.command("eval")
 def evaluate(
     models: Annotated[str, typer.Option(help="comma-separated model names or ids, e.g. baseline,my-ft")],

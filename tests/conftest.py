@@ -40,8 +40,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
                        capture_output=True)
         st.start_worker("default", "--beat")
         st.start_worker("train")
+        st.start_worker("generate")
         st.csra("api", "api")
-        st.wait_ready(("default", "train", "maintenance"))
+        st.wait_ready(("default", "train", "generate", "maintenance"))
         yield st
     finally:
         st.stop()

@@ -173,10 +173,10 @@ def _history(chat: ChatSession) -> list[dict[str, str]]:
     for m in chat.messages:
         if m.role == "user":
             turns.append({"role": "user", "content": m.content})
-        elif m.status == "done":
+        elif m.status == "done" and (m.raw_content or m.content).strip():
             turns.append({"role": "assistant", "content": m.raw_content or m.content})
         elif turns and turns[-1]["role"] == "user":
-            turns.pop()  # a failed reply: its question is asked again below, not twice
+            turns.pop()  # a failed (or empty) reply: drop the unanswered question from the history
     return turns
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -11,6 +12,7 @@ import redis.asyncio as aredis
 from fastapi import APIRouter, HTTPException
 from sqlalchemy.orm import Session
 from sse_starlette.sse import EventSourceResponse
+from starlette.concurrency import run_in_threadpool
 
 from api.deps import DbSession, Owner
 from api.enqueue import submit_job
@@ -47,7 +49,8 @@ def submit_generation(
     db: Session, spec: GenerateSpec, owner: str | None,
     on_rollback: Callable[[Session], None] | None = None, **extra: Any,
 ) -> Job:
-    for text in [spec.message or ""] + [m["content"] for m in spec.messages or []]:
+    texts = [spec.message] if spec.message is not None else [m["content"] for m in spec.messages or []]
+    for text in texts:
         check_message(text)
     params = spec.model_dump(mode="json")
     params["model_id"] = resolve_model_ref(db, spec.model_id)
@@ -65,6 +68,16 @@ def _job_snapshot(job_id: int) -> dict[str, Any]:
     with get_sessionmaker()() as s:
         job = s.get(Job, job_id)
         return JobPublic.model_validate(job).model_dump(mode="json") if job else {}
+
+
+async def _final_snapshot(job_id: int, timeout: float = 10.0) -> dict[str, Any]:
+    """The job once the runner has recorded its outcome (a moment after the stream's end marker)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        snap = await run_in_threadpool(_job_snapshot, job_id)
+        if snap.get("status") in TERMINAL or asyncio.get_running_loop().time() > deadline:
+            return snap
+        await asyncio.sleep(0.02)
 
 
 async def token_events(job_id: int, start: str = "0") -> AsyncIterator[dict[str, str]]:
@@ -88,7 +101,7 @@ async def token_events(job_id: int, start: str = "0") -> AsyncIterator[dict[str,
                     if item["type"] == "token":
                         yield {"event": "token", "data": json.dumps({"text": item["text"]})}
                     else:
-                        yield {"event": "done", "data": json.dumps(_job_snapshot(job_id))}
+                        yield {"event": "done", "data": json.dumps(await _final_snapshot(job_id))}
                         return
             if not entries and snap.get("status") in TERMINAL:
                 yield {"event": "done", "data": json.dumps(_job_snapshot(job_id))}

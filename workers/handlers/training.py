@@ -149,17 +149,32 @@ def handle_sweep(job_id: int, params: dict[str, Any], ctx: JobContext) -> dict[s
     models = [r["model_id"] for r in rows if r["model_id"] is not None]
     if params.get("evaluate") and models:
         result.update(_evaluate_children(job_id, params, models, ctx, owner))
+        _attach_metrics(rows, result.get("evaluation_id"))
     rows.sort(key=lambda r: (r["best_val_loss"] is None, r["best_val_loss"] or 0.0))
     return result
+
+
+def _attach_metrics(rows: list[dict[str, Any]], evaluation_id: int | None) -> None:
+    """Put each model's overall evaluation metrics on its leaderboard row (and add the baseline's)."""
+    from db.models import Evaluation
+
+    if evaluation_id is None:
+        return
+    with session_scope() as s:
+        ev = s.get(Evaluation, evaluation_id)
+        metrics = dict(ev.metrics or {}) if ev else {}
+    for row in rows:
+        row["metrics"] = (metrics.get(row.get("model_name") or "") or {}).get("overall")
+    base = metrics.get(get_settings().baseline_name, {}).get("overall")
+    if base:
+        rows.append({"job_id": None, "status": "baseline", "model_name": get_settings().baseline_name,
+                     "epochs": 0, "learning_rate": 0.0, "batch_size": None, "best_val_loss": None,
+                     "metrics": base})
 
 
 def _evaluate_children(job_id: int, params: dict[str, Any], models: list[int], ctx: JobContext,
                        owner: str | None) -> dict[str, Any]:
     """Evaluate every resulting model and the baseline; attach their metrics to the leaderboard."""
-    from csra.queue import TASKS
-
-    if "evaluate" not in TASKS:
-        return {}
     eval_params = {"model_ids": [get_settings().baseline_name, *map(str, models)],
                    "dataset_id": params["dataset_id"], "split": "test",
                    "max_samples": params.get("eval_max_samples", 300)}

@@ -1,0 +1,747 @@
+"""Batched text generation for evaluation and chat: a decode loop, a model cache, a batching engine.
+
+* ``generate_batch`` runs one batch through a custom decode loop (not ``model.generate``), so that
+  every row keeps its own temperature / top_p / seed (one ``torch.Generator`` per row), its own
+  ``max_new_tokens`` and its own streaming callback. Causal LMs are left-padded with an attention
+  mask and position ids counted from each row's first real token; encoder-decoder models (T5) run
+  the encoder once and the decoder step by step. Both keep a KV cache, and rows that finished are
+  dropped from the batch (and from the cache), so they stop costing compute.
+* ``generate_many`` sorts requests by prompt length into batches and returns results in input order.
+* ``ModelCache`` keeps loaded models in a bounded LRU; ``BatchingEngine`` owns the model calls in one
+  background thread: requests that arrive while a batch runs join the next batch of their model.
+
+Greedy decoding gives the same text for a request whether it ran alone or in any batch: every
+reduction that mixes a row with its padding runs in a padding-invariant way (see
+``BATCH_INVARIANT_ATTENTION`` and bench/generate_model.py for the measurements).
+
+Only workers (and tests, benchmarks) import this module: it pulls in torch and transformers.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import threading
+import time
+from collections import Counter, OrderedDict, deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+
+from models_store.loading import LoadedModel
+from workers.prompting import has_chat_template
+from workers.training import end_token_ids
+
+logger = logging.getLogger(__name__)
+
+Loader = Callable[[], LoadedModel]
+
+# =========================================================================== requests and results
+
+
+@dataclass
+class GenerationRequest:
+    """One prompt to complete, with its own decoding settings.
+
+    ``prompt`` is already rendered (``workers.prompting.render_prompt``). ``temperature`` 0 means
+    greedy; ``seed`` makes sampling reproducible (None: a fresh random seed). ``num_beams`` > 1 uses
+    beam search through ``model.generate`` (one request at a time, no streaming of partial text:
+    ``on_text`` then gets the whole reply at once). ``on_text`` receives each new piece of decoded
+    text; the pieces concatenate to ``GenerationResult.text``.
+    """
+
+    prompt: str
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    num_beams: int = 1
+    on_text: Callable[[str], None] | None = None
+
+
+@dataclass
+class GenerationResult:
+    """A finished reply.
+
+    ``text``: the reply without special tokens, leading and trailing whitespace removed.
+    ``completion_tokens`` counts every generated token, the end token included.
+    ``finish_reason``: "stop" (end token) or "length" (``max_new_tokens`` reached).
+    ``latency_ms``: from the start of the batch (of ``submit`` for ``BatchingEngine``) to the
+    row's last token; ``first_token_ms`` likewise to its first token (None for beam search).
+    """
+
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str
+    latency_ms: float
+    first_token_ms: float | None
+
+
+# =========================================================================== tokens
+
+
+@dataclass(frozen=True)
+class StopTokens:
+    """Token ids that end a reply: single ids, plus multi-token end sequences (rare templates)."""
+
+    ids: frozenset[int]
+    sequences: tuple[tuple[int, ...], ...] = ()
+
+    def match(self, generated: Sequence[int]) -> int:
+        """How many trailing tokens of ``generated`` form an end marker (0: none)."""
+        if generated and generated[-1] in self.ids:
+            return 1
+        for seq in self.sequences:
+            if len(generated) >= len(seq) and tuple(generated[-len(seq):]) == seq:
+                return len(seq)
+        return 0
+
+
+def _as_ids(value: Any) -> list[int]:
+    if value is None:
+        return []
+    return [int(v) for v in value] if isinstance(value, (list, tuple)) else [int(value)]
+
+
+def stop_tokens(loaded: LoadedModel) -> StopTokens:
+    """eos (tokenizer, model config, generation config) and the chat template's end-of-turn token."""
+    ids = set(_as_ids(loaded.tokenizer.eos_token_id))
+    ids.update(_as_ids(getattr(loaded.model.config, "eos_token_id", None)))
+    gen_config = getattr(loaded.model, "generation_config", None)
+    ids.update(_as_ids(getattr(gen_config, "eos_token_id", None)))
+    end = end_token_ids(loaded.tokenizer, loaded.arch)
+    sequences: tuple[tuple[int, ...], ...] = ()
+    if len(end) == 1:
+        ids.add(end[0])
+    elif len(end) > 1:
+        sequences = (tuple(end),)
+    return StopTokens(frozenset(ids), sequences)
+
+
+def encode_prompt(loaded: LoadedModel, prompt: str) -> list[int]:
+    """Prompt token ids, tokenized exactly as training does (``workers.training.ExampleEncoder``).
+
+    Chat templates carry their own special tokens; plain prompts (and T5's encoder) get the
+    tokenizer's (BOS, ``</s>``).
+    """
+    chat = has_chat_template(loaded.tokenizer)
+    special = not chat or loaded.arch == "seq2seq"
+    ids = loaded.tokenizer(prompt, add_special_tokens=special)["input_ids"]
+    if not ids:
+        fallback = loaded.tokenizer.bos_token_id
+        if fallback is None:
+            fallback = loaded.tokenizer.eos_token_id
+        ids = [fallback]
+    return list(ids)
+
+
+def _max_prompt_tokens(loaded: LoadedModel, max_new_tokens: int) -> int | None:
+    """The longest prompt a causal LM can take with ``max_new_tokens`` after it (None: no limit)."""
+    if loaded.arch != "causal":
+        return None
+    limit = getattr(loaded.model.config, "max_position_embeddings", None)
+    return max(int(limit) - max_new_tokens, 1) if limit else None
+
+
+# =========================================================================== streaming text
+
+
+class TextStream:
+    """Incremental detokenization of one row.
+
+    Decodes the whole reply each time (so the pieces always add up to the final decode), emits
+    only text that can no longer change: no incomplete UTF-8 character (``\\ufffd`` at the end),
+    no leading whitespace, and trailing whitespace only once something follows it. The final text
+    is the stripped decode, which equals the concatenation of all emitted pieces.
+    """
+
+    def __init__(self, tokenizer: Any, on_text: Callable[[str], None] | None) -> None:
+        self.tokenizer = tokenizer
+        self.on_text = on_text
+        self.emitted = ""
+
+    def _decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    def _emit(self, delta: str) -> None:
+        if not delta:
+            return
+        self.emitted += delta
+        if self.on_text is None:
+            return
+        try:
+            self.on_text(delta)
+        except Exception:  # one row's broken consumer must not fail the other rows of the batch
+            logger.warning("on_text callback failed; no more streaming for this request", exc_info=True)
+            self.on_text = None
+
+    def push(self, ids: Sequence[int]) -> None:
+        """The reply so far (``ids``, end tokens excluded) -> emit what is now stable."""
+        if self.on_text is None:
+            return  # nothing to stream: decode once at the end
+        text = self._decode(ids).lstrip()
+        if text.endswith("\ufffd"):
+            return
+        stable = text.rstrip()
+        if stable.startswith(self.emitted):
+            self._emit(stable[len(self.emitted):])
+
+    def finish(self, ids: Sequence[int]) -> str:
+        """The final text; emits the rest and returns the concatenation of everything emitted."""
+        text = self._decode(ids).strip()
+        if text.startswith(self.emitted):
+            self._emit(text[len(self.emitted):])
+            return self.emitted
+        # A tokenizer whose decode changed text already streamed (never seen with BPE/SentencePiece):
+        # keep the promise that the pieces add up to the text.
+        logger.warning("decoded text changed after it was streamed; keeping the streamed prefix")
+        self._emit(text[len(self.emitted):] if len(text) > len(self.emitted) else "")
+        return self.emitted
+
+
+# =========================================================================== sampling
+
+
+def _generator(seed: int | None) -> torch.Generator:
+    gen = torch.Generator()
+    if seed is None:
+        gen.seed()
+    else:
+        gen.manual_seed(int(seed))
+    return gen
+
+
+def sample_token(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> int:
+    """One token from a row's float32 logits: argmax when ``temperature`` <= 0, else nucleus sampling."""
+    if temperature <= 0:
+        return int(torch.argmax(logits))
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, descending=True)
+        cumulative = torch.cumsum(sorted_probs, dim=-1)
+        keep = (cumulative - sorted_probs) < top_p  # the smallest prefix with mass >= top_p (never empty)
+        sorted_probs = torch.where(keep, sorted_probs, torch.zeros_like(sorted_probs))
+        choice = torch.multinomial(sorted_probs, 1, generator=generator)
+        return int(order[choice])
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+# =========================================================================== one row's state
+
+
+@dataclass
+class _Row:
+    """Decode state of one request inside a batch."""
+
+    request: GenerationRequest
+    prompt_ids: list[int]
+    stops: StopTokens
+    stream: TextStream
+    generator: torch.Generator
+    started: float
+    generated: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    first_token_at: float | None = None
+    result: GenerationResult | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+    def add(self, token: int) -> None:
+        """Append a token; finish on an end marker or at ``max_new_tokens``; stream new text."""
+        now = time.perf_counter()
+        if self.first_token_at is None:
+            self.first_token_at = now
+        self.generated.append(token)
+        if self.stops.match(self.generated):
+            self.finish_reason = "stop"
+        elif len(self.generated) >= self.request.max_new_tokens:
+            self.finish_reason = "length"
+        if self.finish_reason is None:
+            self.stream.push(self.generated)
+        else:
+            self._finish(now)
+
+    def _finish(self, now: float) -> None:
+        cut = self.stops.match(self.generated) if self.finish_reason == "stop" else 0
+        reply = self.generated[: len(self.generated) - cut]
+        text = self.stream.finish(reply)
+        assert self.first_token_at is not None
+        self.result = GenerationResult(
+            text=text, prompt_tokens=len(self.prompt_ids), completion_tokens=len(self.generated),
+            finish_reason=self.finish_reason or "length", latency_ms=(now - self.started) * 1000,
+            first_token_ms=(self.first_token_at - self.started) * 1000,
+        )
+
+
+def _sample_rows(rows: Sequence[_Row], logits: torch.Tensor) -> list[int]:
+    """The next token of each row (greedy rows in one argmax, sampled rows one by one)."""
+    logits = logits.float()
+    tokens = torch.argmax(logits, dim=-1).tolist()
+    for i, row in enumerate(rows):
+        if row.request.temperature > 0:
+            tokens[i] = sample_token(logits[i], row.request.temperature, row.request.top_p, row.generator)
+    return tokens
+
+
+# =========================================================================== decode loops
+
+def _left_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if s:
+            ids[i, width - len(s):] = torch.tensor(list(s), dtype=torch.long)
+            mask[i, width - len(s):] = 1
+    return ids, mask
+
+
+def _right_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(list(s), dtype=torch.long)
+        mask[i, : len(s)] = 1
+    return ids, mask
+
+
+def _pad_id(loaded: LoadedModel) -> int:
+    pad = loaded.tokenizer.pad_token_id
+    if pad is None:
+        pad = getattr(loaded.model.config, "pad_token_id", None)
+    if pad is None:
+        pad = loaded.tokenizer.eos_token_id
+    return int(pad or 0)
+
+
+def _keep_active(rows: list[_Row], *tensors: torch.Tensor | None, cache: Any
+                 ) -> tuple[list[_Row], list[torch.Tensor | None]]:
+    """Drop finished rows from the batch, its tensors and the KV cache."""
+    keep = [i for i, r in enumerate(rows) if not r.done]
+    if len(keep) == len(rows):
+        return rows, list(tensors)
+    index = torch.tensor(keep, dtype=torch.long)
+    if keep:
+        cache.batch_select_indices(index)
+    out = [None if t is None else t.index_select(0, index) for t in tensors]
+    return [rows[i] for i in keep], out
+
+
+def _decode_causal(loaded: LoadedModel, rows: list[_Row], check_cancelled: Callable[[], None] | None) -> None:
+    """Left-padded prefill, then one token per step for every unfinished row."""
+    model = loaded.model
+    input_ids, mask = _left_pad([r.prompt_ids for r in rows], _pad_id(loaded))
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=True,
+                logits_to_keep=1)
+    cache = out.cache
+    next_pos = position_ids[:, -1:] + 1
+    logits = out.logits[:, -1, :]
+    while True:
+        for row, token in zip(rows, _sample_rows(rows, logits), strict=True):
+            row.add(token)
+        last = torch.tensor([r.generated[-1] for r in rows], dtype=torch.long).unsqueeze(1)
+        active, (mask, next_pos, last) = _keep_active(rows, mask, next_pos, last, cache=cache)
+        rows = active
+        if not rows:
+            return
+        if check_cancelled is not None:
+            check_cancelled()
+        assert mask is not None and next_pos is not None and last is not None
+        mask = torch.cat([mask, torch.ones((mask.shape[0], 1), dtype=mask.dtype)], dim=1)
+        out = model(input_ids=last, attention_mask=mask, position_ids=next_pos, cache=cache, use_cache=True,
+                    logits_to_keep=1)
+        next_pos = next_pos + 1
+        logits = out.logits[:, -1, :]
+
+
+def _decoder_start_id(loaded: LoadedModel) -> int:
+    config = loaded.model.config
+    start = getattr(config, "decoder_start_token_id", None)
+    gen_config = getattr(loaded.model, "generation_config", None)
+    if start is None and gen_config is not None:
+        start = getattr(gen_config, "decoder_start_token_id", None)
+    return int(start if start is not None else _pad_id(loaded))
+
+
+def _decode_seq2seq(loaded: LoadedModel, rows: list[_Row], check_cancelled: Callable[[], None] | None) -> None:
+    """Encoder once (right padding, masked), then the decoder one token per step with its cache."""
+    model = loaded.model
+    input_ids, mask = _right_pad([r.prompt_ids for r in rows], _pad_id(loaded))
+    hidden = model.get_encoder()(input_ids=input_ids, attention_mask=mask).last_hidden_state
+    last = torch.full((len(rows), 1), _decoder_start_id(loaded), dtype=torch.long)
+    cache = None
+    while True:
+        out = model(encoder_outputs=(hidden,), attention_mask=mask, decoder_input_ids=last, cache=cache,
+                    use_cache=True)
+        cache = out.cache
+        for row, token in zip(rows, _sample_rows(rows, out.logits[:, -1, :]), strict=True):
+            row.add(token)
+        last = torch.tensor([r.generated[-1] for r in rows], dtype=torch.long).unsqueeze(1)
+        rows, (hidden, mask, last) = _keep_active(rows, hidden, mask, last, cache=cache)
+        if not rows:
+            return
+        if check_cancelled is not None:
+            check_cancelled()
+
+
+def _beam_search(loaded: LoadedModel, row: _Row) -> None:
+    """``model.generate`` with beams for one request (beam search needs no per-row sampling)."""
+    req = row.request
+    ids = torch.tensor([row.prompt_ids], dtype=torch.long)
+    stops = sorted(row.stops.ids) or None
+    out = loaded.model.generate(
+        input_ids=ids, attention_mask=torch.ones_like(ids), num_beams=req.num_beams, do_sample=False,
+        max_new_tokens=req.max_new_tokens, eos_token_id=stops, pad_token_id=_pad_id(loaded), early_stopping=True,
+    )
+    generated = out[0].tolist()
+    if loaded.arch == "causal":
+        generated = generated[len(row.prompt_ids):]
+    else:
+        generated = generated[1:]  # the decoder start token
+    pad = _pad_id(loaded)
+    while generated and generated[-1] == pad and pad not in row.stops.ids:
+        generated.pop()
+    row.first_token_at = None
+    for token in generated:  # replays the tokens: same end handling, text and counts as sampling
+        if row.done:
+            break
+        row.add(token)
+    if not row.done:  # generate stopped on its own (e.g. a stop string): treat as a stop
+        row.finish_reason = "stop"
+        row._finish(time.perf_counter())
+    assert row.result is not None
+    row.result.first_token_ms = None
+
+
+# =========================================================================== public entry points
+
+
+def _make_rows(loaded: LoadedModel, requests: Sequence[GenerationRequest],
+               prompt_ids: Sequence[list[int]] | None, started: float) -> list[_Row]:
+    stops = stop_tokens(loaded)
+    rows = []
+    for i, req in enumerate(requests):
+        if req.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, not {req.max_new_tokens}")
+        ids = list(prompt_ids[i]) if prompt_ids is not None else encode_prompt(loaded, req.prompt)
+        limit = _max_prompt_tokens(loaded, req.max_new_tokens)
+        if limit is not None and len(ids) > limit:
+            logger.warning("prompt of %d tokens cut to its last %d (model limit)", len(ids), limit)
+            ids = ids[-limit:]
+        rows.append(_Row(request=req, prompt_ids=ids, stops=stops, stream=TextStream(loaded.tokenizer, req.on_text),
+                         generator=_generator(req.seed), started=started))
+    return rows
+
+
+def _run(loaded: LoadedModel, requests: Sequence[GenerationRequest], prompt_ids: Sequence[list[int]] | None,
+         check_cancelled: Callable[[], None] | None) -> list[GenerationResult]:
+    if not requests:
+        return []
+    rows = _make_rows(loaded, requests, prompt_ids, time.perf_counter())
+    decode = _decode_seq2seq if loaded.arch == "seq2seq" else _decode_causal
+    with torch.inference_mode():
+        sampled = [r for r in rows if r.request.num_beams <= 1]
+        if sampled:
+            decode(loaded, sampled, check_cancelled)
+        for row in rows:
+            if row.request.num_beams > 1:
+                if check_cancelled is not None:
+                    check_cancelled()
+                _beam_search(loaded, row)
+    results = [r.result for r in rows]
+    assert all(r is not None for r in results)
+    return results  # type: ignore[return-value]
+
+
+def generate_batch(loaded: LoadedModel, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
+    """Complete all ``requests`` in one batch; results in the order of ``requests``."""
+    return _run(loaded, requests, None, None)
+
+
+def generate_many(
+    loaded: LoadedModel,
+    requests: Sequence[GenerationRequest],
+    batch_size: int = 16,
+    on_batch_done: Callable[[int, int], None] | None = None,
+    check_cancelled: Callable[[], None] | None = None,
+) -> list[GenerationResult]:
+    """Complete many requests in batches of similar prompt length; results in input order.
+
+    ``on_batch_done(done, total)`` after each batch; ``check_cancelled()`` before each batch and
+    at each decode step (it raises to stop).
+    """
+    if batch_size < 1:
+        raise ValueError("batch_size must be >= 1")
+    ids = [encode_prompt(loaded, r.prompt) for r in requests]
+    order = sorted(range(len(requests)), key=lambda i: len(ids[i]))
+    results: list[GenerationResult | None] = [None] * len(requests)
+    done = 0
+    for start in range(0, len(order), batch_size):
+        if check_cancelled is not None:
+            check_cancelled()
+        chunk = order[start: start + batch_size]
+        out = _run(loaded, [requests[i] for i in chunk], [ids[i] for i in chunk], check_cancelled)
+        for i, res in zip(chunk, out, strict=True):
+            results[i] = res
+        done += len(chunk)
+        if on_batch_done is not None:
+            on_batch_done(done, len(requests))
+    return results  # type: ignore[return-value]
+
+
+# =========================================================================== model cache
+
+
+def model_bytes(loaded: LoadedModel) -> int:
+    """Bytes of a model's parameters and buffers (tied weights counted once)."""
+    seen: set[int] = set()
+    total = 0
+    for t in list(loaded.model.parameters()) + list(loaded.model.buffers()):
+        if t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        total += t.numel() * t.element_size()
+    return total
+
+
+class ModelCache:
+    """A thread-safe LRU of loaded models, bounded by count and by parameter bytes.
+
+    ``get`` loads a model once (concurrent callers for the same key wait for the one load) and
+    never reloads a cached one. After a load, least recently used models are evicted until both
+    bounds hold; the model just loaded always stays, even when it alone exceeds ``max_bytes``.
+    """
+
+    def __init__(self, max_models: int = 2, max_bytes: int | None = None) -> None:
+        if max_models < 1:
+            raise ValueError("max_models must be >= 1")
+        self.max_models, self.max_bytes = max_models, max_bytes
+        self._lock = threading.Lock()
+        self._models: OrderedDict[str, tuple[LoadedModel, int]] = OrderedDict()
+        self._loading: dict[str, threading.Event] = {}
+        self._key_locks: dict[str, threading.Lock] = {}
+        self.hits = self.misses = self.loads = self.evictions = 0
+
+    def get(self, key: str, loader: Loader) -> LoadedModel:
+        """The model cached under ``key``, loaded with ``loader()`` on a miss."""
+        with self._lock:
+            if key in self._models:
+                self._models.move_to_end(key)
+                self.hits += 1
+                return self._models[key][0]
+            key_lock = self._key_locks.setdefault(key, threading.Lock())
+        with key_lock:  # one load per key; other keys load in parallel
+            with self._lock:
+                if key in self._models:  # loaded by the thread we waited for
+                    self._models.move_to_end(key)
+                    self.hits += 1
+                    return self._models[key][0]
+                self.misses += 1
+            loaded = loader()
+            size = model_bytes(loaded)
+            with self._lock:
+                self.loads += 1
+                self._models[key] = (loaded, size)
+                self._models.move_to_end(key)
+                self._evict_over_limits(keep=key)
+                self._key_locks.pop(key, None)
+            return loaded
+
+    def _total_bytes(self) -> int:
+        return sum(size for _, size in self._models.values())
+
+    def _evict_over_limits(self, keep: str) -> None:
+        def over() -> bool:
+            too_many = len(self._models) > self.max_models
+            too_big = self.max_bytes is not None and self._total_bytes() > self.max_bytes
+            return too_many or too_big
+
+        while over() and len(self._models) > 1:
+            victim = next(k for k in self._models if k != keep)
+            del self._models[victim]
+            self.evictions += 1
+            logger.info("model cache: evicted %s", victim)
+
+    def evict(self, key: str) -> bool:
+        """Forget ``key`` (a model that was deleted or retrained); whether it was cached."""
+        with self._lock:
+            found = self._models.pop(key, None) is not None
+            if found:
+                self.evictions += 1
+            return found
+
+    def __contains__(self, key: str) -> bool:
+        with self._lock:
+            return key in self._models
+
+    def keys(self) -> list[str]:
+        """Cached keys, least recently used first."""
+        with self._lock:
+            return list(self._models)
+
+    @property
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            return {"models": len(self._models), "bytes": self._total_bytes(), "keys": list(self._models),
+                    "hits": self.hits, "misses": self.misses, "loads": self.loads, "evictions": self.evictions,
+                    "max_models": self.max_models, "max_bytes": self.max_bytes}
+
+
+# =========================================================================== batching engine
+
+
+@dataclass
+class _Pending:
+    request: GenerationRequest
+    loader: Loader
+    future: Future[GenerationResult]
+    submitted: float
+    seq: int
+
+
+class BatchingEngine:
+    """One background thread that owns the model calls and batches concurrent requests per model.
+
+    ``submit`` queues a request and returns a future. The thread takes the model whose oldest
+    request waited longest, waits for more requests of that model until ``max_batch_size`` are
+    queued or its oldest request has waited ``max_wait_ms``, and runs them as one batch; requests
+    that arrive meanwhile join the next batch. Each request keeps its own sampling settings.
+    A failing batch (or model load) fails the futures of that batch with the error.
+    Latencies in results count from ``submit`` (queueing included).
+    """
+
+    def __init__(self, cache: ModelCache | None = None, max_batch_size: int = 16, max_wait_ms: float = 10.0) -> None:
+        if max_batch_size < 1:
+            raise ValueError("max_batch_size must be >= 1")
+        self.cache = cache if cache is not None else ModelCache()
+        self.max_batch_size, self.max_wait_ms = max_batch_size, max_wait_ms
+        self._cond = threading.Condition()
+        self._queues: dict[str, deque[_Pending]] = {}
+        self._seq = 0
+        self._thread: threading.Thread | None = None
+        self._running = False
+        self.batches_run = 0
+        self.requests_served = 0
+        self.batch_sizes: Counter[int] = Counter()
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> BatchingEngine:
+        """Start the engine thread (idempotent)."""
+        with self._cond:
+            if self._running:
+                return self
+            self._running = True
+            self._thread = threading.Thread(target=self._loop, name="csra-batching-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self, timeout: float | None = 30.0) -> None:
+        """Finish the running batch, fail the queued requests, stop the thread."""
+        with self._cond:
+            if not self._running:
+                return
+            self._running = False
+            pending = [p for q in self._queues.values() for p in q]
+            self._queues.clear()
+            self._cond.notify_all()
+        for p in pending:
+            if not p.future.done():
+                p.future.set_exception(RuntimeError("the batching engine stopped"))
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def __enter__(self) -> BatchingEngine:
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+    # ------------------------------------------------------------------ requests
+
+    def submit(self, model_key: str, loader: Loader, request: GenerationRequest) -> Future[GenerationResult]:
+        """Queue ``request`` for the model ``model_key`` (loaded through the cache with ``loader``)."""
+        future: Future[GenerationResult] = Future()
+        with self._cond:
+            if not self._running:
+                raise RuntimeError("the batching engine is not running (call start())")
+            self._seq += 1
+            self._queues.setdefault(model_key, deque()).append(
+                _Pending(request, loader, future, time.perf_counter(), self._seq))
+            self._cond.notify_all()
+        return future
+
+    @property
+    def stats(self) -> dict[str, Any]:
+        """Batches run, requests served, batch-size histogram, requests queued now."""
+        with self._cond:
+            return {"batches": self.batches_run, "requests": self.requests_served,
+                    "batch_sizes": dict(sorted(self.batch_sizes.items())),
+                    "queued": sum(len(q) for q in self._queues.values())}
+
+    # ------------------------------------------------------------------ the engine thread
+
+    def _oldest_key(self) -> str | None:
+        heads = [(q[0].seq, key) for key, q in self._queues.items() if q]
+        return heapq.nsmallest(1, heads)[0][1] if heads else None
+
+    def _next_batch(self) -> tuple[str, list[_Pending]] | None:
+        """Block until a batch is ready (None when stopping); take it from the queue."""
+        with self._cond:
+            while True:
+                if not self._running:
+                    return None
+                key = self._oldest_key()
+                if key is None:
+                    self._cond.wait()
+                    continue
+                queue = self._queues[key]
+                deadline = queue[0].submitted + self.max_wait_ms / 1000
+                remaining = deadline - time.perf_counter()
+                if len(queue) >= self.max_batch_size or remaining <= 0:
+                    batch = [queue.popleft() for _ in range(min(self.max_batch_size, len(queue)))]
+                    if not queue:
+                        del self._queues[key]
+                    return key, batch
+                self._cond.wait(remaining)
+
+    def _loop(self) -> None:
+        while True:
+            item = self._next_batch()
+            if item is None:
+                return
+            key, batch = item
+            batch = [p for p in batch if p.future.set_running_or_notify_cancel()]  # drop cancelled ones
+            if batch:
+                self._run_batch(key, batch)
+
+    def _run_batch(self, key: str, batch: list[_Pending]) -> None:
+        batch_start = time.perf_counter()
+        try:
+            loaded = self.cache.get(key, batch[0].loader)
+            results = generate_batch(loaded, [p.request for p in batch])
+        except BaseException as exc:  # noqa: BLE001 - every error goes to the waiting callers
+            logger.warning("generation batch of %d for %s failed: %s", len(batch), key, exc)
+            for p in batch:
+                p.future.set_exception(exc)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        finally:
+            with self._cond:
+                self.batches_run += 1
+                self.requests_served += len(batch)
+                self.batch_sizes[len(batch)] += 1
+        for p, res in zip(batch, results, strict=True):
+            # generate_batch times from the start of the batch; callers wait from submit
+            queued_ms = (batch_start - p.submitted) * 1000
+            first = None if res.first_token_ms is None else res.first_token_ms + queued_ms
+            p.future.set_result(replace(res, latency_ms=res.latency_ms + queued_ms, first_token_ms=first))
