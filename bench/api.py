@@ -315,7 +315,10 @@ def report(args: argparse.Namespace, url: str, poll: PollResult, queue: list[Que
         row("load generator CPU while polling (cores)", f"{poll.client_cpu_s / secs:.2f}"),
     ]
     if poll.server_cpu_s is not None:
+        per_request = poll.server_cpu_s * 1000 / max(1, len(poll.polls.ms) + len(subs.ms))
         lines.append(row("API server CPU while polling (cores)", f"{poll.server_cpu_s / secs:.2f}"))
+        lines.append(row("API server CPU per request (ms)", f"{per_request:.2f}",
+                         note="robust to other load on the machine"))
     lines += [
         row("whole machine CPU busy while polling (cores)", f"{poll.machine_busy_s / secs:.2f}",
             note=f"of {os.cpu_count()}, other processes included"),

@@ -10,9 +10,9 @@
 * ``ModelCache`` keeps loaded models in a bounded LRU; ``BatchingEngine`` owns the model calls in one
   background thread: requests that arrive while a batch runs join the next batch of their model.
 
-Greedy decoding gives the same text for a request whether it ran alone or in any batch: every
-reduction that mixes a row with its padding runs in a padding-invariant way (see
-``BATCH_INVARIANT_ATTENTION`` and bench/generate_model.py for the measurements).
+Greedy decoding gives the same text for a request whether it ran alone or in any batch: each
+row's numbers are computed independently of the other rows (see "batch invariance" below and
+bench/generate_model.py for the measurements).
 
 Only workers (and tests, benchmarks) import this module: it pulls in torch and transformers.
 """
@@ -27,9 +27,13 @@ from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
+from types import MethodType
 from typing import Any
 
 import torch
+from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers.modeling_utils import AttentionInterface
 
 from models_store.loading import LoadedModel
 from workers.prompting import has_chat_template
@@ -289,6 +293,122 @@ def _sample_rows(rows: Sequence[_Row], logits: torch.Tensor) -> list[int]:
     return tokens
 
 
+# =========================================================================== batch invariance
+#
+# Greedy decoding must give the same text for a request alone or in any batch, so each row's
+# numbers must not depend on the other rows. Two CPU kernels break that (measured on the project
+# machine, MKL + AVX512, float32; see bench/generate_model.py):
+#
+# * GEMM: MKL picks other kernels for a matrix of 1-3, 5-7 or 9-11 rows than for 4, 8 or >= 12
+#   rows, with results differing in the last bits (a decode step alone is a 1-row GEMM).
+#   ``_pad_linear_rows`` runs every Linear with at least MIN_GEMM_ROWS rows (zero rows added and
+#   dropped again); for a memory-bound decode step this costs next to nothing.
+# * Attention over left-padded keys: softmax and the weighted sum reduce over padding + real keys,
+#   in another order than over the real keys alone; SDPA also takes other kernels with a mask.
+#   The "csra_rowwise" attention runs SDPA row by row on each row's real keys and queries, exactly
+#   the tensors the row would have alone.
+#
+# Elementwise ops, RMSNorm and embeddings are per token already. Sampling works on one row's logits.
+
+MIN_GEMM_ROWS = 16
+ROWWISE_ATTENTION = "csra_rowwise"
+
+
+def _padded_linear_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """``nn.Linear.forward`` with at least MIN_GEMM_ROWS rows in the GEMM (same values per row)."""
+    rows = x.numel() // max(x.shape[-1], 1)
+    if rows >= MIN_GEMM_ROWS or rows == 0:
+        return torch.nn.functional.linear(x, self.weight, self.bias)
+    flat = x.reshape(rows, x.shape[-1])
+    flat = torch.cat([flat, flat.new_zeros(MIN_GEMM_ROWS - rows, x.shape[-1])])
+    out = torch.nn.functional.linear(flat, self.weight, self.bias)[:rows]
+    return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
+def _pad_linear_rows(model: torch.nn.Module) -> None:
+    for module in model.modules():
+        if type(module) is torch.nn.Linear:
+            module.forward = MethodType(_padded_linear_forward, module)
+
+
+def _row_ranges(mask: torch.Tensor | None, batch: int, kv_length: int) -> list[tuple[int, int]]:
+    """Each row's real keys [start, end) from a 4D boolean SDPA mask (None: all keys)."""
+    if mask is None:
+        return [(0, kv_length)] * batch
+    seen = mask[:, 0, -1, :] if mask.dtype == torch.bool else mask[:, 0, -1, :] == 0
+    seen = seen.expand(batch, kv_length)
+    any_real = seen.any(dim=-1)
+    idx = torch.arange(kv_length)
+    start = torch.where(seen, idx, kv_length).amin(dim=-1)
+    end = torch.where(seen, idx + 1, 0).amax(dim=-1)
+    return [(int(s), int(e)) if bool(a) else (0, 0)
+            for s, e, a in zip(start.tolist(), end.tolist(), any_real.tolist(), strict=True)]
+
+
+def rowwise_attention_forward(
+    module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+    attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+    is_causal: bool | None = None, **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """Causal self-attention computed row by row on the row's real (unpadded) keys and queries.
+
+    Each row gets exactly the SDPA call it would get alone, so its result does not depend on the
+    batch. Anything else (training, sliding windows, bidirectional or biased attention, soft-capping,
+    masks that are not causal + left padding) goes to transformers' SDPA implementation.
+    """
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    special = (module.training or dropout > 0 or not causal or kwargs.get("sliding_window")
+               or kwargs.get("position_bias") is not None or kwargs.get("softcap") is not None
+               or (attention_mask is not None and attention_mask.dim() != 4))
+    if special:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, is_causal=is_causal, **kwargs)
+    groups = getattr(module, "num_key_value_groups", 1)
+    batch, heads, q_length, dim = query.shape
+    kv_length = key.shape[2]
+    out = query.new_zeros(batch, heads, q_length, value.shape[-1])
+    for b, (start, end) in enumerate(_row_ranges(attention_mask, batch, kv_length)):
+        if end <= start:
+            continue
+        # the queries are the last q_length key positions; those before `start` are padding
+        q_first = max(0, start - (kv_length - q_length))
+        q_last = q_length - (kv_length - end)  # keys after `end` (never with left padding) end queries too
+        if q_last <= q_first:
+            continue
+        q = query[b: b + 1, :, q_first:q_last].contiguous()
+        k = repeat_kv(key[b: b + 1, :, start:end], groups).contiguous()
+        v = repeat_kv(value[b: b + 1, :, start:end], groups).contiguous()
+        n_q, n_k = q.shape[2], k.shape[2]
+        if n_q == 1:
+            o = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scaling)
+        elif n_q == n_k:
+            o = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scaling, is_causal=True)
+        else:  # queries are the last n_q of n_k positions: bottom-right aligned causal mask
+            m = torch.arange(n_k)[None, :] <= torch.arange(n_k - n_q, n_k)[:, None]
+            o = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=m, scale=scaling)
+        out[b, :, q_first:q_last] = o[0]
+    return out.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(ROWWISE_ATTENTION, rowwise_attention_forward)
+AttentionMaskInterface.register(ROWWISE_ATTENTION, sdpa_mask)
+
+
+def prepare_model(loaded: LoadedModel) -> None:
+    """Make a model's generation batch-invariant (once per model; inference results unchanged)."""
+    model = loaded.model
+    if getattr(model, "_csra_generation_ready", False):
+        return
+    _pad_linear_rows(model)
+    if loaded.arch == "causal":
+        try:
+            model.set_attn_implementation(ROWWISE_ATTENTION)
+        except Exception as exc:  # a model without the attention interface: still correct, maybe not invariant
+            logger.warning("%s keeps its attention (%s): batched greedy text may differ from unbatched",
+                           type(model).__name__, exc)
+    model._csra_generation_ready = True
+
+
 # =========================================================================== decode loops
 
 def _left_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -445,6 +565,7 @@ def _run(loaded: LoadedModel, requests: Sequence[GenerationRequest], prompt_ids:
          check_cancelled: Callable[[], None] | None) -> list[GenerationResult]:
     if not requests:
         return []
+    prepare_model(loaded)
     rows = _make_rows(loaded, requests, prompt_ids, time.perf_counter())
     decode = _decode_seq2seq if loaded.arch == "seq2seq" else _decode_causal
     with torch.inference_mode():

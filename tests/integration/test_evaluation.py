@@ -1,0 +1,104 @@
+"""Evaluation jobs end to end: batched generation, metrics, stored predictions, leaderboard, report."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+
+from tests.integration.helpers import wait_job
+
+METRICS = ("rouge_l", "bleu", "chrf", "semantic_similarity", "heuristic_quality", "too_verbose",
+           "asks_needless_details", "repetitive", "off_tone", "unfinished", "latency_ms_mean", "tokens_per_second")
+
+
+@pytest.fixture(scope="module")
+def api_m(stack):
+    with httpx.Client(base_url=stack.url, timeout=30) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def dataset(api_m, bitext_path) -> int:
+    r = api_m.post("/datasets", json={"name": "eval", "source": str(bitext_path)})
+    assert wait_job(api_m, r.json()["job"]["id"])["status"] == "succeeded"
+    return r.json()["dataset"]["id"]
+
+
+@pytest.fixture(scope="module")
+def finetuned(api_m, dataset) -> str:
+    r = api_m.post("/jobs/train", json={"dataset_id": dataset, "max_train_samples": 32, "epochs": 1,
+                                        "output_name": "tiny-eval-ft", "learning_rate": 1e-3})
+    assert wait_job(api_m, r.json()["id"], timeout=240)["status"] == "succeeded"
+    return "tiny-eval-ft"
+
+
+def test_evaluate_baseline_and_finetuned(api_m, dataset, finetuned):
+    r = api_m.post("/jobs/evaluate", json={"model_ids": ["baseline", finetuned], "dataset_id": dataset,
+                                           "max_samples": 30, "max_new_tokens": 16, "batch_size": 8})
+    assert r.status_code == 202, r.text
+    job = wait_job(api_m, r.json()["id"], timeout=300)
+    assert job["status"] == "succeeded", job["error"]
+    ev_id = job["result"]["evaluation_id"]
+    ev = api_m.get(f"/evaluations/{ev_id}").json()
+    assert ev["status"] == "succeeded" and set(ev["metrics"]) == {"baseline", finetuned}
+    for name in ("baseline", finetuned):
+        overall = ev["metrics"][name]["overall"]
+        assert overall["n"] == 30 and all(k in overall for k in METRICS), overall.keys()
+        assert len(ev["metrics"][name]["per_intent"]) == 27  # stratified sample covers every intent
+        assert ev["metrics"][name]["per_category"]
+    ex = api_m.get(f"/evaluations/{ev_id}/examples", params={"model": finetuned, "sort": "worst", "limit": 5}).json()
+    assert ex["count"] == 30 and len(ex["data"]) == 5
+    rl = [e["scores"]["rouge_l"] for e in ex["data"]]
+    assert rl == sorted(rl) and all(e["reference"] and e["prompt"] for e in ex["data"])
+    patt = api_m.get(f"/evaluations/{ev_id}/examples", params={"pattern": "unfinished"}).json()
+    assert all(e["scores"]["unfinished"] for e in patt["data"])
+    assert api_m.get(f"/evaluations/{ev_id}/examples", params={"pattern": "bogus"}).status_code == 422
+    board = api_m.get("/leaderboard", params={"dataset_id": dataset}).json()["data"]
+    names = [row["model"] for row in board]
+    assert {"baseline", finetuned} <= set(names)
+    ft_row = next(row for row in board if row["model"] == finetuned)
+    assert ft_row["training_config"]["max_train_samples"] == 32
+    html = api_m.get(f"/evaluations/{ev_id}/report", params={"format": "html"}, follow_redirects=True)
+    assert html.status_code == 200 and "<table" in html.text and "metrics.png" in html.text
+    md = api_m.get(f"/evaluations/{ev_id}/report.md")
+    assert md.status_code == 200 and finetuned in md.text
+    png = api_m.get(f"/evaluations/{ev_id}/metrics.png")
+    assert png.status_code == 200 and png.content[:4] == b"\x89PNG"
+    assert api_m.get(f"/evaluations/{ev_id}/loss_curves.png").status_code == 200
+    assert api_m.get(f"/evaluations/{ev_id}/..%2Fcsra.db").status_code == 404
+
+
+@pytest.mark.parametrize(
+    ("body", "needle"),
+    [({"model_ids": ["ghost"]}, "unknown model"), ({"max_samples": 0}, "max_samples"),
+     ({"dataset_id": 987654}, "does not exist"), ({"model_ids": []}, "model_ids")],
+)
+def test_bad_evaluation_requests(api_m, dataset, body, needle):
+    r = api_m.post("/jobs/evaluate", json={"model_ids": ["baseline"], "dataset_id": dataset, **body})
+    assert r.status_code == 422 and needle in json.dumps(r.json()["detail"]), r.text
+
+
+def test_empty_split_is_422(api_m):
+    rows = "\n".join(f"message number {i} about my order,reply number {i} about your order; thanks!" for i in range(20))
+    r = api_m.post("/datasets", files={"file": ("nt.csv", f"customer,agent\n{rows}".encode())},
+                   data={"options": json.dumps({"column_mapping": {"input": "customer", "output": "agent"},
+                                                "train_fraction": 0.8, "validation_fraction": 0.2, "test_fraction": 0})})
+    assert wait_job(api_m, r.json()["job"]["id"])["status"] == "succeeded"
+    bad = api_m.post("/jobs/evaluate", json={"model_ids": ["baseline"], "dataset_id": r.json()["dataset"]["id"]})
+    assert bad.status_code == 422 and "empty" in bad.json()["detail"]
+
+
+def test_one_broken_model_keeps_the_others_results(api_m, dataset, stack):
+    r = api_m.post("/jobs/train", json={"dataset_id": dataset, "max_train_samples": 8, "epochs": 1,
+                                        "output_name": "tiny-corrupt"})
+    assert wait_job(api_m, r.json()["id"], timeout=240)["status"] == "succeeded"
+    weights = stack.root / "data" / "models" / "tiny-corrupt" / "model.safetensors"
+    weights.write_bytes(b"this is not a safetensors file")
+    r = api_m.post("/jobs/evaluate", json={"model_ids": ["baseline", "tiny-corrupt"], "dataset_id": dataset,
+                                           "max_samples": 10, "max_new_tokens": 8})
+    job = wait_job(api_m, r.json()["id"], timeout=300)
+    assert job["status"] == "succeeded" and "tiny-corrupt" in job["result"]["errors"]
+    ev = api_m.get(f"/evaluations/{job['result']['evaluation_id']}").json()
+    assert ev["status"] == "partial" and ev["metrics"]["baseline"]["overall"]["n"] == 10
