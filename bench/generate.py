@@ -1,0 +1,160 @@
+"""Generation through the running stack vs the model called directly, one run.
+
+    python bench/generate.py [--url http://127.0.0.1:8000] [--model baseline] [--requests 16]
+
+Needs a running stack (`make run`, or `csra up`) whose generate worker serves ``--model``;
+the direct calls load the same folder from ``$CSRA_DATA_DIR/models/<model>`` in this process.
+Measures (greedy, same prompts):
+  1. one request end to end (POST /jobs/generate, poll GET /jobs/{id}) vs the model called
+     in-process: the queue + DB + polling overhead, p50 (goal: under 50 ms on top of generation);
+  2. N concurrent chat messages (POST /chats/{id}/messages, batched by the worker) vs the same N
+     one after another: throughput ratio (goal: at least 5x on CPU);
+  3. time to first streamed token (GET /jobs/{id}/stream), p50.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from csra.settings import get_settings  # noqa: E402
+
+MESSAGES = [
+    "I want to cancel my order", "how do I get a refund", "where is my package", "I forgot my password",
+    "can I change my shipping address", "what payment methods do you accept", "I want to talk to a human",
+    "how long does delivery take", "my invoice is wrong", "how do I delete my account",
+    "I have a complaint about your service", "can I change my order", "how do I subscribe to the newsletter",
+    "what is the cancellation fee", "I need to update my account details", "help me track my refund",
+]
+
+
+def p50(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
+def wait(c: httpx.Client, job_id: int, interval: float = 0.005) -> dict[str, Any]:
+    while True:
+        j = c.get(f"/jobs/{job_id}").json()
+        if j["status"] in ("succeeded", "failed", "cancelled"):
+            return j
+        time.sleep(interval)
+
+
+def end_to_end(c: httpx.Client, model: str, message: str, max_new: int) -> tuple[float, dict[str, Any]]:
+    t0 = time.perf_counter()
+    job = c.post("/jobs/generate", json={"model_id": model, "message": message, "max_new_tokens": max_new}).json()
+    done = wait(c, job["id"])
+    return (time.perf_counter() - t0) * 1000, done
+
+
+def direct(model_dir: Path, messages: list[str], max_new: int) -> tuple[list[float], list[str]]:
+    from csra.specs import DEFAULT_INSTRUCTION
+    from models_store.loading import load_model_and_tokenizer
+    from workers.generation import GenerationRequest, generate_batch
+    from workers.prompting import build_messages, render_prompt, system_message
+
+    loaded = load_model_and_tokenizer(model_dir)
+    system = system_message(DEFAULT_INSTRUCTION, "neutral", True)
+    times, texts = [], []
+    for m in messages:
+        prompt = render_prompt(loaded.tokenizer, build_messages(system, m))
+        t0 = time.perf_counter()
+        res = generate_batch(loaded, [GenerationRequest(prompt=prompt, max_new_tokens=max_new)])[0]
+        times.append((time.perf_counter() - t0) * 1000)
+        texts.append(res.text)
+    return times, texts
+
+
+def overhead(c: httpx.Client, model: str, model_dir: Path, n: int, max_new: int) -> None:
+    msgs = MESSAGES[:n]
+    end_to_end(c, model, msgs[0], max_new)  # warm: the worker loads the model once
+    e2e, jobs = zip(*(end_to_end(c, model, m, max_new) for m in msgs), strict=True)
+    in_worker = [j["result"]["latency_ms"] for j in jobs]
+    direct_ms, texts = direct(model_dir, msgs, max_new)
+    same = sum(j["result"]["raw_text"] == t for j, t in zip(jobs, texts, strict=True))
+    print(f"\n1. one request ({n} sequential requests, max_new_tokens {max_new})")
+    print(f"   end to end p50 {p50(list(e2e)):8.1f} ms   direct in-process p50 {p50(direct_ms):8.1f} ms   "
+          f"(generation inside the worker p50 {p50(in_worker):.1f} ms)")
+    extra = p50([a - b for a, b in zip(e2e, in_worker, strict=True)])
+    print(f"   overhead p50 (end to end - generation in the worker): {extra:.1f} ms  "
+          f"[{'meets' if extra < 50 else 'MISSES'} the < 50 ms goal]; texts identical to direct: {same}/{n}")
+
+
+def chat_round(c: httpx.Client, url: str, model: str, n: int, max_new: int, concurrent: bool) -> float:
+    chats = [c.post("/chats", json={"settings": {"model_id": model, "max_new_tokens": max_new}}).json()["id"]
+             for _ in range(n)]
+    t0 = time.perf_counter()
+
+    def one(i: int) -> None:
+        with httpx.Client(base_url=url, timeout=600) as cc:
+            job = cc.post(f"/chats/{chats[i]}/messages", json={"content": MESSAGES[i % len(MESSAGES)]}).json()["job"]
+            wait(cc, job["id"], 0.02)
+
+    if concurrent:
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    else:
+        for i in range(n):
+            one(i)
+    return time.perf_counter() - t0
+
+
+def throughput(c: httpx.Client, url: str, model: str, n: int, max_new: int) -> None:
+    seq = chat_round(c, url, model, n, max_new, concurrent=False)
+    conc = chat_round(c, url, model, n, max_new, concurrent=True)
+    ratio = seq / conc
+    print(f"\n2. {n} chat messages, max_new_tokens {max_new}")
+    print(f"   one after another {seq:7.1f} s ({n / seq:.2f} replies/s)   concurrent (batched) {conc:7.1f} s "
+          f"({n / conc:.2f} replies/s)   -> {ratio:.2f}x  [{'meets' if ratio >= 5 else 'MISSES'} the 5x goal]")
+
+
+def first_token(url: str, model: str, n: int, max_new: int) -> None:
+    ttft = []
+    with httpx.Client(base_url=url, timeout=120) as c:
+        for m in MESSAGES[:n]:
+            t0 = time.perf_counter()
+            job = c.post("/jobs/generate", json={"model_id": model, "message": m, "max_new_tokens": max_new}).json()
+            with c.stream("GET", f"/jobs/{job['id']}/stream") as resp:
+                for line in resp.iter_lines():
+                    if line.startswith("event: token") or line.startswith("event:token"):
+                        ttft.append((time.perf_counter() - t0) * 1000)
+                        break
+            wait(c, job["id"])
+    print(f"\n3. time to first streamed token p50: {p50(ttft):.1f} ms (n={len(ttft)})")
+
+
+def main() -> None:
+    settings = get_settings()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--url", default=settings.api_url)
+    p.add_argument("--api-key", default=settings.api_key)
+    p.add_argument("--model", default="baseline")
+    p.add_argument("--requests", type=int, default=16)
+    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--model-dir", type=Path, default=None)
+    args = p.parse_args()
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    model_dir = args.model_dir or settings.store_dir / args.model
+    with httpx.Client(base_url=args.url, timeout=600, headers=headers) as c:
+        c.get("/health").raise_for_status()
+        print(f"csra at {args.url}, model {args.model} ({model_dir})")
+        overhead(c, args.model, model_dir, 8, args.max_new_tokens)
+        throughput(c, args.url, args.model, args.requests, args.max_new_tokens)
+    first_token(args.url, args.model, 8, args.max_new_tokens)
+
+
+if __name__ == "__main__":
+    main()
