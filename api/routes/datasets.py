@@ -13,6 +13,7 @@ from fastapi import APIRouter, HTTPException, Query, Request
 from pydantic import ValidationError
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from api.deps import DbSession, Owner
@@ -157,7 +158,7 @@ async def create_dataset(request: Request, db: DbSession, owner: Owner) -> Datas
         spec = _parse_options(form.get("options"))
         path = await _save_upload(upload, max_bytes)
         name = str(form.get("name") or path.stem)
-        return _create(db, name, f"upload:{path}", spec, owner)
+        return await run_in_threadpool(_create, db, name, f"upload:{path}", spec, owner)
     try:
         body = DatasetCreate.model_validate(await request.json())
     except ValidationError as e:
@@ -166,7 +167,8 @@ async def create_dataset(request: Request, db: DbSession, owner: Owner) -> Datas
         raise HTTPException(
             status_code=422, detail="send JSON {name, source, options} or a multipart upload with a 'file' field"
         ) from None
-    return _create(db, body.name, _resolve_source(body.source), body.options, owner)
+    source = await run_in_threadpool(_resolve_source, body.source)  # blocking DB/Redis work off the event loop
+    return await run_in_threadpool(_create, db, body.name, source, body.options, owner)
 
 
 @router.get("", response_model=DatasetsPublic)

