@@ -39,7 +39,9 @@ def format_detail(detail: Any) -> str:
 
 
 class ApiClient:
-    def __init__(self, base_url: str | None = None, api_key: str | None = None, timeout: float = 30.0) -> None:
+    def __init__(
+        self, base_url: str | None = None, api_key: str | None = None, timeout: float = 30.0
+    ) -> None:
         settings = get_settings()
         self.base_url = (base_url or settings.api_url).rstrip("/")
         key = api_key if api_key is not None else settings.api_key
@@ -56,7 +58,9 @@ class ApiClient:
         except httpx.TimeoutException as e:
             raise ApiError(0, f"the csra API at {self.base_url} did not answer in time ({e})") from e
         except httpx.TransportError as e:
-            raise ApiError(0, f"cannot reach the csra API at {self.base_url} ({e}); is `csra up` running?") from e
+            raise ApiError(
+                0, f"cannot reach the csra API at {self.base_url} ({e}); is `csra up` running?"
+            ) from e
         if resp.status_code >= 400:
             try:
                 detail = format_detail(resp.json().get("detail", resp.text))
@@ -79,8 +83,12 @@ class ApiClient:
 
     def download(self, path: str, **params: Any) -> tuple[str, bytes]:
         """A file the API serves: (file name from Content-Disposition, content)."""
-        resp = self._send("GET", path, params={k: v for k, v in params.items() if v not in (None, "")},
-                          follow_redirects=True)
+        resp = self._send(
+            "GET",
+            path,
+            params={k: v for k, v in params.items() if v not in (None, "")},
+            follow_redirects=True,
+        )
         m = re.search(r'filename="?([^";]+)"?', resp.headers.get("content-disposition", ""))
         name = m.group(1) if m else path.rstrip("/").rsplit("/", 1)[-1]
         return name, resp.content
@@ -102,10 +110,13 @@ class ApiClient:
 
     def import_dataset(self, path: str, name: str) -> dict[str, Any]:
         with open(path, "rb") as fh:
-            return self.call("POST", "/datasets", files={"file": (path.rsplit("/", 1)[-1], fh)},
-                             data={"name": name})
+            return self.call(
+                "POST", "/datasets", files={"file": (path.rsplit("/", 1)[-1], fh)}, data={"name": name}
+            )
 
-    def jobs(self, kind: str | None = None, status: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
+    def jobs(
+        self, kind: str | None = None, status: str | None = None, limit: int = 100
+    ) -> list[dict[str, Any]]:
         return self.get("/jobs", kind=kind, status=status, limit=limit)["data"]
 
     def job(self, job_id: int) -> dict[str, Any]:
@@ -153,7 +164,9 @@ class ApiClient:
     def post_message(self, chat_id: int, body: dict[str, Any]) -> dict[str, Any]:
         return self.post(f"/chats/{int(chat_id)}/messages", body)
 
-    def feedback(self, chat_id: int, message_id: int, rating: str, corrected_reply: str | None) -> dict[str, Any]:
+    def feedback(
+        self, chat_id: int, message_id: int, rating: str, corrected_reply: str | None
+    ) -> dict[str, Any]:
         body: dict[str, Any] = {"rating": rating}
         if corrected_reply:
             body["corrected_reply"] = corrected_reply

@@ -1,0 +1,181 @@
+"""The Gradio UI end to end in headless Chromium, against the real stack (Redis, workers, API).
+
+Pick the model, send a message, wait for the reply the generate worker writes, export the chat as
+JSONL through the UI and check the downloaded file. Skipped when Playwright or Chromium is missing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.stack import Stack, free_port, wait_until
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-dev-shm-usage",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+]
+MESSAGE = "Hello, I was charged twice for order 4521. Can you help?"
+
+pytestmark = pytest.mark.integration
+
+sync_api = pytest.importorskip(
+    "playwright.sync_api", reason="playwright is not installed (pip install playwright)"
+)
+if not CHROMIUM.is_file():
+    pytest.skip(f"Chromium is not at {CHROMIUM} (apt-get install chromium)", allow_module_level=True)
+
+
+@pytest.fixture(scope="module")
+def ui_url(stack: Stack) -> Iterator[str]:
+    """The stack plus what the UI test needs (a generate worker, the tiny `baseline`), then `csra ui`."""
+    env = dict(stack.env)
+    if not (stack.health().get("workers") or {}).get("generate"):
+        stack.csra("worker-generate-ui", "worker", "--queue", "generate")
+        stack.wait_ready(("generate",))
+    names = [m["name"] for m in httpx.get(f"{stack.url}/models", timeout=10).json()["data"]]
+    if "baseline" not in names:
+        init = subprocess.run(
+            [sys.executable, "-m", "csra.cli", "models", "init", "--tiny"],
+            env=env,
+            capture_output=True,
+            text=True,
+        )
+        if init.returncode != 0:
+            pytest.skip(f"`csra models init --tiny` failed, no model to chat with: {init.stderr[-500:]}")
+
+    port = free_port()
+    env.update(CSRA_UI_PORT=str(port), CSRA_API_URL=stack.url, GRADIO_ANALYTICS_ENABLED="False")
+    log = (stack.root / "ui.log").open("ab")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "csra.cli", "ui"],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+
+    def up() -> bool:
+        if proc.poll() is not None:
+            raise RuntimeError(
+                f"`csra ui` exited with {proc.returncode}:\n{(stack.root / 'ui.log').read_text()}"
+            )
+        try:
+            return httpx.get(f"{url}/config", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    try:
+        wait_until(up, 90, 0.5, what="the Gradio UI")
+        yield url
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(5)
+        log.close()
+
+
+@pytest.fixture()
+def page(ui_url: str) -> Iterator[sync_api.Page]:
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
+        context = browser.new_context(accept_downloads=True, viewport={"width": 1400, "height": 1000})
+        pg = context.new_page()
+        pg.set_default_timeout(30_000)
+        try:
+            yield pg
+        finally:
+            context.close()
+            browser.close()
+
+
+def _set_slider(page: sync_api.Page, elem_id: str, value: str) -> None:
+    box = page.locator(f"#{elem_id} input[type=number]")
+    box.fill(value)
+    box.press("Enter")
+    sync_api.expect(box).to_have_value(value)
+
+
+def test_chat_reply_appears_and_exports_as_jsonl(page, ui_url, stack, tmp_path):
+    expect = sync_api.expect
+    page.goto(ui_url)
+    expect(page).to_have_title("csra — Customer Support Response Assistant")
+    expect(page.locator("#api-status")).to_contain_text("ok", timeout=30_000)
+
+    # pick the model from the list the page loaded from GET /models
+    page.locator("#chat-model input").click()
+    page.get_by_role("option").filter(has_text="baseline (base)").click()
+    expect(page.locator("#chat-model input")).to_have_value("baseline (base)")
+    # sampling, so the tiny random model says something; few tokens, so it says it quickly
+    _set_slider(page, "chat-temperature", "1")
+    _set_slider(page, "chat-max-tokens", "16")
+
+    page.locator("#chat-input textarea").fill(MESSAGE)
+    page.locator("#chat-send").click()
+    chatbot = page.locator("#chatbot")
+    expect(chatbot.locator("[data-testid='user']")).to_contain_text(MESSAGE)
+    expect(chatbot.locator("[data-testid='bot']")).to_have_count(1)
+    # the reply is done when the meta line shows its token counts
+    expect(page.locator("#chat-meta")).to_contain_text("reply tokens", timeout=120_000)
+    meta = page.locator("#chat-meta").inner_text()
+    chat_id = int(re.search(r"Chat #(\d+)", meta).group(1))  # type: ignore[union-attr]
+
+    with httpx.Client(base_url=stack.url, timeout=10) as api:
+        stored = api.get(f"/chats/{chat_id}").json()
+    user, reply = stored["messages"]
+    assert user["content"] == MESSAGE and reply["role"] == "assistant"
+    assert reply["status"] == "done", reply
+    assert reply["model_name"] == "baseline" and reply["completion_tokens"] >= 1
+    assert reply["settings"]["temperature"] == 1 and reply["settings"]["max_new_tokens"] == 16
+
+    # what the worker wrote is what the chat shows
+    bot_text = chatbot.locator("[data-testid='bot']").inner_text()
+    words = re.findall(r"[A-Za-z0-9]{3,}", reply["content"])
+    if words:
+        assert max(words, key=len) in bot_text
+    elif not reply["content"].strip():
+        assert "empty reply" in bot_text
+    assert "Generation failed" not in bot_text and "▌" not in bot_text
+
+    # the chat is in the saved-chats list
+    expect(page.locator("#chat-list input")).to_have_value(re.compile(rf"^#{chat_id} "))
+
+    with page.expect_download(timeout=30_000) as info:
+        page.locator("#export-jsonl").click()
+    download = info.value
+    assert download.suggested_filename == f"chat-{chat_id}.jsonl"
+    target = tmp_path / download.suggested_filename
+    download.save_as(target)
+    lines = [json.loads(line) for line in target.read_text(encoding="utf-8").splitlines() if line.strip()]
+    assert len(lines) == 1
+    record = lines[0]
+    assert record["metadata"]["chat_id"] == chat_id
+    roles = [m["role"] for m in record["messages"]]
+    assert roles == ["system", "user", "assistant"]
+    assert record["messages"][1]["content"] == MESSAGE
+    assert record["messages"][2]["content"] == reply["content"]
+
+    # thumbs up on the last reply is stored with it
+    page.locator("#chat-up").click()
+    expect(page.locator("#chat-meta")).to_contain_text("feedback", timeout=15_000)
+    with httpx.Client(base_url=stack.url, timeout=10) as api:
+        assert api.get(f"/chats/{chat_id}").json()["messages"][1]["feedback"] == "up"
