@@ -75,6 +75,7 @@ class GenerationResult:
     ``finish_reason``: "stop" (end token) or "length" (``max_new_tokens`` reached).
     ``latency_ms``: from the start of the batch (of ``submit`` for ``BatchingEngine``) to the
     row's last token; ``first_token_ms`` likewise to its first token (None for beam search).
+    ``token_ids``: the generated tokens (end token included), for debugging and tests.
     """
 
     text: str
@@ -83,6 +84,7 @@ class GenerationResult:
     finish_reason: str
     latency_ms: float
     first_token_ms: float | None
+    token_ids: list[int] = field(default_factory=list, repr=False)
 
 
 # =========================================================================== tokens
@@ -279,7 +281,7 @@ class _Row:
         self.result = GenerationResult(
             text=text, prompt_tokens=len(self.prompt_ids), completion_tokens=len(self.generated),
             finish_reason=self.finish_reason or "length", latency_ms=(now - self.started) * 1000,
-            first_token_ms=(self.first_token_at - self.started) * 1000,
+            first_token_ms=(self.first_token_at - self.started) * 1000, token_ids=list(self.generated),
         )
 
 
@@ -299,28 +301,37 @@ def _sample_rows(rows: Sequence[_Row], logits: torch.Tensor) -> list[int]:
 # numbers must not depend on the other rows. Two CPU kernels break that (measured on the project
 # machine, MKL + AVX512, float32; see bench/generate_model.py):
 #
-# * GEMM: MKL picks other kernels for a matrix of 1-3, 5-7 or 9-11 rows than for 4, 8 or >= 12
-#   rows, with results differing in the last bits (a decode step alone is a 1-row GEMM).
-#   ``_pad_linear_rows`` runs every Linear with at least MIN_GEMM_ROWS rows (zero rows added and
-#   dropped again); for a memory-bound decode step this costs next to nothing.
+# * GEMM: float32 MKL takes other kernels for a matrix of 1-3 rows (1 thread), 1-3, 5-7, 9-11 rows
+#   (2 threads), also 17-19, 25-27 rows (16 threads) than for other row counts, and their results
+#   differ in the last bits; a decode step alone is a 1-row GEMM. Multiples of 4 rows always gave
+#   the same values per row (1 to 16 threads, 4 to 520 rows, all of SmolLM2's shapes), so
+#   ``_pad_linear_rows`` runs every Linear on a multiple of 4 rows (zero rows added and dropped
+#   again). A 4-row decode step costs what a 1-row one does (measured: 48 vs 52 ms of Linear time
+#   per SmolLM2 step, 1 thread). bfloat16 GEMMs (oneDNN) showed no row-count dependence.
 # * Attention over left-padded keys: softmax and the weighted sum reduce over padding + real keys,
 #   in another order than over the real keys alone; SDPA also takes other kernels with a mask.
 #   The "csra_rowwise" attention runs SDPA row by row on each row's real keys and queries, exactly
-#   the tensors the row would have alone.
+#   the tensors the row would have alone (T5: also its slice of the relative position bias).
 #
 # Elementwise ops, RMSNorm and embeddings are per token already. Sampling works on one row's logits.
 
-MIN_GEMM_ROWS = 16
+GEMM_ROW_MULTIPLE = 4
 ROWWISE_ATTENTION = "csra_rowwise"
 
 
+def _gemm_rows(rows: int) -> int:
+    """Rows to run a GEMM of ``rows`` rows with: the next multiple of GEMM_ROW_MULTIPLE."""
+    return -(-rows // GEMM_ROW_MULTIPLE) * GEMM_ROW_MULTIPLE
+
+
 def _padded_linear_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """``nn.Linear.forward`` with at least MIN_GEMM_ROWS rows in the GEMM (same values per row)."""
+    """``nn.Linear.forward`` on a row count MKL treats like any other (same values per row)."""
     rows = x.numel() // max(x.shape[-1], 1)
-    if rows >= MIN_GEMM_ROWS or rows == 0:
+    padded = _gemm_rows(rows)
+    if padded == rows or rows == 0:
         return torch.nn.functional.linear(x, self.weight, self.bias)
     flat = x.reshape(rows, x.shape[-1])
-    flat = torch.cat([flat, flat.new_zeros(MIN_GEMM_ROWS - rows, x.shape[-1])])
+    flat = torch.cat([flat, flat.new_zeros(padded - rows, x.shape[-1])])
     out = torch.nn.functional.linear(flat, self.weight, self.bias)[:rows]
     return out.reshape(*x.shape[:-1], out.shape[-1])
 
@@ -331,63 +342,97 @@ def _pad_linear_rows(model: torch.nn.Module) -> None:
             module.forward = MethodType(_padded_linear_forward, module)
 
 
-def _row_ranges(mask: torch.Tensor | None, batch: int, kv_length: int) -> list[tuple[int, int]]:
-    """Each row's real keys [start, end) from a 4D boolean SDPA mask (None: all keys)."""
+def _row_ranges(mask: torch.Tensor | None, batch: int, kv_length: int) -> list[tuple[int, int]] | None:
+    """Each row's real keys [start, end) from a 4D SDPA mask (None: all keys).
+
+    Read from the last query's row (with causal masks it sees every real key). None when a
+    row's keys are not one contiguous range: not a padding mask this module knows.
+    """
     if mask is None:
         return [(0, kv_length)] * batch
     seen = mask[:, 0, -1, :] if mask.dtype == torch.bool else mask[:, 0, -1, :] == 0
     seen = seen.expand(batch, kv_length)
-    any_real = seen.any(dim=-1)
     idx = torch.arange(kv_length)
     start = torch.where(seen, idx, kv_length).amin(dim=-1)
     end = torch.where(seen, idx + 1, 0).amax(dim=-1)
-    return [(int(s), int(e)) if bool(a) else (0, 0)
-            for s, e, a in zip(start.tolist(), end.tolist(), any_real.tolist(), strict=True)]
+    width = (end - start).clamp(min=0)
+    if bool((seen.sum(dim=-1) != width).any()):
+        return None
+    return [(int(s), int(s + w)) for s, w in zip(start.tolist(), width.tolist(), strict=True)]
+
+
+def _row_queries(kind: str, start: int, end: int, q_length: int, kv_length: int) -> tuple[int, int]:
+    """The real queries [first, last) of a row whose real keys are [start, end)."""
+    if kind == "causal":  # the queries are the last q_length key positions
+        return max(0, start - (kv_length - q_length)), q_length - (kv_length - end)
+    if kind == "cross":  # decoder queries over encoder keys: every query is real
+        return 0, q_length
+    return start, end  # bidirectional self-attention: queries and keys are the same positions
+
+
+def _row_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: int, causal: bool,
+                   bias: torch.Tensor | None, scaling: float | None) -> torch.Tensor:
+    """SDPA for one row: q (1, heads, n_q, d), k and v (1, kv_heads, n_k, d) -> (1, heads, n_q, d).
+
+    Causal masks are bottom-right aligned (the queries are the last key positions). A single
+    query (a decode step) runs its query heads as the queries of their shared key/value head
+    (no repeated keys); its result is the same as with repeated keys up to rounding, and always
+    the same whatever the batch.
+    """
+    n_q, n_k = q.shape[2], k.shape[2]
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    if n_q == 1 and bias is None:
+        heads, dim = q.shape[1], q.shape[3]
+        packed = q.reshape(1, heads // groups, groups, dim)
+        return sdpa(packed, k, v, scale=scaling).reshape(1, heads, 1, v.shape[-1])
+    k, v = repeat_kv(k, groups), repeat_kv(v, groups)
+    causal = causal and n_q > 1
+    if bias is None and (not causal or n_q == n_k):
+        return sdpa(q, k, v, scale=scaling, is_causal=causal)
+    allowed = torch.arange(n_k)[None, :] <= torch.arange(n_k - n_q, n_k)[:, None] if causal else None
+    if bias is None:
+        return sdpa(q, k, v, attn_mask=allowed, scale=scaling)
+    mask = bias if allowed is None else bias.masked_fill(~allowed, torch.finfo(bias.dtype).min)
+    return sdpa(q, k, v, attn_mask=mask.to(q.dtype).contiguous(), scale=scaling)
 
 
 def rowwise_attention_forward(
     module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
-    is_causal: bool | None = None, **kwargs: Any,
+    is_causal: bool | None = None, position_bias: torch.Tensor | None = None, **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
-    """Causal self-attention computed row by row on the row's real (unpadded) keys and queries.
+    """Attention computed row by row on the row's real (unpadded) keys and queries.
 
     Each row gets exactly the SDPA call it would get alone, so its result does not depend on the
-    batch. Anything else (training, sliding windows, bidirectional or biased attention, soft-capping,
-    masks that are not causal + left padding) goes to transformers' SDPA implementation.
+    batch: causal self-attention (left padding), bidirectional encoder self-attention and
+    decoder cross-attention (any padding side), with T5's relative position bias. Training,
+    sliding windows, soft-capping and unusual masks go to transformers' SDPA implementation.
     """
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-    special = (module.training or dropout > 0 or not causal or kwargs.get("sliding_window")
-               or kwargs.get("position_bias") is not None or kwargs.get("softcap") is not None
-               or (attention_mask is not None and attention_mask.dim() != 4))
-    if special:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
-                                      scaling=scaling, is_causal=is_causal, **kwargs)
-    groups = getattr(module, "num_key_value_groups", 1)
-    batch, heads, q_length, dim = query.shape
+    kind = "causal" if causal else ("cross" if getattr(module, "is_decoder", False) else "self")
+    batch, heads, q_length, _ = query.shape
     kv_length = key.shape[2]
-    out = query.new_zeros(batch, heads, q_length, value.shape[-1])
-    for b, (start, end) in enumerate(_row_ranges(attention_mask, batch, kv_length)):
-        if end <= start:
-            continue
-        # the queries are the last q_length key positions; those before `start` are padding
-        q_first = max(0, start - (kv_length - q_length))
-        q_last = q_length - (kv_length - end)  # keys after `end` (never with left padding) end queries too
-        if q_last <= q_first:
-            continue
-        q = query[b: b + 1, :, q_first:q_last].contiguous()
-        k = repeat_kv(key[b: b + 1, :, start:end], groups).contiguous()
-        v = repeat_kv(value[b: b + 1, :, start:end], groups).contiguous()
-        n_q, n_k = q.shape[2], k.shape[2]
-        if n_q == 1:
-            o = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scaling)
-        elif n_q == n_k:
-            o = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scaling, is_causal=True)
-        else:  # queries are the last n_q of n_k positions: bottom-right aligned causal mask
-            m = torch.arange(n_k)[None, :] <= torch.arange(n_k - n_q, n_k)[:, None]
-            o = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=m, scale=scaling)
-        out[b, :, q_first:q_last] = o[0]
-    return out.transpose(1, 2).contiguous(), None
+    plain = not (module.training or dropout > 0 or kwargs.get("sliding_window") or kwargs.get("softcap") is not None
+                 or (attention_mask is not None and attention_mask.dim() != 4)
+                 or (kind == "self" and q_length != kv_length))
+    ranges = _row_ranges(attention_mask, batch, kv_length) if plain else None
+    if ranges is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, position_bias=position_bias, **kwargs)
+    groups = getattr(module, "num_key_value_groups", 1)
+    out = query.new_zeros(batch, q_length, heads, value.shape[-1])
+    for b, (start, end) in enumerate(ranges):
+        first, last = _row_queries(kind, start, end, q_length, kv_length)
+        if end <= start or last <= first:
+            continue  # a row of padding only
+        bias = None
+        if position_bias is not None:
+            pb = min(b, position_bias.shape[0] - 1)
+            bias = position_bias[pb: pb + 1, :, first:last, start:end]
+        o = _row_attention(query[b: b + 1, :, first:last], key[b: b + 1, :, start:end],
+                           value[b: b + 1, :, start:end], groups, kind == "causal", bias, scaling)
+        out[b, first:last] = o[0].transpose(0, 1)
+    return out, None
 
 
 AttentionInterface.register(ROWWISE_ATTENTION, rowwise_attention_forward)
@@ -400,12 +445,11 @@ def prepare_model(loaded: LoadedModel) -> None:
     if getattr(model, "_csra_generation_ready", False):
         return
     _pad_linear_rows(model)
-    if loaded.arch == "causal":
-        try:
-            model.set_attn_implementation(ROWWISE_ATTENTION)
-        except Exception as exc:  # a model without the attention interface: still correct, maybe not invariant
-            logger.warning("%s keeps its attention (%s): batched greedy text may differ from unbatched",
-                           type(model).__name__, exc)
+    try:
+        model.set_attn_implementation(ROWWISE_ATTENTION)
+    except Exception as exc:  # a model without the attention interface: still correct, maybe not invariant
+        logger.warning("%s keeps its attention (%s): batched greedy text may differ from unbatched",
+                       type(model).__name__, exc)
     model._csra_generation_ready = True
 
 

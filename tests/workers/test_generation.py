@@ -1,0 +1,347 @@
+"""Batched generation: batch invariance, sampling, limits, streaming, model cache, batching engine."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from csra.specs import DEFAULT_INSTRUCTION
+from models_store.loading import LoadedModel, ensure_baseline, load_model_and_tokenizer
+from tests.fixtures_models import tiny_causal, tiny_seq2seq  # noqa: F401
+from workers.generation import (
+    BatchingEngine,
+    GenerationRequest,
+    ModelCache,
+    TextStream,
+    generate_batch,
+    generate_many,
+    model_bytes,
+    stop_tokens,
+)
+from workers.prompting import example_prompt
+
+MESSAGES = [
+    "I want to cancel my order",
+    "How can I get a refund for my last purchase please",
+    "reset password",
+    "Can you help me change my shipping address as soon as possible",
+    "delete my account",
+    "hi",
+    "I need help to track my order {{Order Number}} today",
+    "speak to a human agent",
+]
+
+
+def lively(loaded: LoadedModel, seed: int = 0) -> LoadedModel:
+    """Re-draw the weights larger: a freshly initialised tiny model repeats one token forever."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in loaded.model.parameters():
+            if p.dim() > 1:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    return loaded
+
+
+@pytest.fixture(autouse=True)
+def one_thread(request: pytest.FixtureRequest):
+    """Tiny models gain nothing from threads, and on a busy machine every parallel op waits for a core."""
+    if request.node.get_closest_marker("slow") is not None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def causal(tiny_causal: Path) -> LoadedModel:  # noqa: F811
+    return lively(load_model_and_tokenizer(tiny_causal))
+
+
+@pytest.fixture(scope="module")
+def seq2seq(tiny_seq2seq: Path) -> LoadedModel:  # noqa: F811
+    return lively(load_model_and_tokenizer(tiny_seq2seq))
+
+
+def prompts(loaded: LoadedModel, n: int = len(MESSAGES)) -> list[str]:
+    return [example_prompt(loaded.tokenizer, DEFAULT_INSTRUCTION, m) for m in MESSAGES[:n]]
+
+
+def alone(loaded: LoadedModel, requests: list[GenerationRequest]) -> list:
+    return [generate_batch(loaded, [r])[0] for r in requests]
+
+
+# --------------------------------------------------------------------------- batch invariance
+
+
+@pytest.mark.parametrize("arch", ["causal", "seq2seq"])
+def test_greedy_alone_equals_batch(arch: str, causal: LoadedModel, seq2seq: LoadedModel) -> None:
+    loaded = causal if arch == "causal" else seq2seq
+    requests = [GenerationRequest(p, max_new_tokens=16) for p in prompts(loaded)]
+    single = alone(loaded, requests)
+    batch = generate_batch(loaded, requests)
+    assert [r.token_ids for r in batch] == [r.token_ids for r in single]
+    assert [r.text for r in batch] == [r.text for r in single]
+    assert len({tuple(r.token_ids) for r in batch}) > 1  # the rows really differ
+    assert [r.prompt_tokens for r in batch] == [r.prompt_tokens for r in single]
+    assert len(set(r.prompt_tokens for r in batch)) > 1  # and were padded
+
+
+def test_generate_many_keeps_input_order(causal: LoadedModel) -> None:
+    requests = [GenerationRequest(p, max_new_tokens=8) for p in prompts(causal, 7)]
+    progress: list[tuple[int, int]] = []
+    checks = []
+    results = generate_many(causal, requests, batch_size=3, on_batch_done=lambda d, n: progress.append((d, n)),
+                            check_cancelled=lambda: checks.append(1))
+    assert [r.token_ids for r in results] == [r.token_ids for r in alone(causal, requests)]
+    assert progress == [(3, 7), (6, 7), (7, 7)]
+    assert len(checks) >= 3
+
+
+def test_generate_many_cancellation_stops(causal: LoadedModel) -> None:
+    class Cancelled(Exception):
+        pass
+
+    def cancel() -> None:
+        raise Cancelled()
+
+    with pytest.raises(Cancelled):
+        generate_many(causal, [GenerationRequest(p, max_new_tokens=4) for p in prompts(causal, 3)],
+                      check_cancelled=cancel)
+
+
+# --------------------------------------------------------------------------- sampling
+
+
+def test_seeded_sampling_is_reproducible(causal: LoadedModel) -> None:
+    prompt = prompts(causal, 1)[0]
+
+    def sample(seed: int) -> str:
+        return generate_batch(causal, [GenerationRequest(prompt, 16, temperature=1.0, seed=seed)])[0].text
+
+    assert sample(1) == sample(1)
+    assert len({sample(s) for s in range(1, 5)}) > 1
+
+
+def test_each_row_keeps_its_own_settings(causal: LoadedModel) -> None:
+    """A batch mixing greedy, sampled (two seeds, nucleus) and lengths: each row as if alone."""
+    p = prompts(causal, 4)
+    requests = [
+        GenerationRequest(p[0], 10),
+        GenerationRequest(p[1], 6, temperature=0.8, seed=3),
+        GenerationRequest(p[2], 12, temperature=1.2, top_p=0.9, seed=4),
+        GenerationRequest(p[1], 6, temperature=0.8, seed=5),
+    ]
+    batch = generate_batch(causal, requests)
+    assert [r.token_ids for r in batch] == [r.token_ids for r in alone(causal, requests)]
+    assert batch[1].token_ids != batch[3].token_ids  # same prompt, other seed
+
+
+def test_top_p_keeps_only_the_nucleus(causal: LoadedModel) -> None:
+    """top_p close to 0 keeps the most likely token only: sampling becomes greedy."""
+    req = GenerationRequest(prompts(causal, 1)[0], 12)
+    greedy = generate_batch(causal, [req])[0]
+    nucleus = generate_batch(causal, [GenerationRequest(req.prompt, 12, temperature=1.0, top_p=1e-6, seed=9)])[0]
+    assert nucleus.token_ids == greedy.token_ids
+
+
+# --------------------------------------------------------------------------- limits and end tokens
+
+
+def test_max_new_tokens_and_length_finish(causal: LoadedModel, seq2seq: LoadedModel) -> None:
+    for loaded in (causal, seq2seq):
+        p = prompts(loaded, 3)
+        results = generate_batch(loaded, [GenerationRequest(p[0], 3), GenerationRequest(p[1], 7),
+                                          GenerationRequest(p[2], 1)])
+        assert [r.completion_tokens for r in results] == [3, 7, 1]
+        assert {r.finish_reason for r in results} == {"length"}
+        assert all(r.latency_ms >= r.first_token_ms > 0 for r in results)
+
+
+def test_end_token_stops_a_row(tiny_causal: Path) -> None:  # noqa: F811
+    loaded = lively(load_model_and_tokenizer(tiny_causal))
+    end = loaded.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert end in stop_tokens(loaded).ids
+    steps = {"n": 0}
+
+    def end_after_three(module: torch.nn.Module, args: tuple, logits: torch.Tensor) -> torch.Tensor:
+        steps["n"] += 1  # the output layer runs once per step
+        if steps["n"] > 3:
+            logits = logits.clone()
+            logits[..., end] = 1e4
+        return logits
+
+    loaded.model.get_output_embeddings().register_forward_hook(end_after_three)
+    p = prompts(loaded, 2)
+    results = generate_batch(loaded, [GenerationRequest(p[0], 20, on_text=lambda _: None), GenerationRequest(p[1], 2)])
+    assert (results[0].finish_reason, results[0].completion_tokens, results[0].token_ids[-1]) == ("stop", 4, end)
+    assert results[0].text == loaded.tokenizer.decode(results[0].token_ids[:3], skip_special_tokens=True).strip()
+    assert (results[1].finish_reason, results[1].completion_tokens) == ("length", 2)
+
+
+def test_beam_search_request(causal: LoadedModel) -> None:
+    p = prompts(causal, 2)
+    results = generate_batch(causal, [GenerationRequest(p[0], 6, num_beams=2), GenerationRequest(p[1], 6)])
+    assert results[0].completion_tokens <= 6 and results[0].finish_reason in ("stop", "length")
+    assert results[0].first_token_ms is None
+    assert results[1].token_ids == generate_batch(causal, [GenerationRequest(p[1], 6)])[0].token_ids
+
+
+# --------------------------------------------------------------------------- streaming
+
+
+def test_streamed_deltas_add_up_to_the_text(causal: LoadedModel, seq2seq: LoadedModel) -> None:
+    for loaded in (causal, seq2seq):
+        pieces: dict[int, list[str]] = {0: [], 1: [], 2: []}
+        requests = [GenerationRequest(p, 24, temperature=t, seed=1, on_text=pieces[i].append)
+                    for i, (p, t) in enumerate(zip(prompts(loaded, 3), (0.0, 1.0, 0.7), strict=True))]
+        results = generate_batch(loaded, requests)
+        for i, r in enumerate(results):
+            assert "".join(pieces[i]) == r.text
+            assert all(pieces[i])  # no empty deltas
+        assert any(len(p) > 1 for p in pieces.values())  # streamed, not one piece at the end
+
+
+def test_text_stream_holds_back_partial_characters(causal: LoadedModel) -> None:
+    tok = causal.tokenizer
+    ids = tok("  Café ☕ — déjà vu  ", add_special_tokens=False)["input_ids"]
+    pieces: list[str] = []
+    stream = TextStream(tok, pieces.append)
+    for n in range(1, len(ids) + 1):
+        stream.push(ids[:n])
+        assert not "".join(pieces).endswith("\ufffd")
+    final = stream.finish(ids)
+    assert final == "Café ☕ — déjà vu" == "".join(pieces)
+
+
+def test_a_failing_callback_does_not_fail_the_batch(causal: LoadedModel) -> None:
+    def broken(_: str) -> None:
+        raise RuntimeError("client went away")
+
+    p = prompts(causal, 2)
+    results = generate_batch(causal, [GenerationRequest(p[0], 8, on_text=broken), GenerationRequest(p[1], 8)])
+    assert [r.completion_tokens for r in results] == [8, 8]
+
+
+# --------------------------------------------------------------------------- model cache
+
+
+def test_model_cache_lru_by_count(causal: LoadedModel, seq2seq: LoadedModel) -> None:
+    calls: list[str] = []
+
+    def loader(key: str, model: LoadedModel):
+        return lambda: calls.append(key) or model
+
+    cache = ModelCache(max_models=2)
+    assert cache.get("a", loader("a", causal)) is causal
+    cache.get("b", loader("b", seq2seq))
+    assert cache.get("a", loader("a", causal)) is causal  # hit: no reload, "a" is now the most recent
+    cache.get("c", loader("c", seq2seq))  # evicts "b", the least recently used
+    assert calls == ["a", "b", "c"]
+    assert cache.keys() == ["a", "c"]
+    stats = cache.stats
+    assert (stats["hits"], stats["loads"], stats["evictions"], stats["models"]) == (1, 3, 1, 2)
+    assert cache.evict("a") and not cache.evict("a")
+    assert "a" not in cache
+
+
+def test_model_cache_lru_by_bytes(causal: LoadedModel, seq2seq: LoadedModel) -> None:
+    size = model_bytes(causal)
+    assert size > 0
+    cache = ModelCache(max_models=10, max_bytes=int(size * 1.5))
+    cache.get("a", lambda: causal)
+    cache.get("b", lambda: causal)  # a second copy would exceed the budget: "a" goes
+    assert cache.keys() == ["b"]
+    assert cache.stats["bytes"] == size
+
+
+def test_model_cache_loads_once_under_concurrency(causal: LoadedModel) -> None:
+    calls = []
+
+    def slow_loader() -> LoadedModel:
+        calls.append(1)
+        time.sleep(0.2)
+        return causal
+
+    cache = ModelCache()
+    got: list[LoadedModel] = []
+    threads = [threading.Thread(target=lambda: got.append(cache.get("k", slow_loader))) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1 and all(g is causal for g in got) and len(got) == 4
+
+
+# --------------------------------------------------------------------------- batching engine
+
+
+def test_engine_batches_requests_that_arrive_while_a_batch_runs(causal: LoadedModel) -> None:
+    p = prompts(causal)
+    release, started = threading.Event(), threading.Event()
+
+    def hold(_: str) -> None:  # the first request blocks the engine thread mid-batch
+        started.set()
+        release.wait(10)
+
+    blocker = GenerationRequest(p[0], 6, temperature=1.0, seed=1, on_text=hold)
+    requests = [GenerationRequest(p[i % len(p)], 4 + i) for i in range(8)]
+    cache = ModelCache()
+    with BatchingEngine(cache=cache, max_batch_size=8, max_wait_ms=50) as engine:
+        first = engine.submit("tiny", lambda: causal, blocker)
+        assert started.wait(10), "the blocking request never streamed"
+        futures: list = [None] * 8
+
+        def submit(i: int) -> None:
+            futures[i] = engine.submit("tiny", lambda: causal, requests[i])
+
+        threads = [threading.Thread(target=submit, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        release.set()
+        results = [f.result(timeout=30) for f in futures]
+        first.result(timeout=30)
+        stats = engine.stats
+    assert stats["requests"] == 9
+    assert stats["batches"] < 9 and stats["batch_sizes"].get(8) == 1  # the 8 ran as one batch
+    assert cache.stats["loads"] == 1
+    assert [r.token_ids for r in results] == [r.token_ids for r in alone(causal, requests)]
+    assert all(r.latency_ms >= r.first_token_ms for r in results)
+
+
+def test_engine_fails_the_futures_of_a_failing_batch() -> None:
+    def broken_loader() -> LoadedModel:
+        raise OSError("weights missing")
+
+    with BatchingEngine(max_wait_ms=1) as engine:
+        future = engine.submit("x", broken_loader, GenerationRequest("hi"))
+        with pytest.raises(OSError, match="weights missing"):
+            future.result(timeout=10)
+    with pytest.raises(RuntimeError):
+        engine.submit("x", broken_loader, GenerationRequest("hi"))
+
+
+# --------------------------------------------------------------------------- the real model
+
+
+@pytest.fixture(scope="session")
+def smollm2(tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
+    return load_model_and_tokenizer(ensure_baseline(tmp_path_factory.mktemp("store")))
+
+
+@pytest.mark.slow
+def test_smollm2_greedy_alone_equals_batch(smollm2: LoadedModel) -> None:
+    messages = ["I want to cancel my order", "how do I get a refund for a damaged item",
+                "i cant log into my account, can u help", "Where is my package? It's late"]
+    requests = [GenerationRequest(example_prompt(smollm2.tokenizer, DEFAULT_INSTRUCTION, m), max_new_tokens=24)
+                for m in messages]
+    batch = generate_batch(smollm2, requests)
+    assert [r.token_ids for r in batch] == [r.token_ids for r in alone(smollm2, requests)]
+    assert all(r.text for r in batch)
