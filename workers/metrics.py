@@ -64,7 +64,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import re
 import threading
 import unicodedata
@@ -371,9 +370,11 @@ def corpus_chrf(predictions: Sequence[str], references: Sequence[str]) -> float:
 # --- semantic similarity ---------------------------------------------------------------------------
 def embedding_model_dir() -> Path:
     """The local all-MiniLM-L6-v2 folder: ``$CSRA_EMBEDDING_MODEL_DIR`` or the package's ``model/``."""
-    override = os.environ.get(EMBEDDING_MODEL_ENV)
-    if override:
-        return Path(override)
+    from csra.settings import get_settings
+
+    override = get_settings().embedding_model_dir
+    if override is not None:
+        return override
     spec = find_spec(EMBEDDING_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise RuntimeError(
