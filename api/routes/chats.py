@@ -12,11 +12,12 @@ from typing import Any, Literal
 from fastapi import APIRouter, HTTPException, Query, Response
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session, selectinload
 
 from api.deps import DbSession, Owner
 from api.routes.generation import check_message, resolve_model_ref, submit_generation
+from api.routes.models import find_model
 from api.schemas import JobPublic
 from csra.specs import DEFAULT_INSTRUCTION, GenerateSpec, GenerationSettings
 from db.base import utcnow
@@ -38,6 +39,12 @@ class ChatCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
     title: str = Field("New chat", min_length=1, max_length=200)
     settings: ChatSettings = Field(default_factory=ChatSettings)
+
+
+class ChatUpdate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    title: str | None = Field(None, min_length=1, max_length=200)
+    settings: ChatSettings | None = None
 
 
 class MessageCreate(BaseModel):
@@ -134,12 +141,28 @@ def create_chat(body: ChatCreate, db: DbSession, owner: Owner) -> ChatSession:
     return chat
 
 
+@router.patch("/{chat_id}", response_model=ChatPublic)
+def update_chat(chat_id: int, body: ChatUpdate, db: DbSession, owner: Owner) -> ChatSession:
+    """Rename a chat or replace its default model and settings (later turns use them)."""
+    chat = get_chat_or_404(db, chat_id, owner)
+    if body.title is not None:
+        chat.title = body.title
+    if body.settings is not None:
+        settings = body.settings.model_dump()
+        settings["model_id"] = resolve_model_ref(db, body.settings.model_id)
+        chat.settings = settings
+    chat.updated_at = utcnow()
+    db.commit()
+    db.refresh(chat)
+    return chat
+
+
 @router.get("", response_model=ChatsPublic)
 def list_chats(db: DbSession, owner: Owner, limit: int = Query(50, ge=1, le=500),
                offset: int = Query(0, ge=0)) -> ChatsPublic:
     q = _visible(select(ChatSession), owner)
     rows = db.scalars(q.order_by(ChatSession.updated_at.desc()).limit(limit).offset(offset)).all()
-    count = len(db.scalars(q.with_only_columns(ChatSession.id)).all())
+    count = db.scalar(select(func.count()).select_from(q.subquery())) or 0
     return ChatsPublic(data=[ChatPublic(id=c.id, title=c.title, settings=c.settings, created_at=c.created_at,
                                         updated_at=c.updated_at) for c in rows], count=count)
 
@@ -187,7 +210,12 @@ def post_message(chat_id: int, body: MessageCreate, db: DbSession, owner: Owner)
     check_message(body.content)
     overrides = body.model_dump(exclude_none=True, exclude={"content"})
     settings = {**chat.settings, **overrides}
-    settings["model_id"] = resolve_model_ref(db, settings.get("model_id", "baseline"))
+    model_ref = settings.get("model_id", "baseline")
+    if "model_id" not in overrides and find_model(db, model_ref) is None:
+        raise HTTPException(status_code=422, detail=(
+            f"this chat's model {model_ref!r} no longer exists (deleted?); send model_id to pick another "
+            "(GET /models lists them), or PATCH the chat's settings"))
+    settings["model_id"] = resolve_model_ref(db, model_ref)
     spec = GenerateSpec.model_validate({**settings, "messages": [*_history(chat), {"role": "user",
                                                                                    "content": body.content}]})
     user = ChatMessage(chat_id=chat.id, role="user", content=body.content, status="done")

@@ -80,20 +80,33 @@ async def _final_snapshot(job_id: int, timeout: float = 10.0) -> dict[str, Any]:
         await asyncio.sleep(0.02)
 
 
+async def _exists(client: aredis.Redis, key: str) -> bool:
+    try:
+        return bool(await client.exists(key))
+    except (redis.RedisError, OSError):
+        return False
+
+
 async def token_events(job_id: int, start: str = "0") -> AsyncIterator[dict[str, str]]:
-    """SSE events ``token`` ({"text"}) as the worker writes them, then ``done`` (the job)."""
+    """SSE events ``token`` ({"text"}) as the worker writes them, then ``done`` (the job).
+
+    The database is read at the start and after a second without tokens (a job that ended
+    without an end marker), not per token: a stream costs the API only the Redis reads.
+    """
     client = aredis.Redis.from_url(get_settings().effective_redis_url)
+    key = stream_key(job_id)
     last = start
     try:
+        snap = await run_in_threadpool(_job_snapshot, job_id)
+        if snap.get("status") in TERMINAL and (snap.get("kind") != "generate" or not await _exists(client, key)):
+            yield {"event": "done", "data": json.dumps(snap)}  # ended, and its tokens expired (or never came)
+            return
         while True:
-            snap = _job_snapshot(job_id)
-            if snap.get("status") in TERMINAL and snap.get("kind") != "generate":
-                yield {"event": "done", "data": json.dumps(snap)}
-                return
             try:
-                entries = await client.xread({stream_key(job_id): last}, block=1000, count=100)
+                entries = await client.xread({key: last}, block=1000, count=100)
             except (redis.RedisError, OSError):
                 entries = []
+                await asyncio.sleep(0.2)
             for _key, items in entries:
                 for entry_id, fields in items:
                     last = entry_id.decode()
@@ -103,9 +116,11 @@ async def token_events(job_id: int, start: str = "0") -> AsyncIterator[dict[str,
                     else:
                         yield {"event": "done", "data": json.dumps(await _final_snapshot(job_id))}
                         return
-            if not entries and snap.get("status") in TERMINAL:
-                yield {"event": "done", "data": json.dumps(_job_snapshot(job_id))}
-                return
+            if not entries:
+                snap = await run_in_threadpool(_job_snapshot, job_id)
+                if snap.get("status") in TERMINAL:
+                    yield {"event": "done", "data": json.dumps(snap)}
+                    return
     finally:
         await client.aclose()
 

@@ -158,6 +158,20 @@ def test_failed_generation_leaves_a_visible_error(api, stack):
     assert [m["role"] for m in msgs] == ["user", "assistant"]
     assert msgs[1]["status"] == "failed" and msgs[1]["error"]
 
+    # the model is deleted through the API while the chat still names it: a clear 422, nothing stored
+    assert api.delete("/models/doomed").status_code == 204
+    gone = api.post(f"/chats/{cid}/messages", json={"content": "anyone there?"})
+    assert gone.status_code == 422 and "no longer exists" in gone.json()["detail"], gone.text
+    assert len(api.get(f"/chats/{cid}").json()["messages"]) == 2
+    # switching the chat to another model (PATCH) lets the conversation go on
+    patched = api.patch(f"/chats/{cid}", json={"title": "Renamed", "settings": {"model_id": "baseline",
+                                                                                "max_new_tokens": 4}})
+    assert patched.status_code == 200 and patched.json()["settings"]["model_id"] == "baseline", patched.text
+    assert api.patch(f"/chats/{cid}", json={"settings": {"model_id": "doomed"}}).status_code == 422
+    again = api.post(f"/chats/{cid}/messages", json={"content": "anyone there?"})
+    assert again.status_code == 202 and wait_job(api, again.json()["job"]["id"])["status"] == "succeeded"
+    assert api.get(f"/chats/{cid}").json()["title"] == "Renamed"
+
 
 def _dataset(api) -> int:
     rows = "\n".join(f"my order {i} is late,I am sorry your order {i} is late; I will check it right away."

@@ -328,6 +328,24 @@ def test_engine_fails_the_futures_of_a_failing_batch() -> None:
         engine.submit("x", broken_loader, GenerationRequest("hi"))
 
 
+def test_engine_loads_models_on_its_own_thread(causal: LoadedModel) -> None:
+    threads: list[str] = []
+
+    def loader() -> LoadedModel:
+        threads.append(threading.current_thread().name)
+        return causal
+
+    def broken() -> LoadedModel:
+        raise OSError("weights missing")
+
+    with BatchingEngine(max_wait_ms=1) as engine:
+        assert engine.load("tiny", loader) is causal
+        assert engine.load("tiny", loader) is causal  # cached: not loaded again
+        with pytest.raises(OSError, match="weights missing"):
+            engine.load("broken", broken)
+    assert threads == ["csra-batching-engine"]
+
+
 # --------------------------------------------------------------------------- the real model
 
 

@@ -124,7 +124,7 @@ def generate(job_id: int, spec: GenerateSpec, ctx: JobContext) -> dict[str, Any]
         raise JobError(f"model {spec.model_id!r} no longer exists (deleted?); pick another model")
     path = Path(row["path"])
     eng = engine()
-    loaded = eng.cache.get(str(path), _loader(path))
+    loaded = eng.load(str(path), _loader(path))  # loads on the engine thread: see BatchingEngine
     user, history = _messages(spec)
     system = system_message(DEFAULT_INSTRUCTION, spec.tone, spec.ask_details_only_if_relevant)
     prompt = render_prompt(loaded.tokenizer, build_messages(system, user, history))
