@@ -375,16 +375,25 @@ def evaluate(
     console.print(f"report: {get_settings().api_url}/evaluations/{ev['id']}/report.html")
 
 
-LEADERBOARD_COLUMNS = ("rouge_l", "bleu", "chrf", "semantic_similarity", "heuristic_quality", "too_verbose",
-                       "asks_needless_details", "repetitive", "unfinished")
+# (field, label, format): metrics as rows and models as columns, so the table fits a terminal
+LEADERBOARD_ROWS = (
+    ("rouge_l", "ROUGE-L", "{:.3f}"), ("bleu", "BLEU", "{:.1f}"), ("chrf", "chrF", "{:.1f}"),
+    ("semantic_similarity", "semantic similarity", "{:.3f}"), ("heuristic_quality", "heuristic (0-3)", "{:.2f}"),
+    ("too_verbose", "too verbose", "{:.1%}"), ("asks_needless_details", "asks needless details", "{:.1%}"),
+    ("repetitive", "repetitive", "{:.1%}"), ("off_tone", "off tone", "{:.1%}"), ("unfinished", "unfinished", "{:.1%}"),
+    ("placeholders_kept", "slots kept", "{:.1%}"), ("placeholders_invented", "slots invented", "{:.1%}"),
+    ("placeholders_broken", "slots broken", "{:.1%}"), ("tokens_per_second", "tokens/s", "{:.1f}"),
+)
 
 
 def _print_leaderboard(ev: dict[str, Any]) -> None:
-    table = Table("model", *LEADERBOARD_COLUMNS, title=f"evaluation {ev['id']} ({ev['split']} split)")
     rows = [(name, agg["overall"]) for name, agg in (ev.get("metrics") or {}).items() if "overall" in agg]
-    for name, o in sorted(rows, key=lambda r: -(r[1].get("rouge_l") or 0)):
-        table.add_row(name, *(f"{o.get(k):.3f}" if isinstance(o.get(k), (int, float)) else "-"
-                              for k in LEADERBOARD_COLUMNS))
+    rows.sort(key=lambda r: -(r[1].get("rouge_l") or 0))
+    table = Table("metric", *(f"{name} (n={o.get('n', '?')})" for name, o in rows),
+                  title=f"evaluation {ev['id']} ({ev['split']} split), best first")
+    for field, label, fmt in LEADERBOARD_ROWS:
+        table.add_row(label, *(fmt.format(o[field]) if isinstance(o.get(field), (int, float)) else "-"
+                               for _, o in rows))
     out.print(table)
 
 

@@ -116,3 +116,20 @@ def test_sweep_evaluates_its_models_against_the_baseline(api_m, dataset):
     assert len(board) == 3 and board[-1]["model_name"] == "baseline"
     assert all(row["metrics"] and "rouge_l" in row["metrics"] for row in board)
     assert done["result"]["evaluation_status"] == "succeeded"
+
+
+def test_cli_eval_prints_the_leaderboard(stack, dataset, finetuned):
+    import subprocess
+    import sys
+
+    env = {**stack.env, "COLUMNS": "100"}
+    done = subprocess.run([sys.executable, "-m", "csra.cli", "eval", "--models", f"baseline,{finetuned}",
+                           "--dataset", str(dataset), "--max-samples", "6", "--max-new-tokens", "4"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "succeeded" in done.stderr and "/report.html" in done.stderr  # progress and notes on stderr
+    for label in ("ROUGE-L", "heuristic (0-3)", "slots invented", f"{finetuned} (n=", "baseline (n="):
+        assert label in done.stdout, done.stdout
+    unknown = subprocess.run([sys.executable, "-m", "csra.cli", "eval", "--models", "ghost",
+                              "--dataset", str(dataset)], env=env, capture_output=True, text=True, timeout=60)
+    assert unknown.returncode != 0 and "ghost" in unknown.stdout + unknown.stderr
