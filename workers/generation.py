@@ -637,11 +637,13 @@ def generate_many(
     batch_size: int = 16,
     on_batch_done: Callable[[int, int], None] | None = None,
     check_cancelled: Callable[[], None] | None = None,
+    on_results: Callable[[list[int], list[GenerationResult]], None] | None = None,
 ) -> list[GenerationResult]:
     """Complete many requests in batches of similar prompt length; results in input order.
 
-    ``on_batch_done(done, total)`` after each batch; ``check_cancelled()`` before each batch and
-    at each decode step (it raises to stop).
+    ``on_batch_done(done, total)`` after each batch; ``on_results(indices, results)`` too, with
+    the batch's request indices and results (to checkpoint them); ``check_cancelled()`` before
+    each batch and at each decode step (it raises to stop).
     """
     if batch_size < 1:
         raise ValueError("batch_size must be >= 1")
@@ -656,6 +658,8 @@ def generate_many(
         out = _run(loaded, [requests[i] for i in chunk], [ids[i] for i in chunk], check_cancelled)
         for i, res in zip(chunk, out, strict=True):
             results[i] = res
+        if on_results is not None:
+            on_results(chunk, out)
         done += len(chunk)
         if on_batch_done is not None:
             on_batch_done(done, len(requests))

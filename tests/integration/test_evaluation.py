@@ -130,6 +130,10 @@ def test_cli_eval_prints_the_leaderboard(stack, dataset, finetuned):
     assert "succeeded" in done.stderr and "/report.html" in done.stderr  # progress and notes on stderr
     for label in ("ROUGE-L", "heuristic (0-3)", "slots invented", f"{finetuned} (n=", "baseline (n="):
         assert label in done.stdout, done.stdout
+    from pathlib import Path
+
+    evaluations = Path(stack.env["CSRA_DATA_DIR"]) / "evaluations"
+    assert list(evaluations.glob("*/report.html")) and not list(evaluations.glob("*/*.partial.jsonl"))
     unknown = subprocess.run([sys.executable, "-m", "csra.cli", "eval", "--models", "ghost",
                               "--dataset", str(dataset)], env=env, capture_output=True, text=True, timeout=60)
     assert unknown.returncode != 0 and "ghost" in unknown.stdout + unknown.stderr

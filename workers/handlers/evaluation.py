@@ -1,13 +1,17 @@
 """Evaluation jobs: batched generation on a held-out split, metrics, stored predictions, report.
 
 Each model's predictions and metrics are committed as soon as that model is done, so a model
-that fails (or a cancel) never loses the results already computed for the others.
+that fails (or a cancel) never loses the results already computed for the others. Within a
+model, finished batches are checkpointed to a file, so a retried job resumes where it stopped.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import gc
+import json
 import logging
+import os
 import random
 import statistics
 import time
@@ -20,7 +24,7 @@ from sqlalchemy import delete, insert, select
 from csra.jobctx import JobCancelled, JobContext, JobError
 from csra.settings import get_settings
 from csra.specs import EvaluateSpec
-from db.models import Evaluation, EvaluationExample, Job, JobEvent, Model
+from db.models import Evaluation, EvaluationExample, JobEvent, Model
 from db.session import session_scope
 from workers.handlers.models import ensure_baseline_registered, find_model_row
 from workers.handlers.training import load_split
@@ -67,25 +71,104 @@ def _resolve(ref: str) -> dict[str, Any]:
     return row
 
 
+class _Checkpoint:
+    """A model's finished predictions, appended batch by batch to a JSON-lines file.
+
+    A retried job (worker killed, Redis restart) reads it back and generates only the examples
+    that are missing, so a long evaluation does not start the model over. Lines name their
+    example ids; a file written for other examples is ignored. Removed once the model is stored.
+    """
+
+    def __init__(self, path: Path, example_ids: list[Any]) -> None:
+        self.path, self.example_ids = path, example_ids
+        self.results: dict[int, Any] = {}
+        self.wall = 0.0
+        self._read()
+
+    def _read(self) -> None:
+        from workers.generation import GenerationResult
+
+        if not self.path.is_file():
+            return
+        position = {eid: i for i, eid in enumerate(self.example_ids)}
+        try:
+            for line in self.path.read_text(encoding="utf-8").splitlines():
+                try:
+                    batch = json.loads(line)
+                except json.JSONDecodeError:
+                    break  # a line torn by the crash: its batch is generated again
+                results = {}
+                for item in batch["results"]:
+                    i = position.get(item.pop("example_id"))
+                    if i is None:
+                        raise ValueError("it was written for other examples")
+                    results[i] = GenerationResult(**item)
+                self.results.update(results)
+                self.wall += float(batch["wall"])
+        except (ValueError, KeyError, TypeError) as exc:
+            logger.warning("ignoring evaluation checkpoint %s: %s", self.path, exc)
+            self.results, self.wall = {}, 0.0
+            self.path.unlink(missing_ok=True)
+
+    def append(self, indices: list[int], results: list[Any], wall: float) -> None:
+        items = [{"example_id": self.example_ids[i], **dataclasses.asdict(r)} for i, r in zip(indices, results,
+                                                                                              strict=True)]
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps({"wall": wall, "results": items}) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        self.wall += wall
+        for i, r in zip(indices, results, strict=True):
+            self.results[i] = r
+
+
+def checkpoint_path(eval_id: int, model_name: str) -> Path:
+    return get_settings().data_dir / "evaluations" / str(eval_id) / f"predictions-{model_name}.partial.jsonl"
+
+
 def _predict(row: dict[str, Any], examples: list[dict[str, Any]], spec: EvaluateSpec, ctx: JobContext,
-             done_before: int, total: int) -> tuple[list[str], list[Any], float]:
+             done_before: int, total: int, checkpoint: Path | None = None
+             ) -> tuple[list[str], list[Any], float]:
+    """Every example's prediction; with ``checkpoint``, resumes from and appends to that file.
+
+    Returns (prompts, results in example order, generation wall time in seconds).
+    """
     from models_store.loading import load_model_and_tokenizer
     from workers.generation import GenerationRequest, generate_many
     from workers.prompting import example_prompt
 
+    saved = _Checkpoint(checkpoint, [e["id"] for e in examples]) if checkpoint is not None else None
     loaded = load_model_and_tokenizer(Path(row["path"]))
     try:
         prompts = [example_prompt(loaded.tokenizer, e["instruction"], e["input"]) for e in examples]
-        requests = [GenerationRequest(prompt=p, max_new_tokens=spec.max_new_tokens, temperature=spec.temperature,
-                                      seed=spec.seed, num_beams=spec.num_beams) for p in prompts]
+        todo = [i for i in range(len(examples)) if saved is None or i not in saved.results]
+        requests = [GenerationRequest(prompt=prompts[i], max_new_tokens=spec.max_new_tokens,
+                                      temperature=spec.temperature, seed=spec.seed, num_beams=spec.num_beams)
+                    for i in todo]
+        already = len(examples) - len(todo)
+        if already:
+            ctx.event("log", f"{row['name']}: {already} predictions kept from an interrupted run")
 
         def on_batch(done: int, n: int) -> None:
-            ctx.progress((done_before + done) / total, f"{row['name']}: generated {done}/{n}")
+            ctx.progress((done_before + already + done) / total,
+                         f"{row['name']}: generated {already + done}/{len(examples)}")
 
         t0 = time.perf_counter()
-        results = generate_many(loaded, requests, batch_size=spec.batch_size, on_batch_done=on_batch,
-                                check_cancelled=ctx.check_cancelled)
-        return prompts, results, time.perf_counter() - t0
+        last = [t0]
+
+        def on_results(indices: list[int], results: list[Any]) -> None:
+            now = time.perf_counter()
+            if saved is not None:
+                saved.append([todo[i] for i in indices], results, now - last[0])
+            last[0] = now
+
+        new = generate_many(loaded, requests, batch_size=spec.batch_size, on_batch_done=on_batch,
+                            check_cancelled=ctx.check_cancelled, on_results=on_results)
+        wall = time.perf_counter() - t0
+        if saved is None:
+            return prompts, new, wall
+        return prompts, [saved.results[i] for i in range(len(examples))], saved.wall
     finally:
         del loaded
         gc.collect()
@@ -198,12 +281,12 @@ def _evaluate_one(eval_id: int, ref: str, examples: list[dict[str, Any]], spec: 
         if ev is not None and "overall" in (ev.metrics or {}).get(row["name"], {}):
             return  # a retried job: this model is already done
     ctx.progress(done_before / total, f"{row['name']}: loading")
-    prompts, results, wall = _predict(row, examples, spec, ctx, done_before, total)
+    checkpoint = checkpoint_path(eval_id, row["name"])
+    prompts, results, wall = _predict(row, examples, spec, ctx, done_before, total, checkpoint)
     ctx.progress((done_before + len(examples)) / total, f"{row['name']}: scoring")
     scores, agg = _score(examples, results, wall)
     _store(eval_id, row, examples, prompts, results, scores, agg)
+    checkpoint.unlink(missing_ok=True)
     ctx.event("metric", f"{row['name']}: rouge_l {agg['overall'].get('rouge_l', 0):.3f}",
               model=row["name"], **{k: v for k, v in agg["overall"].items() if isinstance(v, (int, float))})
 
-
-_ = Job  # job rows are handled by the runner
