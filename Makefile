@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PYTHON ?= python3
 APT_GET := $(shell command -v sudo >/dev/null && [ "$$(id -u)" != 0 ] && echo sudo) apt-get
 
-.PHONY: setup system run test test-fast bench clean
+.PHONY: setup system run test test-fast lint bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,10 @@ test: setup system
 
 test-fast: setup
 	$(PY) -m pytest -m "not integration and not slow"
+
+lint: setup
+	$(PY) -m pip install -q -e '.[lint]'
+	$(VENV)/bin/ruff check .
 
 bench: setup system
 	$(PY) bench/api.py --start

@@ -63,7 +63,8 @@ def migrate(revision: str = "head") -> None:
 
 @app.command()
 def worker(
-    queue: Annotated[str, typer.Option(help="queue(s) to consume: default, train, generate, maintenance (comma-separated)")],
+    queue: Annotated[str, typer.Option(
+        help="queue(s) to consume: default, train, generate, maintenance (comma-separated)")],
     concurrency: Annotated[Optional[int], typer.Option(help="processes; default 1 for train, 2 otherwise")] = None,
     beat: Annotated[bool, typer.Option(help="also run the periodic job sweep (one per deployment)")] = False,
     loglevel: str = "INFO",
@@ -120,7 +121,8 @@ def datasets_import(
     source: Annotated[str, typer.Argument(help="a local file to upload, a server-side path, or a HF dataset id")],
     name: Annotated[Optional[str], typer.Option(help="dataset name")] = None,
     server_side: Annotated[bool, typer.Option(help="read SOURCE on the server instead of uploading it")] = False,
-    options: Annotated[Optional[str], typer.Option(help="import options as JSON (column_mapping, fractions, seed)")] = None,
+    options: Annotated[Optional[str], typer.Option(
+        help="import options as JSON (column_mapping, fractions, seed)")] = None,
     wait: Annotated[bool, typer.Option(help="follow the import job until it ends")] = True,
 ) -> None:
     """Import a dataset (CSV, JSONL or Parquet file, or a Hugging Face dataset id)."""

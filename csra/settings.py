@@ -75,7 +75,7 @@ class Settings(BaseSettings):
         return [p.expanduser().resolve() for p in v]
 
     @model_validator(mode="after")
-    def _derived(self) -> "Settings":
+    def _derived(self) -> Settings:
         if not self.database_url:
             self.database_url = f"sqlite:///{self.data_dir / 'csra.db'}"
         if not self.api_url:

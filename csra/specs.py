@@ -42,7 +42,7 @@ class ImportSpec(_Spec):
     )
 
     @model_validator(mode="after")
-    def _fractions(self) -> "ImportSpec":
+    def _fractions(self) -> ImportSpec:
         total = self.train_fraction + self.validation_fraction + self.test_fraction
         if abs(total - 1.0) > 1e-6:
             raise ValueError(f"train/validation/test fractions must add up to 1, not {total:g}")
@@ -124,7 +124,7 @@ class GenerateSpec(GenerationSettings):
     chat_id: int | None = None
 
     @model_validator(mode="after")
-    def _one_message(self) -> "GenerateSpec":
+    def _one_message(self) -> GenerateSpec:
         if (self.message is None) == (self.messages is None):
             raise ValueError("give exactly one of 'message' or 'messages'")
         if self.message is not None and not self.message.strip():

@@ -5,8 +5,8 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import pool
 
-from db.base import Base
 from db import models  # noqa: F401  (registers the tables on Base.metadata)
+from db.base import Base
 from db.session import make_engine
 
 config = context.config

@@ -14,8 +14,8 @@ from celery.utils.log import get_task_logger
 from csra.queue import SWEEP_TASK, TASKS, get_celery
 from csra.settings import get_settings
 from workers import runner
-from workers.presence import Presence
 from workers.handlers.imports import handle_import  # preloaded before the pool forks (pandas is slow to import)
+from workers.presence import Presence
 
 logger = get_task_logger(__name__)
 app = get_celery()

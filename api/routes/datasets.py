@@ -149,7 +149,8 @@ async def create_dataset(request: Request, db: DbSession, owner: Owner) -> Datas
         declared = int(request.headers.get("content-length") or 0)
         if declared > max_bytes + (1 << 16):
             raise HTTPException(
-                status_code=413, detail=f"upload is over the limit of {settings.max_upload_mb:g} MB (CSRA_MAX_UPLOAD_MB)"
+                status_code=413,
+                detail=f"upload is over the limit of {settings.max_upload_mb:g} MB (CSRA_MAX_UPLOAD_MB)"
             )
         form = await request.form()
         upload = form.get("file")

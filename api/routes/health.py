@@ -11,8 +11,8 @@ from sqlalchemy import text
 from starlette.concurrency import run_in_threadpool
 
 from api.enqueue import redis_client, redis_ok
-from csra.queue import QUEUES
 from csra.presence import live_workers
+from csra.queue import QUEUES
 from db.session import get_engine
 
 logger = logging.getLogger(__name__)

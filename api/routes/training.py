@@ -39,7 +39,7 @@ class SweepCreate(BaseModel):
     eval_max_samples: int = Field(300, ge=1)
 
     @model_validator(mode="after")
-    def _some(self) -> "SweepCreate":
+    def _some(self) -> SweepCreate:
         if not self.configs and not self.grid:
             raise ValueError("give 'configs' (a list of training configs) or a 'grid'")
         return self

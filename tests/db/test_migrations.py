@@ -6,9 +6,11 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import create_engine, inspect
 
-from db import migrate
+from db import (
+    migrate,
+    models,  # noqa: F401
+)
 from db.base import Base
-from db import models  # noqa: F401
 
 TABLES = {"datasets", "dataset_examples", "jobs", "job_events", "models", "chat_sessions", "chat_messages",
           "evaluations", "evaluation_examples", "app_settings"}

@@ -105,8 +105,8 @@ def test_chat_stores_turns_fills_placeholders_and_exports(api):
     gen = api.get(f"/jobs/{second['job']['id']}").json()
     expected = ["user", "assistant", "user"] if reply["raw_content"].strip() else ["user"]
     assert [m["role"] for m in gen["params"]["messages"]] == expected
-    fb = api.post(f"/chats/{cid}/messages/{reply['id']}/feedback", json={"rating": "down",
-                                                                          "corrected_reply": "Done, order #42 is cancelled."})
+    fb = api.post(f"/chats/{cid}/messages/{reply['id']}/feedback",
+                  json={"rating": "down", "corrected_reply": "Done, order #42 is cancelled."})
     assert fb.status_code == 200 and fb.json()["feedback"] == "down"
 
     jsonl = api.get(f"/chats/{cid}/export", params={"format": "jsonl"})

@@ -84,7 +84,8 @@ def test_empty_split_is_422(api_m):
     rows = "\n".join(f"message number {i} about my order,reply number {i} about your order; thanks!" for i in range(20))
     r = api_m.post("/datasets", files={"file": ("nt.csv", f"customer,agent\n{rows}".encode())},
                    data={"options": json.dumps({"column_mapping": {"input": "customer", "output": "agent"},
-                                                "train_fraction": 0.8, "validation_fraction": 0.2, "test_fraction": 0})})
+                                                "train_fraction": 0.8, "validation_fraction": 0.2,
+                                                "test_fraction": 0})})
     assert wait_job(api_m, r.json()["job"]["id"])["status"] == "succeeded"
     bad = api_m.post("/jobs/evaluate", json={"model_ids": ["baseline"], "dataset_id": r.json()["dataset"]["id"]})
     assert bad.status_code == 422 and "empty" in bad.json()["detail"]

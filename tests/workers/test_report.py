@@ -32,13 +32,14 @@ PREDICTIONS = {
 def _inputs(names: list[str]) -> tuple[dict, list[dict], list[dict]]:
     per_model, examples = {}, []
     for name in names:
-        exs = [ExampleInput(p, ref, intent, cat) for (intent, cat, _, ref), p in zip(ROWS, PREDICTIONS[name])]
+        exs = [ExampleInput(p, ref, intent, cat)
+               for (intent, cat, _, ref), p in zip(ROWS, PREDICTIONS[name], strict=True)]
         scores = score_examples(exs, with_semantic=False)
         per_model[name] = aggregate(scores, exs)
         examples += [
             {"model": name, "intent": ex.intent, "category": ex.category, "prompt": row[2],
              "reference": ex.reference, "prediction": ex.prediction, **sc}
-            for ex, sc, row in zip(exs, scores, ROWS)
+            for ex, sc, row in zip(exs, scores, ROWS, strict=True)
         ]
     evaluation = {"id": 7, "dataset_id": 3, "split": "test", "created_at": "2025-01-01T00:00:00",
                   "per_model": per_model}
