@@ -303,11 +303,19 @@ def _sample_rows(rows: Sequence[_Row], logits: torch.Tensor) -> list[int]:
 #
 # * GEMM: float32 MKL takes other kernels for a matrix of 1-3 rows (1 thread), 1-3, 5-7, 9-11 rows
 #   (2 threads), also 17-19, 25-27 rows (16 threads) than for other row counts, and their results
-#   differ in the last bits; a decode step alone is a 1-row GEMM. Multiples of 4 rows always gave
-#   the same values per row (1 to 16 threads, 4 to 520 rows, all of SmolLM2's shapes), so
-#   ``_pad_linear_rows`` runs every Linear on a multiple of 4 rows (zero rows added and dropped
-#   again). A 4-row decode step costs what a 1-row one does (measured: 48 vs 52 ms of Linear time
-#   per SmolLM2 step, 1 thread). bfloat16 GEMMs (oneDNN) showed no row-count dependence.
+#   differ in the last bits; a decode step alone is a 1-row GEMM. Two ways out, per Linear:
+#   - float32 weights, where oneDNN is available (x86 CPUs): the weight is pre-packed once for
+#     oneDNN (``torch.ops.mkldnn._linear_pointwise``, the op torch's own CPU inductor uses), and
+#     each call runs on at least 2 rows (a 1-row call gets a zero row added). From 2 rows on, every
+#     row got the same values whatever the row count and its position (2 to 600 rows, 1 and 2
+#     threads, all of SmolLM2's shapes: tests/workers/test_generation.py checks it). It is also
+#     much faster than MKL for few rows: SmolLM2's output layer at 4 rows took 3.7 ms vs 16.6 ms,
+#     at 16 rows 6.3 vs 18.8 ms (2 threads, the project machine). The packed copy doubles the
+#     memory of the Linear weights; ``model_bytes`` counts it.
+#   - otherwise MKL through ``F.linear`` on a multiple of 4 rows (zero rows added and dropped
+#     again): multiples of 4 always gave the same values per row (1 to 16 threads, 4 to 520 rows).
+#   bfloat16 GEMMs (oneDNN) showed no row-count dependence. A weight changed in place after packing
+#   (its ``_version`` moved) goes back to the MKL path, so a stale packed copy is never used.
 # * Attention over left-padded keys: softmax and the weighted sum reduce over padding + real keys,
 #   in another order than over the real keys alone; SDPA also takes other kernels with a mask.
 #   The "csra_rowwise" attention runs SDPA row by row on each row's real keys and queries, exactly
@@ -336,9 +344,42 @@ def _padded_linear_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tens
     return out.reshape(*x.shape[:-1], out.shape[-1])
 
 
-def _pad_linear_rows(model: torch.nn.Module) -> None:
+ONEDNN_MIN_ROWS = 2
+
+
+def _onednn_available() -> bool:
+    return (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
+
+
+def _packed_linear_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """float32 ``nn.Linear.forward`` through oneDNN on the pre-packed weight, on >= 2 rows."""
+    if self.training or self.weight._version != self._csra_packed_version or (
+            torch.is_grad_enabled() and self.weight.requires_grad):
+        return _padded_linear_forward(self, x)
+    rows = x.numel() // max(x.shape[-1], 1)
+    if rows == 0:
+        return torch.nn.functional.linear(x, self.weight, self.bias)
+    flat = x.reshape(rows, x.shape[-1])
+    if rows < ONEDNN_MIN_ROWS:
+        flat = torch.cat([flat, flat.new_zeros(ONEDNN_MIN_ROWS - rows, x.shape[-1])])
+    out = torch.ops.mkldnn._linear_pointwise(flat.contiguous(), self._csra_packed, self.bias, "none", [], "")
+    return out[:rows].reshape(*x.shape[:-1], out.shape[-1])
+
+
+def _pad_linear_rows(model: torch.nn.Module, use_onednn: bool | None = None) -> None:
+    """Make every Linear's per-row results independent of the row count (see above)."""
+    if use_onednn is None:
+        use_onednn = _onednn_available()
     for module in model.modules():
-        if type(module) is torch.nn.Linear:
+        if type(module) is not torch.nn.Linear:
+            continue
+        if use_onednn and module.weight.dtype == torch.float32:
+            with torch.no_grad():
+                module._csra_packed = torch.ops.mkldnn._reorder_linear_weight(module.weight.detach(), 16)
+            module._csra_packed_version = module.weight._version
+            module.forward = MethodType(_packed_linear_forward, module)
+        else:
             module.forward = MethodType(_padded_linear_forward, module)
 
 
@@ -440,7 +481,7 @@ AttentionMaskInterface.register(ROWWISE_ATTENTION, sdpa_mask)
 
 
 def prepare_model(loaded: LoadedModel) -> None:
-    """Make a model's generation batch-invariant (once per model; inference results unchanged)."""
+    """Make a model's generation batch-invariant (once per model; results equal up to rounding)."""
     model = loaded.model
     if getattr(model, "_csra_generation_ready", False):
         return
@@ -451,6 +492,16 @@ def prepare_model(loaded: LoadedModel) -> None:
         logger.warning("%s keeps its attention (%s): batched greedy text may differ from unbatched",
                        type(model).__name__, exc)
     model._csra_generation_ready = True
+
+
+def _prepared(loader: Loader) -> Loader:
+    """``loader`` followed by ``prepare_model``, so that the cache sizes the model as it will run."""
+    def load() -> LoadedModel:
+        loaded = loader()
+        prepare_model(loaded)
+        return loaded
+
+    return load
 
 
 # =========================================================================== decode loops
@@ -670,7 +721,7 @@ def generate_many(
 
 
 def model_bytes(loaded: LoadedModel) -> int:
-    """Bytes of a model's parameters and buffers (tied weights counted once)."""
+    """Bytes of a model's parameters, buffers and packed weight copies (tied weights counted once)."""
     seen: set[int] = set()
     total = 0
     for t in list(loaded.model.parameters()) + list(loaded.model.buffers()):
@@ -678,6 +729,9 @@ def model_bytes(loaded: LoadedModel) -> int:
             continue
         seen.add(t.data_ptr())
         total += t.numel() * t.element_size()
+    for m in loaded.model.modules():  # oneDNN's packed copies are opaque: count them as the weight's size
+        if hasattr(m, "_csra_packed"):
+            total += m.weight.numel() * m.weight.element_size()
     return total
 
 
@@ -864,7 +918,7 @@ class BatchingEngine:
         with self._cond:
             if not self._running:
                 raise RuntimeError("the batching engine is not running (call start())")
-            self._calls.append((lambda: self.cache.get(model_key, loader), future))
+            self._calls.append((lambda: self.cache.get(model_key, _prepared(loader)), future))
             self._cond.notify_all()
         return future.result()
 
@@ -925,7 +979,7 @@ class BatchingEngine:
     def _run_batch(self, key: str, batch: list[_Pending]) -> None:
         batch_start = time.perf_counter()
         try:
-            loaded = self.cache.get(key, batch[0].loader)
+            loaded = self.cache.get(key, _prepared(batch[0].loader))
             results = generate_batch(loaded, [p.request for p in batch])
         except BaseException as exc:  # noqa: BLE001 - every error goes to the waiting callers
             logger.warning("generation batch of %d for %s failed: %s", len(batch), key, exc)

@@ -17,6 +17,8 @@ from workers.generation import (
     GenerationRequest,
     ModelCache,
     TextStream,
+    _onednn_available,
+    _pad_linear_rows,
     generate_batch,
     generate_many,
     model_bytes,
@@ -326,6 +328,28 @@ def test_engine_fails_the_futures_of_a_failing_batch() -> None:
             future.result(timeout=10)
     with pytest.raises(RuntimeError):
         engine.submit("x", broken_loader, GenerationRequest("hi"))
+
+
+@pytest.mark.parametrize("use_onednn", [True, False])
+@pytest.mark.parametrize(("d_in", "d_out"), [(576, 1536), (1536, 576), (576, 49152)])  # SmolLM2's shapes
+def test_linear_rows_do_not_depend_on_the_row_count(use_onednn: bool, d_in: int, d_out: int) -> None:
+    if use_onednn and not _onednn_available():
+        pytest.skip("no oneDNN in this torch build")
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(d_in, d_out, bias=d_out != 49152).eval()
+    _pad_linear_rows(layer, use_onednn=use_onednn)
+    x = torch.randn(40, d_in)
+    with torch.inference_mode():
+        alone = torch.cat([layer(x[i: i + 1]) for i in range(0, 40, 3)])
+        for rows in (2, 3, 5, 7, 16, 17, 40):
+            batch = layer(x[:rows])[0:rows:3]
+            assert torch.equal(batch, alone[: batch.shape[0]]), f"{rows} rows"
+        torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias),
+                                   rtol=1e-4, atol=1e-4)
+    with torch.no_grad():
+        layer.weight.mul_(2)  # changed in place after packing: the stale packed copy is not used
+        torch.testing.assert_close(layer(x[:3]), torch.nn.functional.linear(x[:3], layer.weight, layer.bias),
+                                   rtol=1e-4, atol=1e-4)
 
 
 def test_engine_loads_models_on_its_own_thread(causal: LoadedModel) -> None:
