@@ -31,6 +31,7 @@ from types import MethodType
 from typing import Any
 
 import torch
+from transformers.cache_utils import DynamicLayer
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_utils import AttentionInterface
@@ -253,6 +254,7 @@ class _Row:
     finish_reason: str | None = None
     first_token_at: float | None = None
     result: GenerationResult | None = None
+    on_done: Callable[[GenerationResult], None] | None = None
 
     @property
     def done(self) -> bool:
@@ -283,6 +285,11 @@ class _Row:
             finish_reason=self.finish_reason or "length", latency_ms=(now - self.started) * 1000,
             first_token_ms=(self.first_token_at - self.started) * 1000, token_ids=list(self.generated),
         )
+        if self.on_done is not None:
+            try:
+                self.on_done(self.result)
+            except Exception:  # noqa: BLE001 - a caller's callback must not stop the other rows
+                logger.warning("a finished-row callback failed", exc_info=True)
 
 
 def _sample_rows(rows: Sequence[_Row], logits: torch.Tensor) -> list[int]:
@@ -549,32 +556,81 @@ def _keep_active(rows: list[_Row], *tensors: torch.Tensor | None, cache: Any
     return [rows[i] for i in keep], out
 
 
-def _decode_causal(loaded: LoadedModel, rows: list[_Row], check_cancelled: Callable[[], None] | None) -> None:
-    """Left-padded prefill, then one token per step for every unfinished row."""
-    model = loaded.model
+Joiner = Callable[[int], list[_Row]]
+
+
+def _prefill(loaded: LoadedModel, rows: list[_Row]) -> tuple[list[_Row], torch.Tensor, torch.Tensor,
+                                                              torch.Tensor, Any]:
+    """Left-padded prefill of ``rows`` and their first token: (unfinished rows, mask, next positions,
+    last tokens, cache), all reduced to the unfinished rows."""
     input_ids, mask = _left_pad([r.prompt_ids for r in rows], _pad_id(loaded))
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-    out = model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=True,
-                logits_to_keep=1)
-    cache = out.cache
-    next_pos = position_ids[:, -1:] + 1
-    logits = out.logits[:, -1, :]
+    out = loaded.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=True,
+                       logits_to_keep=1)
+    for row, token in zip(rows, _sample_rows(rows, out.logits[:, -1, :]), strict=True):
+        row.add(token)
+    last = torch.tensor([r.generated[-1] for r in rows], dtype=torch.long).unsqueeze(1)
+    active, (mask, next_pos, last) = _keep_active(rows, mask, position_ids[:, -1:] + 1, last, cache=out.cache)
+    return active, mask, next_pos, last, out.cache  # type: ignore[return-value]
+
+
+def _left_extend(t: torch.Tensor, length: int, dim: int) -> torch.Tensor:
+    missing = length - t.shape[dim]
+    if missing <= 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = missing
+    return torch.cat([t.new_zeros(shape), t], dim=dim)
+
+
+def _joinable(cache: Any) -> bool:
+    """A cache of plain full-attention layers, which rows can be appended to."""
+    layers = getattr(cache, "layers", None)
+    return bool(layers) and all(type(layer) is DynamicLayer and layer.is_initialized for layer in layers)
+
+
+def _merge_cache(cache: Any, other: Any) -> None:
+    """Append ``other``'s rows to ``cache``, left-padding the shorter one with zeros (masked out)."""
+    length = max(cache.get_seq_length(), other.get_seq_length())
+    for a, b in zip(cache.layers, other.layers, strict=True):
+        a.keys = torch.cat([_left_extend(a.keys, length, -2), _left_extend(b.keys, length, -2)])
+        a.values = torch.cat([_left_extend(a.values, length, -2), _left_extend(b.values, length, -2)])
+
+
+def _decode_causal(loaded: LoadedModel, rows: list[_Row], check_cancelled: Callable[[], None] | None,
+                   join: Joiner | None = None, max_rows: int = 0) -> None:
+    """Left-padded prefill, then one token per step for every unfinished row.
+
+    ``join(free)`` (continuous batching), asked between steps while fewer than ``max_rows`` rows
+    run, returns new rows: they are prefilled as a group and appended to the running batch (their
+    cache and mask left-padded to a common length). Per-row numbers stay those of the row alone:
+    attention reads only each row's real keys, Linear layers are row-invariant (see above).
+    """
+    rows, mask, next_pos, last, cache = _prefill(loaded, rows)
     while True:
-        for row, token in zip(rows, _sample_rows(rows, logits), strict=True):
-            row.add(token)
-        last = torch.tensor([r.generated[-1] for r in rows], dtype=torch.long).unsqueeze(1)
-        active, (mask, next_pos, last) = _keep_active(rows, mask, next_pos, last, cache=cache)
-        rows = active
+        if join is not None and len(rows) < max_rows and (not rows or _joinable(cache)):
+            new = join(max_rows - len(rows))
+            if new:
+                new, mask2, next2, last2, cache2 = _prefill(loaded, new)
+                if new and rows:
+                    _merge_cache(cache, cache2)  # same model, same layer types: joinable too
+                    width = max(mask.shape[1], mask2.shape[1])
+                    mask = torch.cat([_left_extend(mask, width, 1), _left_extend(mask2, width, 1)])
+                    next_pos, last, rows = torch.cat([next_pos, next2]), torch.cat([last, last2]), rows + new
+                elif new:
+                    rows, mask, next_pos, last, cache = new, mask2, next2, last2, cache2
         if not rows:
             return
         if check_cancelled is not None:
             check_cancelled()
-        assert mask is not None and next_pos is not None and last is not None
         mask = torch.cat([mask, torch.ones((mask.shape[0], 1), dtype=mask.dtype)], dim=1)
-        out = model(input_ids=last, attention_mask=mask, position_ids=next_pos, cache=cache, use_cache=True,
-                    logits_to_keep=1)
+        out = loaded.model(input_ids=last, attention_mask=mask, position_ids=next_pos, cache=cache,
+                           use_cache=True, logits_to_keep=1)
         next_pos = next_pos + 1
-        logits = out.logits[:, -1, :]
+        for row, token in zip(rows, _sample_rows(rows, out.logits[:, -1, :]), strict=True):
+            row.add(token)
+        last = torch.tensor([r.generated[-1] for r in rows], dtype=torch.long).unsqueeze(1)
+        rows, (mask, next_pos, last) = _keep_active(rows, mask, next_pos, last, cache=cache)  # type: ignore[assignment]
 
 
 def _decoder_start_id(loaded: LoadedModel) -> int:
@@ -656,22 +712,31 @@ def _make_rows(loaded: LoadedModel, requests: Sequence[GenerationRequest],
     return rows
 
 
+def _run_rows(loaded: LoadedModel, rows: list[_Row], check_cancelled: Callable[[], None] | None,
+              join: Joiner | None = None, max_rows: int = 0) -> None:
+    """Decode ``rows`` (sampled ones as one batch, which ``join`` may grow; causal models only),
+    then the beam-search ones one by one."""
+    prepare_model(loaded)
+    with torch.inference_mode():
+        sampled = [r for r in rows if r.request.num_beams <= 1]
+        if sampled and loaded.arch == "seq2seq":
+            _decode_seq2seq(loaded, sampled, check_cancelled)
+        elif sampled:
+            _decode_causal(loaded, sampled, check_cancelled, join, max_rows)
+        for row in rows:
+            if row.request.num_beams > 1:
+                if check_cancelled is not None:
+                    check_cancelled()
+                _beam_search(loaded, row)
+
+
 def _run(loaded: LoadedModel, requests: Sequence[GenerationRequest], prompt_ids: Sequence[list[int]] | None,
          check_cancelled: Callable[[], None] | None) -> list[GenerationResult]:
     if not requests:
         return []
     prepare_model(loaded)
     rows = _make_rows(loaded, requests, prompt_ids, time.perf_counter())
-    decode = _decode_seq2seq if loaded.arch == "seq2seq" else _decode_causal
-    with torch.inference_mode():
-        sampled = [r for r in rows if r.request.num_beams <= 1]
-        if sampled:
-            decode(loaded, sampled, check_cancelled)
-        for row in rows:
-            if row.request.num_beams > 1:
-                if check_cancelled is not None:
-                    check_cancelled()
-                _beam_search(loaded, row)
+    _run_rows(loaded, rows, check_cancelled)
     results = [r.result for r in rows]
     assert all(r is not None for r in results)
     return results  # type: ignore[return-value]
@@ -835,8 +900,11 @@ class BatchingEngine:
 
     ``submit`` queues a request and returns a future. The thread takes the model whose oldest
     request waited longest, waits for more requests of that model until ``max_batch_size`` are
-    queued or its oldest request has waited ``max_wait_ms``, and runs them as one batch; requests
-    that arrive meanwhile join the next batch. Each request keeps its own sampling settings.
+    queued or its oldest request has waited ``max_wait_ms``, and runs them as one batch. With
+    ``continuous`` (causal models, no beam search), requests that arrive meanwhile join the running
+    batch between two decode steps, up to ``max_batch_size`` rows; each finished row answers its
+    caller at once. Otherwise they wait for the next batch. Each request keeps its own sampling
+    settings.
     A failing batch (or model load) fails the futures of that batch with the error.
     Latencies in results count from ``submit`` (queueing included).
 
@@ -847,11 +915,14 @@ class BatchingEngine:
     the model took 5.0 s instead of 4.0 s per 48-token reply.
     """
 
-    def __init__(self, cache: ModelCache | None = None, max_batch_size: int = 16, max_wait_ms: float = 10.0) -> None:
+    def __init__(self, cache: ModelCache | None = None, max_batch_size: int = 16, max_wait_ms: float = 10.0,
+                 continuous: bool = True) -> None:
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be >= 1")
         self.cache = cache if cache is not None else ModelCache()
         self.max_batch_size, self.max_wait_ms = max_batch_size, max_wait_ms
+        self.continuous = continuous
+        self.joined = 0
         self._cond = threading.Condition()
         self._queues: dict[str, deque[_Pending]] = {}
         self._calls: deque[tuple[Callable[[], Any], Future[Any]]] = deque()
@@ -926,7 +997,7 @@ class BatchingEngine:
     def stats(self) -> dict[str, Any]:
         """Batches run, requests served, batch-size histogram, requests queued now."""
         with self._cond:
-            return {"batches": self.batches_run, "requests": self.requests_served,
+            return {"batches": self.batches_run, "requests": self.requests_served, "joined": self.joined,
                     "batch_sizes": dict(sorted(self.batch_sizes.items())),
                     "queued": sum(len(q) for q in self._queues.values())}
 
@@ -976,25 +1047,63 @@ class BatchingEngine:
             if batch:
                 self._run_batch(key, batch)
 
+    def _rows(self, loaded: LoadedModel, pending: list[_Pending]) -> list[_Row]:
+        """Decode rows for ``pending``; each resolves its future the moment it finishes."""
+        rows = []
+        for p in pending:
+            try:
+                row = _make_rows(loaded, [p.request], None, time.perf_counter())[0]
+            except Exception as exc:  # noqa: BLE001 - a bad request fails alone
+                p.future.set_exception(exc)
+                continue
+            row.on_done = lambda res, p=p, row=row: self._resolve(p, row, res)
+            rows.append(row)
+        return rows
+
+    @staticmethod
+    def _resolve(p: _Pending, row: _Row, res: GenerationResult) -> None:
+        # rows time from their start in the batch; callers wait from submit
+        queued_ms = (row.started - p.submitted) * 1000
+        first = None if res.first_token_ms is None or p.request.num_beams > 1 else res.first_token_ms + queued_ms
+        if not p.future.done():
+            p.future.set_result(replace(res, latency_ms=res.latency_ms + queued_ms, first_token_ms=first))
+
+    def _joiner(self, key: str, loaded: LoadedModel, taken: list[_Pending]) -> Joiner:
+        """Requests for ``key`` queued while its batch runs join it between two decode steps."""
+        def join(free: int) -> list[_Row]:
+            got: list[_Pending] = []
+            with self._cond:
+                queue = self._queues.get(key)
+                while queue and len(got) < free and queue[0].request.num_beams <= 1:
+                    p = queue.popleft()
+                    if p.future.set_running_or_notify_cancel():
+                        got.append(p)
+                if queue is not None and not queue:
+                    del self._queues[key]
+                self.joined += len(got)
+            taken.extend(got)
+            return self._rows(loaded, got)
+
+        return join
+
     def _run_batch(self, key: str, batch: list[_Pending]) -> None:
-        batch_start = time.perf_counter()
+        taken = list(batch)
         try:
             loaded = self.cache.get(key, _prepared(batch[0].loader))
-            results = generate_batch(loaded, [p.request for p in batch])
+            join = self._joiner(key, loaded, taken) if self.continuous else None
+            _run_rows(loaded, self._rows(loaded, batch), None, join, self.max_batch_size)
         except BaseException as exc:  # noqa: BLE001 - every error goes to the waiting callers
-            logger.warning("generation batch of %d for %s failed: %s", len(batch), key, exc)
-            for p in batch:
-                p.future.set_exception(exc)
+            logger.warning("generation batch of %d for %s failed: %s", len(taken), key, exc)
+            for p in taken:
+                if not p.future.done():
+                    p.future.set_exception(exc)
             if not isinstance(exc, Exception):
                 raise
-            return
         finally:
             with self._cond:
                 self.batches_run += 1
-                self.requests_served += len(batch)
+                self.requests_served += len(taken)
                 self.batch_sizes[len(batch)] += 1
-        for p, res in zip(batch, results, strict=True):
-            # generate_batch times from the start of the batch; callers wait from submit
-            queued_ms = (batch_start - p.submitted) * 1000
-            first = None if res.first_token_ms is None else res.first_token_ms + queued_ms
-            p.future.set_result(replace(res, latency_ms=res.latency_ms + queued_ms, first_token_ms=first))
+        for p in taken:  # every row resolves its future when it finishes; this is a safety net
+            if not p.future.done():
+                p.future.set_exception(RuntimeError("generation ended without a result"))

@@ -283,7 +283,8 @@ def test_model_cache_loads_once_under_concurrency(causal: LoadedModel) -> None:
 # --------------------------------------------------------------------------- batching engine
 
 
-def test_engine_batches_requests_that_arrive_while_a_batch_runs(causal: LoadedModel) -> None:
+@pytest.mark.parametrize("continuous", [True, False])
+def test_engine_batches_requests_that_arrive_while_a_batch_runs(causal: LoadedModel, continuous: bool) -> None:
     p = prompts(causal)
     release, started = threading.Event(), threading.Event()
 
@@ -294,7 +295,7 @@ def test_engine_batches_requests_that_arrive_while_a_batch_runs(causal: LoadedMo
     blocker = GenerationRequest(p[0], 6, temperature=1.0, seed=1, on_text=hold)
     requests = [GenerationRequest(p[i % len(p)], 4 + i) for i in range(8)]
     cache = ModelCache()
-    with BatchingEngine(cache=cache, max_batch_size=8, max_wait_ms=50) as engine:
+    with BatchingEngine(cache=cache, max_batch_size=8, max_wait_ms=50, continuous=continuous) as engine:
         first = engine.submit("tiny", lambda: causal, blocker)
         assert started.wait(10), "the blocking request never streamed"
         futures: list = [None] * 8
@@ -310,9 +311,12 @@ def test_engine_batches_requests_that_arrive_while_a_batch_runs(causal: LoadedMo
         release.set()
         results = [f.result(timeout=30) for f in futures]
         first.result(timeout=30)
-        stats = engine.stats
+    stats = engine.stats  # read once the engine stopped: futures resolve before their batch ends
     assert stats["requests"] == 9
-    assert stats["batches"] < 9 and stats["batch_sizes"].get(8) == 1  # the 8 ran as one batch
+    if continuous:  # they joined the blocker's running batch between two decode steps
+        assert stats["joined"] >= 7 and stats["batches"] <= 2, stats
+    else:  # they waited for the next batch and ran as one
+        assert stats["joined"] == 0 and stats["batch_sizes"].get(8) == 1, stats
     assert cache.stats["loads"] == 1
     assert [r.token_ids for r in results] == [r.token_ids for r in alone(causal, requests)]
     assert all(r.latency_ms >= r.first_token_ms for r in results)
