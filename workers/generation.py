@@ -1069,10 +1069,16 @@ class BatchingEngine:
             p.future.set_result(replace(res, latency_ms=res.latency_ms + queued_ms, first_token_ms=first))
 
     def _joiner(self, key: str, loaded: LoadedModel, taken: list[_Pending]) -> Joiner:
-        """Requests for ``key`` queued while its batch runs join it between two decode steps."""
+        """Requests for ``key`` queued while its batch runs join it between two decode steps.
+
+        Not while another model has requests waiting: the batch then finishes and the model whose
+        request waited longest goes next, so a busy model cannot starve the others.
+        """
         def join(free: int) -> list[_Row]:
             got: list[_Pending] = []
             with self._cond:
+                if any(q for k, q in self._queues.items() if k != key):
+                    return []
                 queue = self._queues.get(key)
                 while queue and len(got) < free and queue[0].request.num_beams <= 1:
                     p = queue.popleft()

@@ -322,6 +322,26 @@ def test_engine_batches_requests_that_arrive_while_a_batch_runs(causal: LoadedMo
     assert all(r.latency_ms >= r.first_token_ms for r in results)
 
 
+def test_engine_does_not_let_one_model_starve_another(causal: LoadedModel) -> None:
+    p = prompts(causal)
+    release, started = threading.Event(), threading.Event()
+
+    def hold(_: str) -> None:
+        started.set()
+        release.wait(10)
+
+    with BatchingEngine(max_batch_size=8, max_wait_ms=20) as engine:
+        first = engine.submit("a", lambda: causal, GenerationRequest(p[0], 6, temperature=1.0, seed=1, on_text=hold))
+        assert started.wait(10), "the blocking request never streamed"
+        other = engine.submit("b", lambda: causal, GenerationRequest(p[1], 4))
+        more = engine.submit("a", lambda: causal, GenerationRequest(p[2], 4))
+        release.set()
+        for f in (first, other, more):
+            f.result(timeout=30)
+    stats = engine.stats
+    assert stats["joined"] == 0 and stats["batches"] == 3, stats  # "b" waited, so nothing joined "a"
+
+
 def test_engine_fails_the_futures_of_a_failing_batch() -> None:
     def broken_loader() -> LoadedModel:
         raise OSError("weights missing")
