@@ -8,7 +8,8 @@
   dropped from the batch (and from the cache), so they stop costing compute.
 * ``generate_many`` sorts requests by prompt length into batches and returns results in input order.
 * ``ModelCache`` keeps loaded models in a bounded LRU; ``BatchingEngine`` owns the model calls in one
-  background thread: requests that arrive while a batch runs join the next batch of their model.
+  background thread: requests that arrive while a batch runs join it between two decode steps
+  (continuous batching; beam search and encoder-decoder models join the next batch instead).
 
 Greedy decoding gives the same text for a request whether it ran alone or in any batch: each
 row's numbers are computed independently of the other rows (see "batch invariance" below and

@@ -1,7 +1,7 @@
 """Generation jobs: replies for chats, the Compare tab and the OpenAI-compatible endpoint.
 
 The generate worker runs Celery's thread pool, so concurrent jobs live in one process and
-share one ``BatchingEngine``: requests that arrive while a batch runs join the next batch,
+share one ``BatchingEngine``: requests that arrive while a batch runs join it between decode steps,
 and loaded models stay in a bounded LRU cache (never reloaded per request).
 """
 
