@@ -79,6 +79,11 @@ def _keep(value: Any, choices: list[tuple[str, Any]], default: Any = None) -> An
     return default if default in values else (values[0] if values else None)
 
 
+def _dropdown(choices: list[tuple[str, Any]], selected: Any) -> gr.Dropdown:
+    """A dropdown of ``choices`` that keeps ``selected`` when it is still one of them (else none)."""
+    return gr.Dropdown(choices=choices, value=selected if selected in [v for _, v in choices] else None)
+
+
 def _num(value: float | None, label: str) -> float:
     """A required number field (a cleared Number input arrives as None)."""
     if value is None:
@@ -282,7 +287,7 @@ def _pending(chat: dict[str, Any] | None) -> list[dict[str, Any]]:
 def _chat_list(selected: int | None) -> gr.Dropdown:
     chats = client().chats()
     choices = [(f"#{c['id']} {c['title']}", c["id"]) for c in chats]
-    return gr.Dropdown(choices=choices, value=selected if selected in [v for _, v in choices] else None)
+    return _dropdown(choices, selected)
 
 
 def _chat_outputs(
@@ -506,7 +511,7 @@ def loss_frame(events: list[dict[str, Any]]) -> pd.DataFrame | None:
 def _train_jobs_dropdown(selected: int | None) -> gr.Dropdown:
     jobs = client().jobs(kind="train", limit=30)
     choices = [(f"#{j['id']} {j['params'].get('output_name') or ''} ({j['status']})", j["id"]) for j in jobs]
-    return gr.Dropdown(choices=choices, value=selected if selected in [v for _, v in choices] else None)
+    return _dropdown(choices, selected)
 
 
 def load_train_jobs() -> Any:
@@ -719,8 +724,7 @@ def eval_show(dataset_id: int | None, evaluation_id: int | None) -> tuple[Any, .
     if dataset_id is None:
         raise gr.Error("Pick a dataset to see its leaderboard.")
     choices = _evaluation_choices(int(dataset_id))
-    if evaluation_id is None or evaluation_id not in [v for _, v in choices]:
-        evaluation_id = choices[0][1] if choices else None
+    evaluation_id = _keep(evaluation_id, choices)  # else the latest, or None
     if evaluation_id is None:
         board = leaderboard_frame(client().leaderboard(int(dataset_id)))
         return board, *([None] * len(EVAL_PLOTS)), None, gr.Dropdown(choices=choices, value=None)

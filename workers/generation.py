@@ -735,7 +735,6 @@ def _run(loaded: LoadedModel, requests: Sequence[GenerationRequest], prompt_ids:
          check_cancelled: Callable[[], None] | None) -> list[GenerationResult]:
     if not requests:
         return []
-    prepare_model(loaded)
     rows = _make_rows(loaded, requests, prompt_ids, time.perf_counter())
     _run_rows(loaded, rows, check_cancelled)
     results = [r.result for r in rows]

@@ -211,11 +211,15 @@ def post_message(chat_id: int, body: MessageCreate, db: DbSession, owner: Owner)
     overrides = body.model_dump(exclude_none=True, exclude={"content"})
     settings = {**chat.settings, **overrides}
     model_ref = settings.get("model_id", "baseline")
-    if "model_id" not in overrides and find_model(db, model_ref) is None:
-        raise HTTPException(status_code=422, detail=(
-            f"this chat's model {model_ref!r} no longer exists (deleted?); send model_id to pick another "
-            "(GET /models lists them), or PATCH the chat's settings"))
-    settings["model_id"] = resolve_model_ref(db, model_ref)
+    if "model_id" in overrides:
+        settings["model_id"] = resolve_model_ref(db, model_ref)
+    else:
+        model = find_model(db, model_ref)
+        if model is None:
+            raise HTTPException(status_code=422, detail=(
+                f"this chat's model {model_ref!r} no longer exists (deleted?); send model_id to pick another "
+                "(GET /models lists them), or PATCH the chat's settings"))
+        settings["model_id"] = model.name
     spec = GenerateSpec.model_validate({**settings, "messages": [*_history(chat), {"role": "user",
                                                                                    "content": body.content}]})
     user = ChatMessage(chat_id=chat.id, role="user", content=body.content, status="done")
