@@ -20,10 +20,13 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed
 
-# Debian packages: redis-server (the queue); chromium (the UI test drives a real browser).
+# Debian packages: redis-server (the queue); chromium (the UI test drives a real browser);
+# docker-compose (the test suite validates docker-compose.yml with `docker-compose config`).
+SYSTEM_TOOLS := redis-server chromium docker-compose
 system:
-	@command -v redis-server >/dev/null && command -v chromium >/dev/null || \
-	  ( $(APT_GET) update -qq && DEBIAN_FRONTEND=noninteractive $(APT_GET) install -y -qq redis-server chromium )
+	@for tool in $(SYSTEM_TOOLS); do command -v $$tool >/dev/null || missing=1; done; \
+	  [ -z "$$missing" ] || ( $(APT_GET) update -qq && \
+	    DEBIAN_FRONTEND=noninteractive $(APT_GET) install -y -qq $(SYSTEM_TOOLS) )
 
 run: setup system
 	$(VENV)/bin/csra up

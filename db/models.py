@@ -153,6 +153,8 @@ class Evaluation(Base):
     split: Mapped[str] = mapped_column(String(16), default="test")
     params: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     metrics: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    # the evaluated sample's make-up: examples, intents covered and per-intent counts
+    sample: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     status: Mapped[str] = mapped_column(String(16), default="running")
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 

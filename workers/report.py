@@ -379,9 +379,18 @@ def _sections(
     return out
 
 
+def sample_line(sample: dict[str, Any] | None) -> str:
+    """'300 of 521 rows, 27 of 27 intents': the make-up printed next to every result."""
+    if not sample:
+        return "unknown"
+    return (f"{sample.get('examples')} of {sample.get('split_rows')} rows, "
+            f"{sample.get('intents')} of {sample.get('split_intents')} intents")
+
+
 def _meta(evaluation: dict[str, Any]) -> list[tuple[str, str]]:
     keys = ("id", "dataset_id", "split", "created_at")
-    return [(k, str(evaluation.get(k, ""))) for k in keys]
+    meta = [(k, str(evaluation.get(k, ""))) for k in keys]
+    return [*meta, ("sample", sample_line(evaluation.get("sample")))]
 
 
 def render_markdown(evaluation: dict[str, Any], sections: list[tuple[str, str, Any]]) -> str:

@@ -41,6 +41,7 @@ from csra.jobctx import JobCancelled, JobContext, JobError
 from csra.specs import TrainSpec
 from models_store.loading import LoadedModel, load_model_and_tokenizer
 from workers.prompting import example_prompt, has_chat_template
+from workers.sampling import composition, stratified_sample
 
 logger = logging.getLogger(__name__)
 
@@ -455,8 +456,11 @@ class TrainingRun:
         spec = self.spec
         encoder = ExampleEncoder(self.tokenizer, self.arch, spec.max_input_length, spec.max_target_length)
         self.pad_id = self.tokenizer.pad_token_id
-        self.train = encoder.encode_all(train_rows[: spec.max_train_samples or len(train_rows)])
-        val = encoder.encode_all(val_rows[: spec.max_eval_samples or len(val_rows)])
+        # Drawn, never sliced: a split stored in intent order would otherwise lose whole intents.
+        self.train_rows = stratified_sample(train_rows, spec.max_train_samples, spec.seed)
+        self.val_rows = stratified_sample(val_rows, spec.max_eval_samples, spec.seed)
+        self.train = encoder.encode_all(self.train_rows)
+        val = encoder.encode_all(self.val_rows)
         val.sort(key=lambda e: e.length)  # eval order does not matter: pad as little as possible
         self.val_batches = [collate(val[i: i + spec.batch_size], self.arch, self.pad_id)
                             for i in range(0, len(val), spec.batch_size)]
@@ -673,6 +677,7 @@ class TrainingRun:
             "wall_seconds": wall, "tokens_per_second": self._run_tokens / wall if wall > 0 else 0.0,
             "precision": self.precision, "resumed_from_step": self.resumed_from_step,
             "best_step": st.best_step, "early_stopped": self.stopped_early, "cancelled": cancelled,
+            "train_rows": len(self.train_rows), "train_intents": len(composition(self.train_rows)),
             "history": st.history,
         }
 
@@ -709,8 +714,10 @@ def run_training(
         torch.set_num_threads(num_threads)
     try:
         run = TrainingRun(spec, _load_base(model_source, spec, train_rows), train_rows, val_rows, out_dir, ctx)
+        drawn, split = composition(run.train_rows), composition(train_rows)
         ctx.event("log", f"training {run.total_steps} steps ({run.steps_per_epoch}/epoch), precision "
-                         f"{run.precision}, {len(run.train)} examples")
+                         f"{run.precision}, {len(run.train)} examples drawn from {len(train_rows)}, covering "
+                         f"{len(drawn)} of the split's {len(split)} intents", per_intent=drawn)
         try:
             run.run()
         except JobCancelled:

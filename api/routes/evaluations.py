@@ -36,6 +36,7 @@ class EvaluationPublic(BaseModel):
     status: str
     params: dict[str, Any]
     metrics: dict[str, Any] | None
+    sample: dict[str, Any] | None = None
     created_at: datetime
 
 
@@ -126,13 +127,15 @@ def leaderboard(db: DbSession, owner: Owner, dataset_id: int,
     for ev in db.scalars(select(Evaluation).where(Evaluation.dataset_id == dataset_id).order_by(Evaluation.id)):
         for name, agg in (ev.metrics or {}).items():
             if "overall" in agg:
-                latest[name] = {"model": name, "evaluation_id": ev.id, "split": ev.split, "metrics": agg["overall"]}
+                latest[name] = {"model": name, "evaluation_id": ev.id, "split": ev.split, "sample": ev.sample,
+                                "metrics": agg["overall"]}
     models = {m.name: m for m in db.scalars(select(Model).where(Model.name.in_(list(latest))))}
     rows = []
     for name, row in latest.items():
         m = models.get(name)
         rows.append({**row, "model_id": m.id if m else None, "kind": m.kind if m else None,
-                     "training_config": m.training_config if m else None})
+                     "training_config": m.training_config if m else None,
+                     "training_metrics": m.metrics if m else None})
     rows.sort(key=lambda r: -(r["metrics"].get(metric) or 0.0))
     return {"data": rows, "count": len(rows), "metric": metric}
 

@@ -43,6 +43,8 @@ def test_evaluate_baseline_and_finetuned(api_m, dataset, finetuned):
     ev_id = job["result"]["evaluation_id"]
     ev = api_m.get(f"/evaluations/{ev_id}").json()
     assert ev["status"] == "succeeded" and set(ev["metrics"]) == {"baseline", finetuned}
+    assert ev["sample"]["examples"] == 30 and ev["sample"]["intents"] == ev["sample"]["split_intents"] == 27
+    assert job["result"]["intents"] == 27
     for name in ("baseline", finetuned):
         overall = ev["metrics"][name]["overall"]
         assert overall["n"] == 30 and all(k in overall for k in METRICS), overall.keys()
@@ -60,10 +62,13 @@ def test_evaluate_baseline_and_finetuned(api_m, dataset, finetuned):
     assert {"baseline", finetuned} <= set(names)
     ft_row = next(row for row in board if row["model"] == finetuned)
     assert ft_row["training_config"]["max_train_samples"] == 32
+    assert ft_row["training_metrics"]["train_rows"] == 32
+    assert ft_row["training_metrics"]["train_intents"] == 27  # drawn, not sliced
+    assert ft_row["sample"]["intents"] == 27
     html = api_m.get(f"/evaluations/{ev_id}/report", params={"format": "html"}, follow_redirects=True)
     assert html.status_code == 200 and "<table" in html.text and "metrics.png" in html.text
     md = api_m.get(f"/evaluations/{ev_id}/report.md")
-    assert md.status_code == 200 and finetuned in md.text
+    assert md.status_code == 200 and finetuned in md.text and "27 of 27 intents" in md.text
     png = api_m.get(f"/evaluations/{ev_id}/metrics.png")
     assert png.status_code == 200 and png.content[:4] == b"\x89PNG"
     assert api_m.get(f"/evaluations/{ev_id}/loss_curves.png").status_code == 200

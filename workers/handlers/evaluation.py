@@ -12,10 +12,8 @@ import gc
 import json
 import logging
 import os
-import random
 import statistics
 import time
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -28,35 +26,25 @@ from db.models import Evaluation, EvaluationExample, JobEvent, Model
 from db.session import session_scope
 from workers.handlers.models import ensure_baseline_registered, find_model_row
 from workers.handlers.training import load_split
+from workers.sampling import composition, stratified_sample
 
 logger = logging.getLogger(__name__)
 
 
-def stratified_sample(rows: list[dict[str, Any]], n: int | None, seed: int) -> list[dict[str, Any]]:
-    """``n`` rows with each intent in proportion to its share (at least one per intent), deterministic."""
-    if n is None or n >= len(rows):
-        return rows
-    by_intent: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for r in rows:
-        by_intent[r.get("intent") or ""].append(r)
-    rng = random.Random(seed)
-    quotas = {k: max(1, round(n * len(v) / len(rows))) for k, v in sorted(by_intent.items())}
-    while sum(quotas.values()) > n:  # rounding and the minimum of one can overshoot
-        biggest = max(quotas, key=lambda k: quotas[k])
-        quotas[biggest] -= 1
-    picked = []
-    for intent, group in sorted(by_intent.items()):
-        picked += rng.sample(group, min(quotas[intent], len(group)))
-    return sorted(picked, key=lambda r: r["id"])
+def sample_makeup(examples: list[dict[str, Any]], split_rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """What was evaluated: examples and intents covered, against the whole split, per intent."""
+    per_intent = composition(examples)
+    return {"examples": len(examples), "split_rows": len(split_rows), "intents": len(per_intent),
+            "split_intents": len(composition(split_rows)), "per_intent": per_intent}
 
 
-def _evaluation_for(job_id: int, spec: EvaluateSpec) -> int:
+def _evaluation_for(job_id: int, spec: EvaluateSpec, sample: dict[str, Any]) -> int:
     """The evaluation row of this job (reused by a retried job)."""
     with session_scope() as s:
         ev = s.scalar(select(Evaluation).where(Evaluation.job_id == job_id))
         if ev is None:
             ev = Evaluation(job_id=job_id, dataset_id=spec.dataset_id, split=spec.split,
-                            params=spec.model_dump(mode="json"), metrics={}, status="running")
+                            params=spec.model_dump(mode="json"), metrics={}, sample=sample, status="running")
             s.add(ev)
             s.flush()
         return ev.id
@@ -225,7 +213,7 @@ def write_report(eval_id: int) -> dict[str, str]:
         ev = s.get(Evaluation, eval_id)
         assert ev is not None
         per_model = {k: v for k, v in (ev.metrics or {}).items() if "overall" in v}
-        evaluation = {"id": ev.id, "dataset_id": ev.dataset_id, "split": ev.split,
+        evaluation = {"id": ev.id, "dataset_id": ev.dataset_id, "split": ev.split, "sample": ev.sample,
                       "created_at": ev.created_at.isoformat(), "per_model": per_model}
         models = [{"name": m.name, "kind": m.kind, "base_model": m.base_model}
                   for m in s.scalars(select(Model).where(Model.name.in_(list(per_model))))]
@@ -250,8 +238,11 @@ def handle_evaluate(job_id: int, params: dict[str, Any], ctx: JobContext) -> dic
     if not rows:
         raise JobError(f"the {spec.split} split of dataset {spec.dataset_id} is empty: nothing to evaluate")
     examples = stratified_sample(rows, spec.max_samples, spec.seed)
-    eval_id = _evaluation_for(job_id, spec)
-    ctx.event("log", f"evaluation {eval_id}: {len(examples)} examples x {len(spec.model_ids)} models")
+    sample = sample_makeup(examples, rows)
+    eval_id = _evaluation_for(job_id, spec, sample)
+    ctx.event("log", f"evaluation {eval_id}: {len(examples)} examples ({sample['intents']} of "
+                     f"{sample['split_intents']} intents of the {spec.split} split) x {len(spec.model_ids)} models",
+              sample=sample)
     errors: dict[str, str] = {}
     total = len(examples) * len(spec.model_ids)
     for i, ref in enumerate(spec.model_ids):
@@ -270,7 +261,8 @@ def handle_evaluate(job_id: int, params: dict[str, Any], ctx: JobContext) -> dic
     ctx.progress(0.99, "writing the report")
     files = write_report(eval_id)
     _finish(eval_id, "partial" if errors else "succeeded")
-    return {"evaluation_id": eval_id, "examples": len(examples), "errors": errors, "report_files": sorted(files)}
+    return {"evaluation_id": eval_id, "examples": len(examples), "intents": sample["intents"],
+            "split_intents": sample["split_intents"], "errors": errors, "report_files": sorted(files)}
 
 
 def _evaluate_one(eval_id: int, ref: str, examples: list[dict[str, Any]], spec: EvaluateSpec,

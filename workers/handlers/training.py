@@ -65,7 +65,7 @@ def handle_train(job_id: int, params: dict[str, Any], ctx: JobContext) -> dict[s
     history = result.pop("history", [])
     name = spec.output_name or f"ft-{job_id}"
     metrics = {k: result.get(k) for k in ("best_val_loss", "final_val_loss", "final_train_loss", "tokens_seen",
-                                          "steps", "tokens_per_second", "precision")}
+                                          "steps", "tokens_per_second", "precision", "train_rows", "train_intents")}
     model = register_model(
         name, ctx.work_dir / "model", kind="fine-tuned", base_model=base_name, train_job_id=job_id,
         dataset_id=spec.dataset_id, training_config=spec.model_dump(mode="json"), metrics=metrics,
