@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hmac
-from collections.abc import AsyncIterator
+from collections.abc import Iterator
 from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request
@@ -13,9 +13,9 @@ from csra.settings import Settings, get_settings
 from db.session import get_sessionmaker
 
 
-async def get_db() -> AsyncIterator[Session]:
-    """One session per request. ``async`` so FastAPI does not hop to its thread pool for it (a
-    session open/close is microseconds; the hop costs more than the work at hundreds of polls/s)."""
+def get_db() -> Iterator[Session]:
+    """One session per request. A plain ``def``: FastAPI runs it (and closing the session, which
+    talks to the database) in its thread pool, so a locked database never stalls the event loop."""
     with get_sessionmaker()() as session:
         yield session
 

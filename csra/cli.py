@@ -83,6 +83,9 @@ def worker(
     if queues == ["generate"]:
         # threads: concurrent generation jobs share one process, one model cache and one batching engine
         argv += ["--pool", "threads", "-c", str(concurrency or settings.gen_concurrency)]
+        from workers.handlers.generation import engine
+
+        engine()  # torch and the engine now, not on the first chat (seconds of imports)
     else:
         argv += ["-c", str(concurrency or (1 if "train" in queues else 2))]
     if beat:
@@ -391,8 +394,11 @@ LEADERBOARD_ROWS = (
 def _print_leaderboard(ev: dict[str, Any]) -> None:
     rows = [(name, agg["overall"]) for name, agg in (ev.get("metrics") or {}).items() if "overall" in agg]
     rows.sort(key=lambda r: -(r[1].get("rouge_l") or 0))
+    sample = ev.get("sample") or {}
+    makeup = (f"{sample.get('examples')} of {sample.get('split_rows')} rows, {sample.get('intents')} of "
+              f"{sample.get('split_intents')} intents" if sample else "sample make-up unknown")
     table = Table("metric", *(f"{name} (n={o.get('n', '?')})" for name, o in rows),
-                  title=f"evaluation {ev['id']} ({ev['split']} split), best first")
+                  title=f"evaluation {ev['id']} ({ev['split']} split: {makeup}), best first")
     for field, label, fmt in LEADERBOARD_ROWS:
         table.add_row(label, *(fmt.format(o[field]) if isinstance(o.get(field), (int, float)) else "-"
                                for _, o in rows))

@@ -23,9 +23,14 @@ class JobCancelled(Exception):
     """Raised by ``check_cancelled`` when the user cancelled the job."""
 
 
+class JobTimeLimit(JobError):
+    """Raised by ``check_cancelled`` once the job ran past its time limit (the text names the setting)."""
+
+
 class JobContext(Protocol):
     job_id: int
     work_dir: Path
+    attempt: int  # 1 for the first run; a job retried after its worker died runs again as attempt 2...
 
     def progress(self, fraction: float, stage: str | None = None, eta_seconds: float | None = None) -> None:
         """Record progress in [0, 1] and a short stage text."""
@@ -34,7 +39,8 @@ class JobContext(Protocol):
         """Record a job event: kind is ``log`` or ``metric`` (data: e.g. step, loss, lr)."""
 
     def check_cancelled(self) -> None:
-        """Raise ``JobCancelled`` if the job was cancelled; cheap enough to call every step."""
+        """Raise ``JobCancelled`` if the job was cancelled (``JobTimeLimit`` past its time limit); cheap
+        enough to call every step."""
 
 
 @dataclass
@@ -43,6 +49,7 @@ class LocalContext:
 
     work_dir: Path
     job_id: int = 0
+    attempt: int = 1
     cancel_after_checks: int | None = None
     events: list[tuple[str, str, dict[str, Any]]] = field(default_factory=list)
     progress_log: list[tuple[float, str | None]] = field(default_factory=list)

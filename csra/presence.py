@@ -8,10 +8,14 @@ instant to read.
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import redis
 
 PREFIX = "csra:worker:"
+INVARIANCE_KEY = "csra:invariance"
+SUPERVISOR_KEY = "csra:supervisor"  # ``csra up``'s parts and their restarts
+INVARIANCE_TTL = 24 * 3600
 INTERVAL = 2.0
 TTL = 10
 
@@ -34,3 +38,16 @@ def live_workers(client: redis.Redis, queues: tuple[str, ...]) -> dict[str, list
         for q in json.loads(raw).get("queues", []):
             per_queue.setdefault(q, []).append(name)
     return per_queue
+
+
+def report_invariance(client: redis.Redis, worker: str, model: str, report: dict[str, Any]) -> None:
+    """Publish a model's batch-invariance self-check (``workers.invariance``) for ``GET /health``."""
+    pipe = client.pipeline()
+    pipe.hset(INVARIANCE_KEY, f"{worker}|{model}", json.dumps(report))
+    pipe.expire(INVARIANCE_KEY, INVARIANCE_TTL)
+    pipe.execute()
+
+
+def invariance_reports(client: redis.Redis) -> dict[str, dict[str, Any]]:
+    """``"worker|model"`` -> its latest self-check report (those of the last day)."""
+    return {k.decode(): json.loads(v) for k, v in client.hgetall(INVARIANCE_KEY).items()}

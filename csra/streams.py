@@ -18,6 +18,11 @@ def stream_key(job_id: int) -> str:
     return f"csra:stream:{job_id}"
 
 
+def publish_start(client: redis.Redis, job_id: int, attempt: int) -> None:
+    """An attempt begins: a retried job (its worker died) streams its reply again from the start."""
+    client.xadd(stream_key(job_id), {"type": "start", "attempt": str(attempt)}, maxlen=MAXLEN, approximate=True)
+
+
 def publish_text(client: redis.Redis, job_id: int, delta: str) -> None:
     client.xadd(stream_key(job_id), {"type": "token", "text": delta}, maxlen=MAXLEN, approximate=True)
 

@@ -52,6 +52,8 @@ class LoadedModel:
     model: PreTrainedModel
     tokenizer: Any
     arch: Arch
+    # set by generation's load-time self-check: is greedy text the same alone and batched here?
+    invariance: dict[str, Any] | None = None
 
 
 # --------------------------------------------------------------------------- baseline (GGUF)

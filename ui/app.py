@@ -220,6 +220,8 @@ def refresh_datasets(train_ds: Any, eval_ds: Any) -> tuple[Any, ...]:
 def _reply_text(m: dict[str, Any], jobs: dict[int, dict[str, Any]]) -> str:
     if m["status"] == "failed":
         return f"⚠️ **Generation failed:** {m.get('error') or 'unknown error'}"
+    if m["status"] == "cancelled":
+        return "⏹️ _Generation cancelled._"
     if m["status"] == "pending":
         job = jobs.get(m.get("job_id") or -1) or {}
         partial = (job.get("result") or {}).get("partial_text") or ""
@@ -264,8 +266,8 @@ def chat_meta(chat: dict[str, Any] | None) -> str:
         bits.append(f"tone {st['tone']}")
     if m["status"] == "pending":
         bits.append(f"generating (job #{m.get('job_id')})")
-    elif m["status"] == "failed":
-        bits.append("failed")
+    elif m["status"] in ("failed", "cancelled"):
+        bits.append(m["status"])
     else:
         if m.get("latency_ms") is not None:
             bits.append(f"{m['latency_ms'] / 1000:.2f} s")

@@ -12,8 +12,8 @@
   (continuous batching; beam search and encoder-decoder models join the next batch instead).
 
 Greedy decoding gives the same text for a request whether it ran alone or in any batch: each
-row's numbers are computed independently of the other rows (see "batch invariance" below and
-bench/generate_model.py for the measurements).
+row's numbers are computed independently of the other rows (``workers.invariance``), and a
+self-check verifies it when a model is loaded (``prepare_model``); bench/generate_model.py measures it.
 
 Only workers (and tests, benchmarks) import this module: it pulls in torch and transformers.
 """
@@ -28,16 +28,20 @@ from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
-from types import MethodType
 from typing import Any
 
 import torch
 from transformers.cache_utils import DynamicLayer
-from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-from transformers.modeling_utils import AttentionInterface
 
 from models_store.loading import LoadedModel
+from workers.invariance import (
+    CANDIDATES,
+    InvarianceReport,
+    LinearPlan,
+    packed_bytes,
+    select_linear_plan,
+    use_rowwise_attention,
+)
 from workers.prompting import has_chat_template
 from workers.training import end_token_ids
 
@@ -56,7 +60,9 @@ class GenerationRequest:
     greedy; ``seed`` makes sampling reproducible (None: a fresh random seed). ``num_beams`` > 1 uses
     beam search through ``model.generate`` (one request at a time, no streaming of partial text:
     ``on_text`` then gets the whole reply at once). ``on_text`` receives each new piece of decoded
-    text; the pieces concatenate to ``GenerationResult.text``.
+    text; the pieces concatenate to ``GenerationResult.text``. ``should_stop`` is asked before every
+    decode step: once it answers True the row leaves the batch at that step and finishes as
+    "cancelled" with the text streamed so far.
     """
 
     prompt: str
@@ -66,6 +72,7 @@ class GenerationRequest:
     seed: int | None = None
     num_beams: int = 1
     on_text: Callable[[str], None] | None = None
+    should_stop: Callable[[], bool] | None = None
 
 
 @dataclass
@@ -74,7 +81,7 @@ class GenerationResult:
 
     ``text``: the reply without special tokens, leading and trailing whitespace removed.
     ``completion_tokens`` counts every generated token, the end token included.
-    ``finish_reason``: "stop" (end token) or "length" (``max_new_tokens`` reached).
+    ``finish_reason``: "stop" (end token), "length" (``max_new_tokens`` reached) or "cancelled".
     ``latency_ms``: from the start of the batch (of ``submit`` for ``BatchingEngine``) to the
     row's last token; ``first_token_ms`` likewise to its first token (None for beam search).
     ``token_ids``: the generated tokens (end token included), for debugging and tests.
@@ -256,10 +263,18 @@ class _Row:
     first_token_at: float | None = None
     result: GenerationResult | None = None
     on_done: Callable[[GenerationResult], None] | None = None
+    logits: list[torch.Tensor] | None = None  # each step's logits, kept only by the self-check
 
     @property
     def done(self) -> bool:
         return self.finish_reason is not None
+
+    def stop_if_cancelled(self) -> None:
+        """Finish now, as "cancelled", when the caller no longer wants this reply (no more text is streamed)."""
+        stop = self.request.should_stop
+        if not self.done and stop is not None and stop():
+            self.finish_reason = "cancelled"
+            self._finish(time.perf_counter())
 
     def add(self, token: int) -> None:
         """Append a token; finish on an end marker or at ``max_new_tokens``; stream new text."""
@@ -279,12 +294,13 @@ class _Row:
     def _finish(self, now: float) -> None:
         cut = self.stops.match(self.generated) if self.finish_reason == "stop" else 0
         reply = self.generated[: len(self.generated) - cut]
-        text = self.stream.finish(reply)
-        assert self.first_token_at is not None
+        # a cancelled reply ends with what was already streamed: nothing more reaches the caller
+        text = self.stream.emitted if self.finish_reason == "cancelled" else self.stream.finish(reply)
+        first = None if self.first_token_at is None else (self.first_token_at - self.started) * 1000
         self.result = GenerationResult(
             text=text, prompt_tokens=len(self.prompt_ids), completion_tokens=len(self.generated),
             finish_reason=self.finish_reason or "length", latency_ms=(now - self.started) * 1000,
-            first_token_ms=(self.first_token_at - self.started) * 1000, token_ids=list(self.generated),
+            first_token_ms=first, token_ids=list(self.generated),
         )
         if self.on_done is not None:
             try:
@@ -298,215 +314,81 @@ def _sample_rows(rows: Sequence[_Row], logits: torch.Tensor) -> list[int]:
     logits = logits.float()
     tokens = torch.argmax(logits, dim=-1).tolist()
     for i, row in enumerate(rows):
+        if row.logits is not None:
+            row.logits.append(logits[i].clone())
         if row.request.temperature > 0:
             tokens[i] = sample_token(logits[i], row.request.temperature, row.request.top_p, row.generator)
     return tokens
 
 
 # =========================================================================== batch invariance
-#
-# Greedy decoding must give the same text for a request alone or in any batch, so each row's
-# numbers must not depend on the other rows. Two CPU kernels break that (measured on the project
-# machine, MKL + AVX512, float32; see bench/generate_model.py):
-#
-# * GEMM: float32 MKL takes other kernels for a matrix of 1-3 rows (1 thread), 1-3, 5-7, 9-11 rows
-#   (2 threads), also 17-19, 25-27 rows (16 threads) than for other row counts, and their results
-#   differ in the last bits; a decode step alone is a 1-row GEMM. Two ways out, per Linear:
-#   - float32 weights, where oneDNN is available (x86 CPUs): the weight is pre-packed once for
-#     oneDNN (``torch.ops.mkldnn._linear_pointwise``, the op torch's own CPU inductor uses), and
-#     each call runs on at least 2 rows (a 1-row call gets a zero row added). From 2 rows on, every
-#     row got the same values whatever the row count and its position (2 to 600 rows, 1 and 2
-#     threads, all of SmolLM2's shapes: tests/workers/test_generation.py checks it). It is also
-#     much faster than MKL for few rows: SmolLM2's output layer at 4 rows took 3.7 ms vs 16.6 ms,
-#     at 16 rows 6.3 vs 18.8 ms (2 threads, the project machine). The packed copy doubles the
-#     memory of the Linear weights; ``model_bytes`` counts it.
-#   - otherwise MKL through ``F.linear`` on a multiple of 4 rows (zero rows added and dropped
-#     again): multiples of 4 always gave the same values per row (1 to 16 threads, 4 to 520 rows).
-#   bfloat16 GEMMs (oneDNN) showed no row-count dependence. A weight changed in place after packing
-#   (its ``_version`` moved) goes back to the MKL path, so a stale packed copy is never used.
-# * Attention over left-padded keys: softmax and the weighted sum reduce over padding + real keys,
-#   in another order than over the real keys alone; SDPA also takes other kernels with a mask.
-#   The "csra_rowwise" attention runs SDPA row by row on each row's real keys and queries, exactly
-#   the tensors the row would have alone (T5: also its slice of the relative position bias).
-#
-# Elementwise ops, RMSNorm and embeddings are per token already. Sampling works on one row's logits.
-
-GEMM_ROW_MULTIPLE = 4
-ROWWISE_ATTENTION = "csra_rowwise"
 
 
-def _gemm_rows(rows: int) -> int:
-    """Rows to run a GEMM of ``rows`` rows with: the next multiple of GEMM_ROW_MULTIPLE."""
-    return -(-rows // GEMM_ROW_MULTIPLE) * GEMM_ROW_MULTIPLE
+def prepare_model(loaded: LoadedModel, max_batch: int = 16,
+                  candidates: Sequence[LinearPlan] = CANDIDATES) -> dict[str, Any]:
+    """Make a model's generation batch-invariant on this machine and verify it (once per model).
+
+    Picks a row-invariant Linear plan for this CPU, switches attention to the row-wise one, then
+    decodes a few prompts alone and batched and compares their logits bit for bit. The report
+    (``loaded.invariance``) says whether greedy text is the same alone and in any batch; when it
+    is not, that is logged as an error and shown in ``/health`` and in job results.
+    """
+    if loaded.invariance is not None:
+        return loaded.invariance
+    started = time.perf_counter()
+    plan, tries = select_linear_plan(loaded.model, max_batch, candidates)
+    attention = use_rowwise_attention(loaded.model)
+    kernels_ok = tries[-1]["plan"] == plan.name and tries[-1]["invariant"]
+    same, detail = verify_model(loaded)
+    if not kernels_ok:
+        detail = f"no Linear plan is row-invariant on this CPU ({tries[-1]['failures'][0]} differs); " + detail
+    report = InvarianceReport(batch_invariant=kernels_ok and same, linear_plan=plan.name, attention=attention,
+                              detail=detail, seconds=round(time.perf_counter() - started, 3), linear_tries=tries)
+    loaded.invariance = report.as_dict()
+    report.log(type(loaded.model).__name__)
+    return loaded.invariance
 
 
-def _padded_linear_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """``nn.Linear.forward`` on a row count MKL treats like any other (same values per row)."""
-    rows = x.numel() // max(x.shape[-1], 1)
-    padded = _gemm_rows(rows)
-    if padded == rows or rows == 0:
-        return torch.nn.functional.linear(x, self.weight, self.bias)
-    flat = x.reshape(rows, x.shape[-1])
-    flat = torch.cat([flat, flat.new_zeros(padded - rows, x.shape[-1])])
-    out = torch.nn.functional.linear(flat, self.weight, self.bias)[:rows]
-    return out.reshape(*x.shape[:-1], out.shape[-1])
+CHECK_PROMPTS = ("Hi", "Where is my refund? I sent the item back two weeks ago.", "cancel order 123 please")
 
 
-ONEDNN_MIN_ROWS = 2
+def verify_model(loaded: LoadedModel, steps: int = 3) -> tuple[bool, str]:
+    """Greedy-decode ``CHECK_PROMPTS`` alone and as one batch (causal models: the last prompt joins
+    the running batch) on the model as it is set up; (whether every step's logits are equal, detail)."""
+    ids = [encode_prompt(loaded, p) for p in CHECK_PROMPTS]
 
+    def rows(indices: Sequence[int]) -> list[_Row]:
+        made = _make_rows(loaded, [GenerationRequest(prompt="", max_new_tokens=steps) for _ in indices],
+                          [ids[i] for i in indices], time.perf_counter())
+        for row in made:
+            row.logits = []
+        return made
 
-def _onednn_available() -> bool:
-    return (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
-
-
-def _packed_linear_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """float32 ``nn.Linear.forward`` through oneDNN on the pre-packed weight, on >= 2 rows."""
-    if self.training or self.weight._version != self._csra_packed_version or (
-            torch.is_grad_enabled() and self.weight.requires_grad):
-        return _padded_linear_forward(self, x)
-    rows = x.numel() // max(x.shape[-1], 1)
-    if rows == 0:
-        return torch.nn.functional.linear(x, self.weight, self.bias)
-    flat = x.reshape(rows, x.shape[-1])
-    if rows < ONEDNN_MIN_ROWS:
-        flat = torch.cat([flat, flat.new_zeros(ONEDNN_MIN_ROWS - rows, x.shape[-1])])
-    out = torch.ops.mkldnn._linear_pointwise(flat.contiguous(), self._csra_packed, self.bias, "none", [], "")
-    return out[:rows].reshape(*x.shape[:-1], out.shape[-1])
-
-
-def _pad_linear_rows(model: torch.nn.Module, use_onednn: bool | None = None) -> None:
-    """Make every Linear's per-row results independent of the row count (see above)."""
-    if use_onednn is None:
-        use_onednn = _onednn_available()
-    for module in model.modules():
-        if type(module) is not torch.nn.Linear:
-            continue
-        if use_onednn and module.weight.dtype == torch.float32:
-            with torch.no_grad():
-                module._csra_packed = torch.ops.mkldnn._reorder_linear_weight(module.weight.detach(), 16)
-            module._csra_packed_version = module.weight._version
-            module.forward = MethodType(_packed_linear_forward, module)
+    with torch.inference_mode():
+        alone = [rows([i])[0] for i in range(len(ids))]
+        for row in alone:
+            _decode_rows(loaded, [row], None)
+        together = rows(range(len(ids)))
+        if loaded.arch == "causal":  # the last row joins between two decode steps (continuous batching)
+            pending = together[-1:]
+            _decode_causal(loaded, together[:-1], None, lambda free: [pending.pop()] if pending else [], len(ids))
         else:
-            module.forward = MethodType(_padded_linear_forward, module)
+            _decode_rows(loaded, together, None)
+    for i, (a, b) in enumerate(zip(alone, together, strict=True)):
+        for step, (la, lb) in enumerate(zip(a.logits or [], b.logits or [], strict=False)):
+            if not torch.equal(la, lb):
+                diff = float((la - lb).abs().max())
+                return False, f"prompt {i} step {step}: logits alone and batched differ by up to {diff:.2e}"
+        if len(a.logits or []) != len(b.logits or []):
+            return False, f"prompt {i}: {len(a.logits or [])} steps alone, {len(b.logits or [])} batched"
+    return True, f"{len(ids)} prompts x {steps} steps: logits alone and batched identical"
 
 
-def _row_ranges(mask: torch.Tensor | None, batch: int, kv_length: int) -> list[tuple[int, int]] | None:
-    """Each row's real keys [start, end) from a 4D SDPA mask (None: all keys).
-
-    Read from the last query's row (with causal masks it sees every real key). None when a
-    row's keys are not one contiguous range: not a padding mask this module knows.
-    """
-    if mask is None:
-        return [(0, kv_length)] * batch
-    seen = mask[:, 0, -1, :] if mask.dtype == torch.bool else mask[:, 0, -1, :] == 0
-    seen = seen.expand(batch, kv_length)
-    idx = torch.arange(kv_length)
-    start = torch.where(seen, idx, kv_length).amin(dim=-1)
-    end = torch.where(seen, idx + 1, 0).amax(dim=-1)
-    width = (end - start).clamp(min=0)
-    if bool((seen.sum(dim=-1) != width).any()):
-        return None
-    return [(int(s), int(s + w)) for s, w in zip(start.tolist(), width.tolist(), strict=True)]
-
-
-def _row_queries(kind: str, start: int, end: int, q_length: int, kv_length: int) -> tuple[int, int]:
-    """The real queries [first, last) of a row whose real keys are [start, end)."""
-    if kind == "causal":  # the queries are the last q_length key positions
-        return max(0, start - (kv_length - q_length)), q_length - (kv_length - end)
-    if kind == "cross":  # decoder queries over encoder keys: every query is real
-        return 0, q_length
-    return start, end  # bidirectional self-attention: queries and keys are the same positions
-
-
-def _row_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: int, causal: bool,
-                   bias: torch.Tensor | None, scaling: float | None) -> torch.Tensor:
-    """SDPA for one row: q (1, heads, n_q, d), k and v (1, kv_heads, n_k, d) -> (1, heads, n_q, d).
-
-    Causal masks are bottom-right aligned (the queries are the last key positions). A single
-    query (a decode step) runs its query heads as the queries of their shared key/value head
-    (no repeated keys); its result is the same as with repeated keys up to rounding, and always
-    the same whatever the batch.
-    """
-    n_q, n_k = q.shape[2], k.shape[2]
-    sdpa = torch.nn.functional.scaled_dot_product_attention
-    if n_q == 1 and bias is None:
-        heads, dim = q.shape[1], q.shape[3]
-        packed = q.reshape(1, heads // groups, groups, dim)
-        return sdpa(packed, k, v, scale=scaling).reshape(1, heads, 1, v.shape[-1])
-    k, v = repeat_kv(k, groups), repeat_kv(v, groups)
-    causal = causal and n_q > 1
-    if bias is None and (not causal or n_q == n_k):
-        return sdpa(q, k, v, scale=scaling, is_causal=causal)
-    allowed = torch.arange(n_k)[None, :] <= torch.arange(n_k - n_q, n_k)[:, None] if causal else None
-    if bias is None:
-        return sdpa(q, k, v, attn_mask=allowed, scale=scaling)
-    mask = bias if allowed is None else bias.masked_fill(~allowed, torch.finfo(bias.dtype).min)
-    return sdpa(q, k, v, attn_mask=mask.to(q.dtype).contiguous(), scale=scaling)
-
-
-def rowwise_attention_forward(
-    module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-    attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
-    is_causal: bool | None = None, position_bias: torch.Tensor | None = None, **kwargs: Any,
-) -> tuple[torch.Tensor, None]:
-    """Attention computed row by row on the row's real (unpadded) keys and queries.
-
-    Each row gets exactly the SDPA call it would get alone, so its result does not depend on the
-    batch: causal self-attention (left padding), bidirectional encoder self-attention and
-    decoder cross-attention (any padding side), with T5's relative position bias. Training,
-    sliding windows, soft-capping and unusual masks go to transformers' SDPA implementation.
-    """
-    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-    kind = "causal" if causal else ("cross" if getattr(module, "is_decoder", False) else "self")
-    batch, heads, q_length, _ = query.shape
-    kv_length = key.shape[2]
-    plain = not (module.training or dropout > 0 or kwargs.get("sliding_window") or kwargs.get("softcap") is not None
-                 or (attention_mask is not None and attention_mask.dim() != 4)
-                 or (kind == "self" and q_length != kv_length))
-    ranges = _row_ranges(attention_mask, batch, kv_length) if plain else None
-    if ranges is None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      is_causal=is_causal, position_bias=position_bias, **kwargs)
-    groups = getattr(module, "num_key_value_groups", 1)
-    out = query.new_zeros(batch, q_length, heads, value.shape[-1])
-    for b, (start, end) in enumerate(ranges):
-        first, last = _row_queries(kind, start, end, q_length, kv_length)
-        if end <= start or last <= first:
-            continue  # a row of padding only
-        bias = None
-        if position_bias is not None:
-            pb = min(b, position_bias.shape[0] - 1)
-            bias = position_bias[pb: pb + 1, :, first:last, start:end]
-        o = _row_attention(query[b: b + 1, :, first:last], key[b: b + 1, :, start:end],
-                           value[b: b + 1, :, start:end], groups, kind == "causal", bias, scaling)
-        out[b, first:last] = o[0].transpose(0, 1)
-    return out, None
-
-
-AttentionInterface.register(ROWWISE_ATTENTION, rowwise_attention_forward)
-AttentionMaskInterface.register(ROWWISE_ATTENTION, sdpa_mask)
-
-
-def prepare_model(loaded: LoadedModel) -> None:
-    """Make a model's generation batch-invariant (once per model; results equal up to rounding)."""
-    model = loaded.model
-    if getattr(model, "_csra_generation_ready", False):
-        return
-    _pad_linear_rows(model)
-    try:
-        model.set_attn_implementation(ROWWISE_ATTENTION)
-    except Exception as exc:  # a model without the attention interface: still correct, maybe not invariant
-        logger.warning("%s keeps its attention (%s): batched greedy text may differ from unbatched",
-                       type(model).__name__, exc)
-    model._csra_generation_ready = True
-
-
-def _prepared(loader: Loader) -> Loader:
+def _prepared(loader: Loader, max_batch: int = 16) -> Loader:
     """``loader`` followed by ``prepare_model``, so that the cache sizes the model as it will run."""
     def load() -> LoadedModel:
         loaded = loader()
-        prepare_model(loaded)
+        prepare_model(loaded, max_batch)
         return loaded
 
     return load
@@ -620,6 +502,9 @@ def _decode_causal(loaded: LoadedModel, rows: list[_Row], check_cancelled: Calla
                     next_pos, last, rows = torch.cat([next_pos, next2]), torch.cat([last, last2]), rows + new
                 elif new:
                     rows, mask, next_pos, last, cache = new, mask2, next2, last2, cache2
+        for row in rows:
+            row.stop_if_cancelled()
+        rows, (mask, next_pos, last) = _keep_active(rows, mask, next_pos, last, cache=cache)  # type: ignore[assignment]
         if not rows:
             return
         if check_cancelled is not None:
@@ -657,6 +542,8 @@ def _decode_seq2seq(loaded: LoadedModel, rows: list[_Row], check_cancelled: Call
         for row, token in zip(rows, _sample_rows(rows, out.logits[:, -1, :]), strict=True):
             row.add(token)
         last = torch.tensor([r.generated[-1] for r in rows], dtype=torch.long).unsqueeze(1)
+        for row in rows:
+            row.stop_if_cancelled()
         rows, (hidden, mask, last) = _keep_active(rows, hidden, mask, last, cache=cache)
         if not rows:
             return
@@ -717,18 +604,24 @@ def _run_rows(loaded: LoadedModel, rows: list[_Row], check_cancelled: Callable[[
               join: Joiner | None = None, max_rows: int = 0) -> None:
     """Decode ``rows`` (sampled ones as one batch, which ``join`` may grow; causal models only),
     then the beam-search ones one by one."""
-    prepare_model(loaded)
+    prepare_model(loaded, max(max_rows, len(rows)))
     with torch.inference_mode():
-        sampled = [r for r in rows if r.request.num_beams <= 1]
-        if sampled and loaded.arch == "seq2seq":
-            _decode_seq2seq(loaded, sampled, check_cancelled)
-        elif sampled:
-            _decode_causal(loaded, sampled, check_cancelled, join, max_rows)
-        for row in rows:
-            if row.request.num_beams > 1:
-                if check_cancelled is not None:
-                    check_cancelled()
-                _beam_search(loaded, row)
+        _decode_rows(loaded, rows, check_cancelled, join, max_rows)
+
+
+def _decode_rows(loaded: LoadedModel, rows: list[_Row], check_cancelled: Callable[[], None] | None,
+                 join: Joiner | None = None, max_rows: int = 0) -> None:
+    """The decode loops for a model already prepared (inside ``torch.inference_mode``)."""
+    sampled = [r for r in rows if r.request.num_beams <= 1]
+    if sampled and loaded.arch == "seq2seq":
+        _decode_seq2seq(loaded, sampled, check_cancelled)
+    elif sampled:
+        _decode_causal(loaded, sampled, check_cancelled, join, max_rows)
+    for row in rows:
+        if row.request.num_beams > 1:
+            if check_cancelled is not None:
+                check_cancelled()
+            _beam_search(loaded, row)
 
 
 def _run(loaded: LoadedModel, requests: Sequence[GenerationRequest], prompt_ids: Sequence[list[int]] | None,
@@ -794,10 +687,7 @@ def model_bytes(loaded: LoadedModel) -> int:
             continue
         seen.add(t.data_ptr())
         total += t.numel() * t.element_size()
-    for m in loaded.model.modules():  # oneDNN's packed copies are opaque: count them as the weight's size
-        if hasattr(m, "_csra_packed"):
-            total += m.weight.numel() * m.weight.element_size()
-    return total
+    return total + packed_bytes(loaded.model)
 
 
 class ModelCache:
@@ -916,12 +806,14 @@ class BatchingEngine:
     """
 
     def __init__(self, cache: ModelCache | None = None, max_batch_size: int = 16, max_wait_ms: float = 10.0,
-                 continuous: bool = True) -> None:
+                 continuous: bool = True, on_busy: Callable[[], None] | None = None) -> None:
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be >= 1")
         self.cache = cache if cache is not None else ModelCache()
         self.max_batch_size, self.max_wait_ms = max_batch_size, max_wait_ms
         self.continuous = continuous
+        # called at every submit, load and decode step: background jobs on this machine pause meanwhile
+        self.on_busy = on_busy or (lambda: None)
         self.joined = 0
         self._cond = threading.Condition()
         self._queues: dict[str, deque[_Pending]] = {}
@@ -972,6 +864,7 @@ class BatchingEngine:
     def submit(self, model_key: str, loader: Loader, request: GenerationRequest) -> Future[GenerationResult]:
         """Queue ``request`` for the model ``model_key`` (loaded through the cache with ``loader``)."""
         future: Future[GenerationResult] = Future()
+        self.on_busy()
         with self._cond:
             if not self._running:
                 raise RuntimeError("the batching engine is not running (call start())")
@@ -983,15 +876,21 @@ class BatchingEngine:
 
     def load(self, model_key: str, loader: Loader) -> LoadedModel:
         """The model for ``model_key`` from the cache; a miss is loaded on the engine thread."""
-        if model_key in self.cache:
-            return self.cache.get(model_key, loader)
+        return self.load_async(model_key, loader).result()
+
+    def load_async(self, model_key: str, loader: Loader) -> Future[LoadedModel]:
+        """``load`` as a future, so that a caller can stop waiting (a cancelled job) while it loads."""
+        self.on_busy()
         future: Future[LoadedModel] = Future()
+        if model_key in self.cache:
+            future.set_result(self.cache.get(model_key, loader))
+            return future
         with self._cond:
             if not self._running:
                 raise RuntimeError("the batching engine is not running (call start())")
-            self._calls.append((lambda: self.cache.get(model_key, _prepared(loader)), future))
+            self._calls.append((lambda: self.cache.get(model_key, _prepared(loader, self.max_batch_size)), future))
             self._cond.notify_all()
-        return future.result()
+        return future
 
     @property
     def stats(self) -> dict[str, Any]:
@@ -1095,9 +994,9 @@ class BatchingEngine:
     def _run_batch(self, key: str, batch: list[_Pending]) -> None:
         taken = list(batch)
         try:
-            loaded = self.cache.get(key, _prepared(batch[0].loader))
+            loaded = self.cache.get(key, _prepared(batch[0].loader, self.max_batch_size))
             join = self._joiner(key, loaded, taken) if self.continuous else None
-            _run_rows(loaded, self._rows(loaded, batch), None, join, self.max_batch_size)
+            _run_rows(loaded, self._rows(loaded, batch), self.on_busy, join, self.max_batch_size)
         except BaseException as exc:  # noqa: BLE001 - every error goes to the waiting callers
             logger.warning("generation batch of %d for %s failed: %s", len(taken), key, exc)
             for p in taken:

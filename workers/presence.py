@@ -8,7 +8,7 @@ from typing import Any
 import redis
 from celery import bootsteps
 
-from csra.presence import INTERVAL, announce, withdraw
+from csra.presence import INTERVAL, announce, report_invariance, withdraw
 from csra.settings import get_settings
 
 logger = logging.getLogger(__name__)
@@ -45,3 +45,16 @@ class Presence(bootsteps.StartStopStep):
                 withdraw(self.client, self.hostname)
         except (redis.RedisError, OSError):
             pass
+
+
+def publish_invariance(model_name: str, report: dict[str, Any] | None) -> None:
+    """Make a model's batch-invariance self-check visible in ``GET /health`` (best effort)."""
+    from workers.runner import worker_name
+
+    if report is None:
+        return
+    try:
+        client = redis.Redis.from_url(get_settings().effective_redis_url, socket_timeout=2)
+        report_invariance(client, worker_name(), model_name, report)
+    except (redis.RedisError, OSError):
+        logger.warning("could not publish the batch-invariance report of %s", model_name, exc_info=True)

@@ -19,9 +19,10 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy import select, update
 
-from csra.jobctx import JobCancelled, JobError
+from csra.jobctx import JobCancelled, JobError, JobTimeLimit
 from csra.settings import get_settings
 from db.base import utcnow
 from db.models import TERMINAL, Job, JobEvent, JobStatus
@@ -121,18 +122,26 @@ def _finish_cancelled(job: Job) -> None:
 
 
 class DbJobContext:
-    """``csra.jobctx.JobContext`` backed by the job row. Writes are throttled."""
+    """``csra.jobctx.JobContext`` backed by the job row. Writes are throttled.
+
+    ``check_cancelled`` also enforces the job kind's time limit (``CSRA_TIME_LIMIT_<KIND>``): the
+    job stops at its first check past the limit, whatever pool runs it (Celery's own limits do not
+    work in the generate worker's thread pool).
+    """
 
     MIN_WRITE_INTERVAL = 0.5
 
-    def __init__(self, claim_: Claim) -> None:
+    def __init__(self, claim_: Claim, kind: str) -> None:
         self.claim = claim_
         self.job_id = claim_.job_id
+        self.attempt = claim_.attempt
         self.work_dir = get_settings().jobs_dir / str(claim_.job_id)
         self.work_dir.mkdir(parents=True, exist_ok=True)
         self._last_progress = 0.0
         self._last_check = 0.0
         self._phase = ""
+        self.time_limit, self.limit_setting = get_settings().time_limit(kind)
+        self._deadline = time.monotonic() + self.time_limit
 
     def _owned(self) -> Any:
         return (Job.id == self.job_id, Job.worker == self.claim.worker, Job.attempts == self.claim.attempt)
@@ -154,6 +163,8 @@ class DbJobContext:
 
     def check_cancelled(self) -> None:
         now = time.monotonic()
+        if now > self._deadline:
+            raise JobTimeLimit(time_limit_message(self.time_limit, self.limit_setting, "it was stopped"))
         if now - self._last_check < self.MIN_WRITE_INTERVAL:
             return
         self._last_check = now
@@ -209,17 +220,27 @@ def _record(claim_: Claim, **values: Any) -> bool:
         return res.rowcount == 1
 
 
-def execute(job_id: int, handler: Handler) -> None:
+def time_limit_message(seconds: float, setting: str, outcome: str) -> str:
+    return (f"the job ran past its time limit of {seconds:g} s ({setting}); {outcome}. "
+            f"Raise {setting} if jobs like this one need longer.")
+
+
+def execute(job_id: int, kind: str, handler: Handler) -> None:
     """Run one job through its whole lifecycle. Never raises for a job-level failure."""
     claim_ = claim(job_id)
     if claim_ is None:
         return
     settings = get_settings()
-    ctx = DbJobContext(claim_)
+    ctx = DbJobContext(claim_, kind)
     t0 = time.monotonic()
     with Heartbeat(claim_, settings.heartbeat_seconds):
         try:
             result = handler(job_id, claim_.params, ctx)
+        except SoftTimeLimitExceeded:  # Celery interrupted a job that did not stop at its limit
+            msg = time_limit_message(ctx.time_limit, ctx.limit_setting, "Celery's soft time limit interrupted it")
+            _record(claim_, status=JobStatus.FAILED.value, error=msg, stage="failed: time limit")
+            add_event(job_id, "status", f"failed: {msg}")
+            return
         except JobCancelled:
             _record(claim_, status=JobStatus.CANCELLED.value, stage="cancelled")
             add_event(job_id, "status", "cancelled")
@@ -248,3 +269,16 @@ def execute(job_id: int, handler: Handler) -> None:
 
 def work_dir_for(job_id: int) -> Path:
     return get_settings().jobs_dir / str(job_id)
+
+
+def fail_past_hard_limit(job_id: int, kind: str, seconds: float) -> None:
+    """Celery killed the job's worker process at its hard time limit: fail the job, naming the limit."""
+    _, setting = get_settings().time_limit(kind)
+    msg = (f"the job ran past its hard time limit of {seconds:g} s ({setting} + CSRA_TIME_LIMIT_GRACE_SECONDS) "
+           f"without stopping, so its worker process was killed. Raise {setting} if jobs like this one need longer.")
+    with session_scope() as s:
+        res = s.execute(update(Job).where(Job.id == job_id, Job.status == JobStatus.RUNNING.value)
+                        .values(status=JobStatus.FAILED.value, error=msg, stage="failed: hard time limit",
+                                finished_at=utcnow(), eta_seconds=None))
+        if res.rowcount == 1:
+            s.add(JobEvent(job_id=job_id, kind="status", message=f"failed: {msg}"))

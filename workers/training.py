@@ -40,6 +40,7 @@ from transformers.trainer_pt_utils import get_length_grouped_indices
 from csra.jobctx import JobCancelled, JobContext, JobError
 from csra.specs import TrainSpec
 from models_store.loading import LoadedModel, load_model_and_tokenizer
+from workers.cpu_share import CpuYielder, yield_inside_steps
 from workers.prompting import example_prompt, has_chat_template
 from workers.sampling import composition, stratified_sample
 
@@ -424,14 +425,18 @@ class TrainingRun:
     """One fine-tuning run: data plan, optimizer, the step loop, eval, checkpoints."""
 
     def __init__(self, spec: TrainSpec, loaded: LoadedModel, train_rows: Sequence[dict],
-                 val_rows: Sequence[dict], out_dir: Path, ctx: JobContext) -> None:
+                 val_rows: Sequence[dict], out_dir: Path, ctx: JobContext,
+                 yield_cpu: CpuYielder | None = None) -> None:
         self.spec, self.ctx, self.arch = spec, ctx, loaded.arch
         self.out_dir, self.ckpt_root = out_dir, out_dir / "checkpoints"
         self.tokenizer = loaded.tokenizer
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.precision = resolve_precision(spec.precision, self.device)
         self.autocast = autocast_for(self.precision, self.device)
+        self.yield_cpu = yield_cpu
         self.model = self._prepare_model(loaded.model)
+        if yield_cpu is not None:  # chat first: pause inside steps too (a step takes seconds)
+            yield_inside_steps(self.model, yield_cpu)
         self.loss_fn = LossFn(self.model, self.arch)
         self._encode(train_rows, val_rows)
         self.optimizer, self.scheduler = self._optimizer()
@@ -546,6 +551,8 @@ class TrainingRun:
         window = _Window()
         while self.state.step < self.total_steps and not self.stopped_early:
             self.ctx.check_cancelled()
+            if self.yield_cpu is not None:
+                self.yield_cpu()
             loss, tokens = self.train_step(self.step_batches(self.state.step))
             self.state.step += 1
             self.state.tokens_seen += tokens
@@ -678,6 +685,7 @@ class TrainingRun:
             "precision": self.precision, "resumed_from_step": self.resumed_from_step,
             "best_step": st.best_step, "early_stopped": self.stopped_early, "cancelled": cancelled,
             "train_rows": len(self.train_rows), "train_intents": len(composition(self.train_rows)),
+            "yielded_to_chat_seconds": round(self.yield_cpu.waited, 1) if self.yield_cpu else 0.0,
             "history": st.history,
         }
 
@@ -699,12 +707,14 @@ def run_training(
     out_dir: Path,
     ctx: JobContext,
     num_threads: int | None = None,
+    yield_cpu: CpuYielder | None = None,
 ) -> dict[str, Any]:
     """Fine-tune ``model_source`` (a resolved folder or HF id) on ``train_rows``; see the module docs.
 
     Resumes from ``out_dir/checkpoints`` when a previous attempt left checkpoints there. Writes
     the final model to ``out_dir/model``. ``num_threads`` sets torch's intra-op threads for the
-    duration of the run only.
+    duration of the run only. ``yield_cpu`` (``workers.cpu_share``) pauses the run while chats are
+    answered on this machine.
     """
     if not train_rows:
         raise JobError("the dataset has no training rows: import a dataset with a non-empty train split")
@@ -713,7 +723,8 @@ def run_training(
     if num_threads:
         torch.set_num_threads(num_threads)
     try:
-        run = TrainingRun(spec, _load_base(model_source, spec, train_rows), train_rows, val_rows, out_dir, ctx)
+        run = TrainingRun(spec, _load_base(model_source, spec, train_rows), train_rows, val_rows, out_dir, ctx,
+                          yield_cpu)
         drawn, split = composition(run.train_rows), composition(train_rows)
         ctx.event("log", f"training {run.total_steps} steps ({run.steps_per_epoch}/epoch), precision "
                          f"{run.precision}, {len(run.train)} examples drawn from {len(train_rows)}, covering "

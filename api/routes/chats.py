@@ -124,7 +124,9 @@ def _settle_pending(db: Session, chat: ChatSession) -> None:
         if m.status == "pending" and m.job_id is not None:
             job = db.get(Job, m.job_id)
             if job is not None and job.status in TERMINAL and job.status != "succeeded":
-                m.status, m.error = "failed", job.error or f"generation {job.status}"
+                cancelled = job.status == "cancelled"
+                m.status = "cancelled" if cancelled else "failed"
+                m.error = job.error or ("generation cancelled" if cancelled else f"generation {job.status}")
                 changed = True
     if changed:
         db.commit()
@@ -363,8 +365,8 @@ def _csv(chat: ChatSession) -> str:
 def _reply_text(reply: ChatMessage | None) -> str:
     if reply is None or reply.status == "pending":
         return "(no reply yet)"
-    if reply.status == "failed":
-        return f"(reply failed: {reply.error})"
+    if reply.status in ("failed", "cancelled"):
+        return f"(reply {reply.status}: {reply.error})"
     return reply.content
 
 

@@ -31,6 +31,7 @@ from api.schemas import (
 from csra.settings import get_settings
 from csra.specs import ImportSpec
 from db.models import Dataset, DatasetExample, DatasetStatus
+from db.session import get_sessionmaker
 
 router = APIRouter(prefix="/datasets", tags=["datasets"])
 
@@ -61,7 +62,13 @@ def _resolve_source(source: str) -> str:
     return f"file:{path}"
 
 
-def _create(db: Session, name: str, source: str, spec: ImportSpec, owner: str | None) -> DatasetCreated:
+def _create(name: str, source: str, spec: ImportSpec, owner: str | None) -> DatasetCreated:
+    """Runs in the thread pool with its own session (never on the event loop)."""
+    with get_sessionmaker()() as db:
+        return _create_in(db, name, source, spec, owner)
+
+
+def _create_in(db: Session, name: str, source: str, spec: ImportSpec, owner: str | None) -> DatasetCreated:
     ds = Dataset(name=name, source=source, options=spec.model_dump(), owner=owner)
     db.add(ds)
     db.flush()
@@ -140,7 +147,7 @@ def _parse_options(raw: Any) -> ImportSpec:
         }
     },
 )
-async def create_dataset(request: Request, db: DbSession, owner: Owner) -> DatasetCreated:
+async def create_dataset(request: Request, owner: Owner) -> DatasetCreated:
     """Import a dataset: JSON ``{name, source, options}`` or a multipart upload (``file``)."""
     settings = get_settings()
     ctype = request.headers.get("content-type", "")
@@ -159,7 +166,7 @@ async def create_dataset(request: Request, db: DbSession, owner: Owner) -> Datas
         spec = _parse_options(form.get("options"))
         path = await _save_upload(upload, max_bytes)
         name = str(form.get("name") or path.stem)
-        return await run_in_threadpool(_create, db, name, f"upload:{path}", spec, owner)
+        return await run_in_threadpool(_create, name, f"upload:{path}", spec, owner)
     try:
         body = DatasetCreate.model_validate(await request.json())
     except ValidationError as e:
@@ -169,7 +176,7 @@ async def create_dataset(request: Request, db: DbSession, owner: Owner) -> Datas
             status_code=422, detail="send JSON {name, source, options} or a multipart upload with a 'file' field"
         ) from None
     source = await run_in_threadpool(_resolve_source, body.source)  # blocking DB/Redis work off the event loop
-    return await run_in_threadpool(_create, db, body.name, source, body.options, owner)
+    return await run_in_threadpool(_create, body.name, source, body.options, owner)
 
 
 @router.get("", response_model=DatasetsPublic)

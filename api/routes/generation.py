@@ -90,12 +90,16 @@ async def _exists(client: aredis.Redis, key: str) -> bool:
 async def token_events(job_id: int, start: str = "0") -> AsyncIterator[dict[str, str]]:
     """SSE events ``token`` ({"text"}) as the worker writes them, then ``done`` (the job).
 
+    ``reset`` ({"attempt"}) means the worker running the job died and a new attempt streams the
+    reply again from its start: drop the text received so far.
+
     The database is read at the start and after a second without tokens (a job that ended
     without an end marker), not per token: a stream costs the API only the Redis reads.
     """
     client = aredis.Redis.from_url(get_settings().effective_redis_url)
     key = stream_key(job_id)
     last = start
+    relayed = False
     try:
         snap = await run_in_threadpool(_job_snapshot, job_id)
         if snap.get("status") in TERMINAL and (snap.get("kind") != "generate" or not await _exists(client, key)):
@@ -112,7 +116,12 @@ async def token_events(job_id: int, start: str = "0") -> AsyncIterator[dict[str,
                     last = entry_id.decode()
                     item = decode_entry(fields)
                     if item["type"] == "token":
+                        relayed = True
                         yield {"event": "token", "data": json.dumps({"text": item["text"]})}
+                    elif item["type"] == "start":  # a retried attempt streams its reply from the start
+                        if relayed:
+                            relayed = False
+                            yield {"event": "reset", "data": json.dumps({"attempt": int(item["attempt"])})}
                     else:
                         yield {"event": "done", "data": json.dumps(await _final_snapshot(job_id))}
                         return

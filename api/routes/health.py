@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any
 
@@ -11,7 +12,7 @@ from sqlalchemy import text
 from starlette.concurrency import run_in_threadpool
 
 from api.enqueue import redis_client, redis_ok
-from csra.presence import live_workers
+from csra.presence import SUPERVISOR_KEY, invariance_reports, live_workers
 from csra.queue import QUEUES
 from db.session import get_engine
 
@@ -38,14 +39,48 @@ def _workers() -> dict[str, list[str]]:
         return {q: [] for q in QUEUES}
 
 
+def _invariance() -> tuple[dict[str, Any], list[str]]:
+    """Each loaded model's batch-invariance self-check per worker, and a warning for every failed one."""
+    try:
+        reports = invariance_reports(redis_client())
+    except Exception:
+        logger.warning("reading batch-invariance reports failed", exc_info=True)
+        return {}, []
+    summary = {key: {k: r.get(k) for k in ("batch_invariant", "linear_plan", "attention", "cpu", "detail")}
+               for key, r in sorted(reports.items())}
+    warnings = [f"batch invariance is OFF for model {key.split('|', 1)[1]} on worker {key.split('|', 1)[0]}: "
+                f"greedy replies may differ between a request alone and in a batch ({r.get('detail')})"
+                for key, r in sorted(reports.items()) if not r.get("batch_invariant")]
+    return summary, warnings
+
+
+def _supervisor() -> dict[str, Any] | None:
+    """``csra up``'s parts with their restart counts (None when the stack runs without ``csra up``)."""
+    try:
+        raw = redis_client().get(SUPERVISOR_KEY)
+    except Exception:
+        logger.warning("reading the supervisor state failed", exc_info=True)
+        return None
+    return json.loads(raw) if raw else None
+
+
 def _check() -> dict[str, Any]:
     db, rds = _db_ok(), redis_ok()
     workers = _workers() if rds else {q: [] for q in QUEUES}
+    invariance, warnings = _invariance() if rds else ({}, [])
+    supervisor = _supervisor() if rds else None
+    for name, part in ((supervisor or {}).get("parts") or {}).items():
+        if part.get("restarts"):
+            warnings.append(f"{name} was restarted {part['restarts']} time(s) (last exit code "
+                            f"{part.get('last_exit_code')}); see the csra up log")
     return {
         "status": "ok" if db and rds else "degraded",
         "database": "ok" if db else "unreachable",
         "redis": "ok" if rds else "unreachable",
         "workers": workers,
+        "batch_invariance": invariance,
+        "supervisor": supervisor,
+        "warnings": warnings,
     }
 
 

@@ -136,6 +136,7 @@ def test_cli_eval_prints_the_leaderboard(stack, dataset, finetuned):
     assert "succeeded" in done.stderr and "/report.html" in done.stderr  # progress and notes on stderr
     for label in ("ROUGE-L", "heuristic (0-3)", "slots invented", f"{finetuned} (n=", "baseline (n="):
         assert label in done.stdout, done.stdout
+    assert "6 of " in done.stdout and "intents" in done.stdout  # the sample's make-up beside the numbers
     from pathlib import Path
 
     evaluations = Path(stack.env["CSRA_DATA_DIR"]) / "evaluations"

@@ -52,7 +52,7 @@ def one_thread():
 
 def test_a_retried_model_resumes_from_its_checkpoint(tiny_causal: Path, tmp_path: Path) -> None:  # noqa: F811
     row = {"path": str(tiny_causal), "name": "tiny"}
-    _, whole, _ = _predict(row, EXAMPLES, SPEC, Ctx(), 0, 10)
+    _, whole, _, _ = _predict(row, EXAMPLES, SPEC, Ctx(), 0, 10)
 
     checkpoint = tmp_path / "predictions-tiny.partial.jsonl"
     with pytest.raises(Crash):
@@ -62,7 +62,7 @@ def test_a_retried_model_resumes_from_its_checkpoint(tiny_causal: Path, tmp_path
         f.write('{"wall": 1.0, "results": [{"exam')  # the crash tore the third batch's line
 
     ctx = Ctx()
-    _, resumed, wall = _predict(row, EXAMPLES, SPEC, ctx, 0, 10, checkpoint)
+    _, resumed, wall, _ = _predict(row, EXAMPLES, SPEC, ctx, 0, 10, checkpoint)
     assert any("6 predictions kept" in m for m in ctx.logs)
     assert ctx.stages[0] == "tiny: generated 9/10"  # only the 4 missing examples were generated
     assert [r.token_ids for r in resumed] == [r.token_ids for r in whole]
@@ -77,6 +77,6 @@ def test_a_checkpoint_for_other_examples_is_ignored(tiny_causal: Path, tmp_path:
         _predict(row, EXAMPLES, SPEC, Ctx(crash_after_batches=1), 0, 10, checkpoint)
     others = [{**e, "id": e["id"] + 1000} for e in EXAMPLES]
     ctx = Ctx()
-    _, results, _ = _predict(row, others, SPEC, ctx, 0, 10, checkpoint)
+    _, results, _, _ = _predict(row, others, SPEC, ctx, 0, 10, checkpoint)
     assert len(results) == 10 and not any("kept" in m for m in ctx.logs)
     assert ctx.stages[0] == "tiny: generated 3/10"

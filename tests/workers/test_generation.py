@@ -17,11 +17,10 @@ from workers.generation import (
     GenerationRequest,
     ModelCache,
     TextStream,
-    _onednn_available,
-    _pad_linear_rows,
     generate_batch,
     generate_many,
     model_bytes,
+    prepare_model,
     stop_tokens,
 )
 from workers.prompting import example_prompt
@@ -117,6 +116,26 @@ def test_generate_many_cancellation_stops(causal: LoadedModel) -> None:
                       check_cancelled=cancel)
 
 
+def test_a_stopped_row_leaves_the_batch_at_the_next_step(causal: LoadedModel) -> None:
+    p = prompts(causal, 3)
+    stop = threading.Event()
+    pieces: list[str] = []
+
+    def on_text(delta: str) -> None:
+        assert not stop.is_set(), "text streamed after the row was stopped"
+        pieces.append(delta)
+        if len(pieces) == 3:
+            stop.set()
+
+    long = GenerationRequest(p[0], 200, temperature=1.0, seed=3, on_text=on_text, should_stop=stop.is_set)
+    others = [GenerationRequest(p[1], 12), GenerationRequest(p[2], 12)]
+    results = generate_batch(causal, [long, *others])
+    assert results[0].finish_reason == "cancelled"
+    assert results[0].text == "".join(pieces) and len(pieces) == 3
+    assert results[0].completion_tokens < 20  # it stopped decoding, not at max_new_tokens
+    assert [r.token_ids for r in results[1:]] == [r.token_ids for r in alone(causal, others)]  # others unaffected
+
+
 # --------------------------------------------------------------------------- sampling
 
 
@@ -178,6 +197,7 @@ def test_end_token_stops_a_row(tiny_causal: Path) -> None:  # noqa: F811
             logits[..., end] = 1e4
         return logits
 
+    prepare_model(loaded)  # its load-time self-check runs the output layer too: before counting steps
     loaded.model.get_output_embeddings().register_forward_hook(end_after_three)
     p = prompts(loaded, 2)
     results = generate_batch(loaded, [GenerationRequest(p[0], 20, on_text=lambda _: None), GenerationRequest(p[1], 2)])
@@ -342,6 +362,24 @@ def test_engine_does_not_let_one_model_starve_another(causal: LoadedModel) -> No
     assert stats["joined"] == 0 and stats["batches"] == 3, stats  # "b" waited, so nothing joined "a"
 
 
+def test_engine_stops_a_cancelled_request_and_reports_invariance(causal: LoadedModel) -> None:
+    stop = threading.Event()
+    seen: list[str] = []
+
+    def on_text(delta: str) -> None:
+        seen.append(delta)
+        stop.set()  # the caller cancels after the first piece of text
+
+    with BatchingEngine(max_wait_ms=1) as engine:
+        loaded = engine.load("tiny", lambda: causal)
+        assert loaded.invariance is not None and loaded.invariance["batch_invariant"], loaded.invariance
+        future = engine.submit("tiny", lambda: causal, GenerationRequest(prompts(causal, 1)[0], 2000, temperature=1.0,
+                                                                         seed=1, on_text=on_text,
+                                                                         should_stop=stop.is_set))
+        result = future.result(timeout=30)
+    assert result.finish_reason == "cancelled" and result.completion_tokens <= 3 and len(seen) == 1
+
+
 def test_engine_fails_the_futures_of_a_failing_batch() -> None:
     def broken_loader() -> LoadedModel:
         raise OSError("weights missing")
@@ -352,28 +390,6 @@ def test_engine_fails_the_futures_of_a_failing_batch() -> None:
             future.result(timeout=10)
     with pytest.raises(RuntimeError):
         engine.submit("x", broken_loader, GenerationRequest("hi"))
-
-
-@pytest.mark.parametrize("use_onednn", [True, False])
-@pytest.mark.parametrize(("d_in", "d_out"), [(576, 1536), (1536, 576), (576, 49152)])  # SmolLM2's shapes
-def test_linear_rows_do_not_depend_on_the_row_count(use_onednn: bool, d_in: int, d_out: int) -> None:
-    if use_onednn and not _onednn_available():
-        pytest.skip("no oneDNN in this torch build")
-    torch.manual_seed(0)
-    layer = torch.nn.Linear(d_in, d_out, bias=d_out != 49152).eval()
-    _pad_linear_rows(layer, use_onednn=use_onednn)
-    x = torch.randn(40, d_in)
-    with torch.inference_mode():
-        alone = torch.cat([layer(x[i: i + 1]) for i in range(0, 40, 3)])
-        for rows in (2, 3, 5, 7, 16, 17, 40):
-            batch = layer(x[:rows])[0:rows:3]
-            assert torch.equal(batch, alone[: batch.shape[0]]), f"{rows} rows"
-        torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias),
-                                   rtol=1e-4, atol=1e-4)
-    with torch.no_grad():
-        layer.weight.mul_(2)  # changed in place after packing: the stale packed copy is not used
-        torch.testing.assert_close(layer(x[:3]), torch.nn.functional.linear(x[:3], layer.weight, layer.bias),
-                                   rtol=1e-4, atol=1e-4)
 
 
 def test_engine_loads_models_on_its_own_thread(causal: LoadedModel) -> None:

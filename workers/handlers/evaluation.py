@@ -25,7 +25,8 @@ from csra.specs import EvaluateSpec
 from db.models import Evaluation, EvaluationExample, JobEvent, Model
 from db.session import session_scope
 from workers.handlers.models import ensure_baseline_registered, find_model_row
-from workers.handlers.training import load_split
+from workers.handlers.training import background_yielder, load_split
+from workers.presence import publish_invariance
 from workers.sampling import composition, stratified_sample
 
 logger = logging.getLogger(__name__)
@@ -117,18 +118,24 @@ def checkpoint_path(eval_id: int, model_name: str) -> Path:
 
 def _predict(row: dict[str, Any], examples: list[dict[str, Any]], spec: EvaluateSpec, ctx: JobContext,
              done_before: int, total: int, checkpoint: Path | None = None
-             ) -> tuple[list[str], list[Any], float]:
+             ) -> tuple[list[str], list[Any], float, dict[str, Any]]:
     """Every example's prediction; with ``checkpoint``, resumes from and appends to that file.
 
-    Returns (prompts, results in example order, generation wall time in seconds).
+    Returns (prompts, results in example order, generation wall time in seconds, the model's
+    batch-invariance self-check on this worker).
     """
     from models_store.loading import load_model_and_tokenizer
-    from workers.generation import GenerationRequest, generate_many
+    from workers.generation import GenerationRequest, generate_many, prepare_model
     from workers.prompting import example_prompt
 
     saved = _Checkpoint(checkpoint, [e["id"] for e in examples]) if checkpoint is not None else None
     loaded = load_model_and_tokenizer(Path(row["path"]))
     try:
+        invariance = prepare_model(loaded, spec.batch_size)
+        publish_invariance(row["name"], invariance)
+        if not invariance["batch_invariant"]:
+            ctx.event("log", f"{row['name']}: batch invariance is OFF on this worker ({invariance['detail']}); "
+                             "batched greedy replies may differ from one-at-a-time ones")
         prompts = [example_prompt(loaded.tokenizer, e["instruction"], e["input"]) for e in examples]
         todo = [i for i in range(len(examples)) if saved is None or i not in saved.results]
         requests = [GenerationRequest(prompt=prompts[i], max_new_tokens=spec.max_new_tokens,
@@ -151,12 +158,19 @@ def _predict(row: dict[str, Any], examples: list[dict[str, Any]], spec: Evaluate
                 saved.append([todo[i] for i in indices], results, now - last[0])
             last[0] = now
 
+        yield_cpu = background_yielder()
+
+        def each_step() -> None:
+            ctx.check_cancelled()
+            if yield_cpu is not None:
+                yield_cpu()  # chats on this machine first
+
         new = generate_many(loaded, requests, batch_size=spec.batch_size, on_batch_done=on_batch,
-                            check_cancelled=ctx.check_cancelled, on_results=on_results)
+                            check_cancelled=each_step, on_results=on_results)
         wall = time.perf_counter() - t0
         if saved is None:
-            return prompts, new, wall
-        return prompts, [saved.results[i] for i in range(len(examples))], saved.wall
+            return prompts, new, wall, invariance
+        return prompts, [saved.results[i] for i in range(len(examples))], saved.wall, invariance
     finally:
         del loaded
         gc.collect()
@@ -274,9 +288,10 @@ def _evaluate_one(eval_id: int, ref: str, examples: list[dict[str, Any]], spec: 
             return  # a retried job: this model is already done
     ctx.progress(done_before / total, f"{row['name']}: loading")
     checkpoint = checkpoint_path(eval_id, row["name"])
-    prompts, results, wall = _predict(row, examples, spec, ctx, done_before, total, checkpoint)
+    prompts, results, wall, invariance = _predict(row, examples, spec, ctx, done_before, total, checkpoint)
     ctx.progress((done_before + len(examples)) / total, f"{row['name']}: scoring")
     scores, agg = _score(examples, results, wall)
+    agg["batch_invariance"] = invariance
     _store(eval_id, row, examples, prompts, results, scores, agg)
     checkpoint.unlink(missing_ok=True)
     ctx.event("metric", f"{row['name']}: rouge_l {agg['overall'].get('rouge_l', 0):.3f}",

@@ -1,4 +1,4 @@
-"""The import job: read a file, clean and split it, store the examples in one transaction."""
+"""The import job: read a file, clean and split it, store the examples (ready only once all are stored)."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from db.session import session_scope
 from workers import importing
 
 logger = logging.getLogger(__name__)
+STORE_CHUNK = 2000
 
 
 def resolve_source(source: str, work_dir: Path) -> Path:
@@ -35,11 +36,14 @@ def resolve_source(source: str, work_dir: Path) -> Path:
 
 
 def _fail_dataset(dataset_id: int, error: str) -> None:
+    """The dataset failed: no example of it stays behind (a half-stored import is never seen)."""
     with session_scope() as s:
+        s.execute(delete(DatasetExample).where(DatasetExample.dataset_id == dataset_id))
         ds = s.get(Dataset, dataset_id)
         if ds is not None:
             ds.status = DatasetStatus.FAILED.value
             ds.error = error
+            ds.row_count = 0
 
 
 def handle_import(job_id: int, params: dict[str, Any], ctx: JobContext) -> dict[str, Any]:
@@ -77,10 +81,17 @@ def _import(dataset_id: int, source: str, spec: ImportSpec, ctx: JobContext) -> 
     ctx.progress(0.9, f"storing {len(result.rows)} examples")
     cols = ("split", "instruction", "input", "output", "intent", "category", "flags")
     rows = [{"dataset_id": dataset_id, **{c: str(r.get(c) or "") for c in cols}} for r in result.rows]
-    # One transaction: the examples and the status flip land together or not at all.
-    with session_scope() as s:
+    with session_scope() as s:  # what an interrupted earlier attempt stored
         s.execute(delete(DatasetExample).where(DatasetExample.dataset_id == dataset_id))
-        s.execute(insert(DatasetExample), rows)
+    # In chunks, each its own short transaction: one huge insert would hold SQLite's write lock for
+    # seconds, and every job's heartbeat (a write) would wait behind it until jobs looked dead. The
+    # dataset turns "ready" only in the last transaction; until then no reader uses its examples.
+    for start in range(0, len(rows), STORE_CHUNK):
+        ctx.check_cancelled()
+        with session_scope() as s:
+            s.execute(insert(DatasetExample), rows[start: start + STORE_CHUNK])
+        ctx.progress(0.9 + 0.09 * min(start + STORE_CHUNK, len(rows)) / len(rows), "storing examples")
+    with session_scope() as s:
         ds = s.get(Dataset, dataset_id)
         if ds is None:
             raise JobError(f"dataset {dataset_id} was deleted while importing")

@@ -8,7 +8,7 @@ from typing import Any
 
 from sqlalchemy import select
 
-from csra.jobctx import JobCancelled, JobContext, JobError
+from csra.jobctx import JobCancelled, JobContext, JobError, JobTimeLimit
 from csra.queue import send_job
 from csra.settings import get_settings
 from csra.specs import TrainSpec
@@ -16,6 +16,7 @@ from db.base import utcnow
 from db.jobs import new_job
 from db.models import TERMINAL, Dataset, DatasetExample, DatasetStatus, Job, JobStatus, Model
 from db.session import session_scope
+from workers.cpu_share import CpuYielder, InteractiveSignal
 from workers.handlers.models import register_model, resolve_base
 
 logger = logging.getLogger(__name__)
@@ -36,6 +37,14 @@ def load_split(dataset_id: int, split: str) -> list[dict[str, Any]]:
             .order_by(DatasetExample.id)
         ).all()
     return [r._asdict() for r in rows]
+
+
+def background_yielder() -> CpuYielder | None:
+    """Pauses a training or evaluation job while the generate worker on this machine answers chats."""
+    settings = get_settings()
+    if not settings.train_yields_to_chat:
+        return None
+    return CpuYielder(InteractiveSignal(settings.interactive_signal_path), settings.train_yield_max_seconds)
 
 
 def _already_registered(job_id: int) -> dict[str, Any] | None:
@@ -59,8 +68,9 @@ def handle_train(job_id: int, params: dict[str, Any], ctx: JobContext) -> dict[s
     val_rows = load_split(spec.dataset_id, "validation")
     ctx.progress(0.0, "loading base model")
     source, base_name = resolve_base(spec.base_model)
+    settings = get_settings()
     result = run_training(spec, train_rows, val_rows, source, ctx.work_dir, ctx,
-                          num_threads=get_settings().torch_threads or None)
+                          num_threads=settings.torch_thread_count, yield_cpu=background_yielder())
     cancelled = bool(result.pop("cancelled", False))
     history = result.pop("history", [])
     name = spec.output_name or f"ft-{job_id}"
@@ -112,7 +122,7 @@ def _wait_children(parent_id: int, ids: list[int], ctx: JobContext, label: str) 
     while True:
         try:
             ctx.check_cancelled()
-        except JobCancelled:
+        except (JobCancelled, JobTimeLimit):  # the children stop with their parent
             _cancel_children(parent_id)
             raise
         with session_scope() as s:
