@@ -5,9 +5,10 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, computed_field
 
 from csra.specs import ImportSpec
+from db.models import TERMINAL
 
 
 class _Public(BaseModel):
@@ -35,6 +36,12 @@ class JobPublic(_Public):
     finished_at: datetime | None = None
     parent_id: int | None = None
     dataset_id: int | None = None
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def finished(self) -> bool:
+        """The job ended (succeeded, failed or cancelled): clients poll until this is true."""
+        return self.status in TERMINAL
 
 
 class JobsPublic(BaseModel):

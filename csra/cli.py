@@ -83,9 +83,9 @@ def worker(
     if queues == ["generate"]:
         # threads: concurrent generation jobs share one process, one model cache and one batching engine
         argv += ["--pool", "threads", "-c", str(concurrency or settings.gen_concurrency)]
-        from workers.handlers.generation import engine
+        from workers.handlers.generation import batching_engine
 
-        engine()  # torch and the engine now, not on the first chat (seconds of imports)
+        batching_engine()  # torch and the engine now, not on the first chat (seconds of imports)
     else:
         argv += ["-c", str(concurrency or (1 if "train" in queues else 2))]
     if beat:

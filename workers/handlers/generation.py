@@ -40,7 +40,7 @@ _engine: Any = None
 _redis: redis.Redis | None = None
 
 
-def engine() -> Any:
+def batching_engine() -> Any:
     """The process-wide batching engine and its model cache (created on first use)."""
     global _engine
     with _lock:
@@ -162,7 +162,7 @@ def generate(job_id: int, spec: GenerateSpec, ctx: JobContext) -> dict[str, Any]
         publish_start(redis_client(), job_id, ctx.attempt)
     except (redis.RedisError, OSError):
         logger.debug("stream start publish failed", exc_info=True)
-    eng = engine()
+    eng = batching_engine()
     ctx.progress(0.02, "loading the model")
     loaded = _wait(eng.load_async(str(path), _loader(path)), ctx)  # on the engine thread: see BatchingEngine
     publish_invariance(row["name"], loaded.invariance)
