@@ -21,9 +21,10 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
 from csra.specs import DEFAULT_INSTRUCTION  # noqa: E402
+from ml.inference.batches import generate_batch, generate_many  # noqa: E402
+from ml.inference.types import GenerationRequest  # noqa: E402
+from ml.prompting import example_prompt  # noqa: E402
 from models_store.loading import build_tiny_causal, ensure_baseline, load_model_and_tokenizer  # noqa: E402
-from workers.generation import GenerationRequest, generate_batch, generate_many  # noqa: E402
-from workers.prompting import example_prompt  # noqa: E402
 
 
 def model_path(kind: str, store: Path) -> Path:

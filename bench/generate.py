@@ -78,9 +78,10 @@ def end_to_end(c: httpx.Client, model: str, message: str, max_new: int) -> tuple
 
 def direct(model_dir: Path, messages: list[str], max_new: int) -> tuple[list[float], list[str]]:
     from csra.specs import DEFAULT_INSTRUCTION
+    from ml.inference.batches import generate_batch
+    from ml.inference.types import GenerationRequest
+    from ml.prompting import build_messages, render_prompt, system_message
     from models_store.loading import load_model_and_tokenizer
-    from workers.generation import GenerationRequest, generate_batch
-    from workers.prompting import build_messages, render_prompt, system_message
 
     loaded = load_model_and_tokenizer(model_dir)
     system = system_message(DEFAULT_INSTRUCTION, "neutral", True)

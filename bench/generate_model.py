@@ -4,7 +4,7 @@
                                     --bf16 --threads N --hf]
 
 The prompts are ``--n`` Bitext customer messages (spread over the file, so several intents and
-lengths) rendered with ``workers.prompting`` and ``csra.specs.DEFAULT_INSTRUCTION``.
+lengths) rendered with ``ml.prompting`` and ``csra.specs.DEFAULT_INSTRUCTION``.
 
 (a) sequential: ``generate_batch(loaded, [r])`` for each request, one after the other.
 (b) batch: ``generate_batch(loaded, requests)`` (all ``--n`` at once).
@@ -34,21 +34,16 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 from csra.specs import DEFAULT_INSTRUCTION  # noqa: E402
+from ml.inference.batches import generate_batch, generate_many  # noqa: E402
+from ml.inference.tokens import encode_prompt, stop_tokens  # noqa: E402
+from ml.inference.types import GenerationRequest, GenerationResult  # noqa: E402
+from ml.prompting import example_prompt  # noqa: E402
 from models_store.loading import (  # noqa: E402
     LoadedModel,
     build_tiny_causal,
     ensure_baseline,
     load_model_and_tokenizer,
 )
-from workers.generation import (  # noqa: E402
-    GenerationRequest,
-    GenerationResult,
-    encode_prompt,
-    generate_batch,
-    generate_many,
-    stop_tokens,
-)
-from workers.prompting import example_prompt  # noqa: E402
 
 
 @dataclass

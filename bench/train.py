@@ -4,7 +4,7 @@
 
 (a) reference: every example padded to 192 tokens, full-vocabulary logits + the model's own
     loss, fp32, examples in random order.
-(b) csra: ``workers.training.TrainingRun`` (length-grouped dynamic padding, lm_head + loss only
+(b) csra: ``ml.training.run.TrainingRun`` (length-grouped dynamic padding, lm_head + loss only
     at reply positions, bf16 autocast where "auto" picks it), and the same loop in fp32.
 Prints real (non-padding) and padded tokens/s, losses, matmul peak, MFU and peak RSS.
 """
@@ -33,18 +33,14 @@ from transformers import get_linear_schedule_with_warmup  # noqa: E402
 
 from csra.jobctx import LocalContext  # noqa: E402
 from csra.specs import DEFAULT_INSTRUCTION, TrainSpec  # noqa: E402
+from ml.training.data import IGNORE, ExampleEncoder, collate  # noqa: E402
+from ml.training.loss import LossFn  # noqa: E402
+from ml.training.run import TrainingRun  # noqa: E402
+from ml.training.setup import cpu_supports_bf16  # noqa: E402
 from models_store.loading import (  # noqa: E402
     build_tiny_causal,
     ensure_baseline,
     load_model_and_tokenizer,
-)
-from workers.training import (  # noqa: E402
-    IGNORE,
-    ExampleEncoder,
-    LossFn,
-    TrainingRun,
-    collate,
-    cpu_supports_bf16,
 )
 
 REF_LENGTH = 192

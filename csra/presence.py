@@ -41,7 +41,7 @@ def live_workers(client: redis.Redis, queues: tuple[str, ...]) -> dict[str, list
 
 
 def report_invariance(client: redis.Redis, worker: str, model: str, report: dict[str, Any]) -> None:
-    """Publish a model's batch-invariance self-check (``workers.invariance``) for ``GET /health``."""
+    """Publish a model's batch-invariance self-check (``ml.inference.invariance``) for ``GET /health``."""
     pipe = client.pipeline()
     pipe.hset(INVARIANCE_KEY, f"{worker}|{model}", json.dumps(report))
     pipe.expire(INVARIANCE_KEY, INVARIANCE_TTL)

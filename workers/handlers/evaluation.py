@@ -24,10 +24,10 @@ from csra.settings import get_settings
 from csra.specs import EvaluateSpec
 from db.models import Evaluation, EvaluationExample, JobEvent, Model
 from db.session import session_scope
+from ml.sampling import composition, stratified_sample
 from workers.handlers.models import ensure_baseline_registered, find_model_row
 from workers.handlers.training import background_yielder, load_split
 from workers.presence import publish_invariance
-from workers.sampling import composition, stratified_sample
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ class _Checkpoint:
         self._read()
 
     def _read(self) -> None:
-        from workers.generation import GenerationResult
+        from ml.inference.types import GenerationResult
 
         if not self.path.is_file():
             return
@@ -124,9 +124,11 @@ def _predict(row: dict[str, Any], examples: list[dict[str, Any]], spec: Evaluate
     Returns (prompts, results in example order, generation wall time in seconds, the model's
     batch-invariance self-check on this worker).
     """
+    from ml.inference.batches import generate_many
+    from ml.inference.selfcheck import prepare_model
+    from ml.inference.types import GenerationRequest
+    from ml.prompting import example_prompt
     from models_store.loading import load_model_and_tokenizer
-    from workers.generation import GenerationRequest, generate_many, prepare_model
-    from workers.prompting import example_prompt
 
     saved = _Checkpoint(checkpoint, [e["id"] for e in examples]) if checkpoint is not None else None
     loaded = load_model_and_tokenizer(Path(row["path"]))
@@ -178,7 +180,7 @@ def _predict(row: dict[str, Any], examples: list[dict[str, Any]], spec: Evaluate
 
 def _score(examples: list[dict[str, Any]], results: list[Any], wall: float
            ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    from workers.metrics import ExampleInput, aggregate, score_examples
+    from ml.metrics import ExampleInput, aggregate, score_examples
 
     inputs = [ExampleInput(prediction=r.text, reference=e["output"], intent=e.get("intent") or "",
                            category=e.get("category") or "", hit_token_limit=r.finish_reason == "length")
@@ -221,7 +223,7 @@ def _loss_curves(names: list[str]) -> dict[str, list[dict[str, Any]]]:
 
 
 def write_report(eval_id: int) -> dict[str, str]:
-    from workers.report import build_report
+    from ml.report import build_report
 
     with session_scope() as s:
         ev = s.get(Evaluation, eval_id)

@@ -45,8 +45,9 @@ def batching_engine() -> Any:
     global _engine
     with _lock:
         if _engine is None:
-            from workers.cpu_share import InteractiveSignal
-            from workers.generation import BatchingEngine, ModelCache
+            from ml.cpu_share import InteractiveSignal
+            from ml.inference.cache import ModelCache
+            from ml.inference.engine import BatchingEngine
 
             s = get_settings()
             cache = ModelCache(max_models=s.gen_cache_models, max_bytes=int(s.gen_cache_mb * (1 << 20)))
@@ -151,8 +152,8 @@ def _wait(future: Future[Any], ctx: JobContext, partial: _Partial | None = None)
 
 
 def generate(job_id: int, spec: GenerateSpec, ctx: JobContext) -> dict[str, Any]:
-    from workers.generation import GenerationRequest
-    from workers.prompting import build_messages, render_prompt, system_message
+    from ml.inference.types import GenerationRequest
+    from ml.prompting import build_messages, render_prompt, system_message
 
     row = find_model_row(spec.model_id)
     if row is None:

@@ -13,7 +13,7 @@ from csra.settings import get_settings
 from csra.specs import ImportSpec
 from db.models import Dataset, DatasetExample, DatasetStatus
 from db.session import session_scope
-from workers import importing
+from ml import importing
 
 logger = logging.getLogger(__name__)
 STORE_CHUNK = 2000

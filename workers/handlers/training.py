@@ -16,7 +16,7 @@ from db.base import utcnow
 from db.jobs import new_job
 from db.models import TERMINAL, Dataset, DatasetExample, DatasetStatus, Job, JobStatus, Model
 from db.session import session_scope
-from workers.cpu_share import CpuYielder, InteractiveSignal
+from ml.cpu_share import CpuYielder, InteractiveSignal
 from workers.handlers.models import register_model, resolve_base
 
 logger = logging.getLogger(__name__)
@@ -57,7 +57,7 @@ def _already_registered(job_id: int) -> dict[str, Any] | None:
 
 
 def handle_train(job_id: int, params: dict[str, Any], ctx: JobContext) -> dict[str, Any]:
-    from workers.training import run_training  # torch: imported in the train worker only
+    from ml.training.run import run_training
 
     spec = TrainSpec.model_validate(params)
     done = _already_registered(job_id)

@@ -11,7 +11,7 @@ private or global machinery fenced in here:
   runs its generic AVX2 code, where multiples of 4 rows agree; on an Intel Xeon with AVX-512 it
   runs its AVX-512 code, where 2-15 rows agree with each other but 1 row and 16+ rows each take
   another kernel (reproduced on an AVX-512 AMD by making MKL take its Intel path; see
-  tests/workers/test_invariance.py). A ``LinearPlan`` says how a Linear runs:
+  tests/ml/inference/test_invariance.py). A ``LinearPlan`` says how a Linear runs:
 
   - ``onednn``: float32 weights pre-packed once for oneDNN (``torch.ops.mkldnn._linear_pointwise``,
     the op torch's CPU inductor uses), each call on at least 2 rows. Fastest for few rows.
@@ -27,7 +27,7 @@ private or global machinery fenced in here:
   tensors the row would have alone (T5: also its slice of the relative position bias).
 
 Elementwise ops, norms and embeddings are per token already; sampling works on one row's logits.
-The model-level check in ``workers.generation.verify_model`` then decodes a few prompts alone and
+The model-level check in ``ml.inference.selfcheck.verify_model`` then decodes a few prompts alone and
 batched on the path in use and compares the logits bit for bit; when anything differs, the model
 is reported as not batch-invariant (logged, in ``/health`` and in job results), never silently.
 """

@@ -1,4 +1,4 @@
-"""Tests of workers.metrics: overlap, semantic similarity, heuristic, error patterns, placeholders."""
+"""Tests of ml.metrics: overlap, semantic similarity, heuristic, error patterns, placeholders."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from workers import metrics as m
-from workers.metrics import ExampleInput, aggregate, needs_details, quality_score, score_examples
+from ml import metrics as m
+from ml.metrics import ExampleInput, aggregate, needs_details, quality_score, score_examples
 
 REF = (
     "I understand you want to cancel order {{Order Number}}. Please sign in to your account on "
@@ -30,7 +30,7 @@ def semantic_scores() -> list[dict]:
 
 
 def test_module_import_does_not_load_torch() -> None:
-    code = "import sys, workers.metrics as m; assert 'torch' not in sys.modules and m._encoder is None"
+    code = "import sys, ml.metrics as m; assert 'torch' not in sys.modules and m._encoder is None"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[2])
 
 

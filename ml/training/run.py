@@ -1,14 +1,8 @@
-"""Fine-tuning: the training domain function (no Celery, no database).
+"""Fine-tuning: the training run (no Celery, no database).
 
-``run_training`` turns rows of (instruction, input, output) into a fine-tuned model folder.
-Design points (see the issue):
-
-* Prompts come from ``workers.prompting.example_prompt``; the target is the reply plus the
-  template's end-of-turn token. Labels are built explicitly so the end token is learned even
-  when pad == eos (SmolLM2), and the loss covers reply tokens only.
-* Batches are grouped by length and padded dynamically (right padding, never to max length).
-* For causal LMs the output layer and the loss run only at reply positions.
-* Checkpoints (atomic, last + best) make a killed job resume where it stopped.
+``run_training`` turns rows of (instruction, input, output) into a fine-tuned model folder:
+the step loop with gradient accumulation, evaluation, early stopping, checkpoints (atomic, last
++ best) from which a killed job resumes, cancellation at every step, and the final model.
 
 A plain loop rather than ``transformers.Trainer``: the Trainer computes full-vocabulary logits
 at every position, and its callbacks make cancel/resume/keep-best-on-cancel awkward.
@@ -16,382 +10,48 @@ at every position, and its callbacks make cancel/resume/keep-best-on-cancel awkw
 
 from __future__ import annotations
 
-import errno
 import logging
 import math
 import os
-import random
-import re
 import shutil
 import time
-from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from transformers import get_linear_schedule_with_warmup
-from transformers.trainer_pt_utils import get_length_grouped_indices
 
 from csra.jobctx import JobCancelled, JobContext, JobError
 from csra.specs import TrainSpec
+from ml.cpu_share import CpuYielder, yield_inside_steps
+from ml.sampling import composition, stratified_sample
+from ml.training.checkpoints import (
+    checkpoint_steps,
+    disk_full,
+    load_trainable_state,
+    replace_dir,
+    save_model_atomic,
+    trainable_state,
+)
+from ml.training.data import Batch, ExampleEncoder, collate, length_grouped_batches
+from ml.training.loss import LossFn
+from ml.training.setup import (
+    apply_lora,
+    autocast_for,
+    resolve_precision,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+    validate_inputs,
+)
 from models_store.loading import LoadedModel, load_model_and_tokenizer
-from workers.cpu_share import CpuYielder, yield_inside_steps
-from workers.prompting import example_prompt, has_chat_template
-from workers.sampling import composition, stratified_sample
 
 logger = logging.getLogger(__name__)
 
-IGNORE = -100
 MAX_GRAD_NORM = 1.0  # transformers.Trainer's default
-# Measured with bench/train.py (SmolLM2-135M, 64 Bitext rows, 8 steps of 8) on the project's 2-core
-# AVX512-BF16 machine: bf16 autocast 254 real tokens/s vs fp32 148, validation loss 1.7470 vs 1.7446;
-# so "auto" uses bf16 on CPUs with native bf16 instructions.
-CPU_AUTO_BF16 = True
-
-
-# =========================================================================== examples and batches
-
-
-@dataclass
-class Example:
-    """One tokenized training example.
-
-    causal: ``input_ids`` = prompt + reply + end, ``labels`` the same length with IGNORE on the
-    prompt. seq2seq: ``input_ids`` = encoder prompt, ``labels`` = reply + eos (decoder targets).
-    """
-
-    input_ids: list[int]
-    labels: list[int]
-    seq2seq: bool = False
-
-    @property
-    def length(self) -> int:
-        """Tokens the example costs: the sequence (causal) or encoder + decoder (seq2seq)."""
-        return len(self.input_ids) + (len(self.labels) if self.seq2seq else 0)
-
-
-@dataclass
-class Batch:
-    """A padded batch; for causal LMs also the flat positions where a reply token is predicted."""
-
-    input_ids: torch.Tensor
-    labels: torch.Tensor
-    attention_mask: torch.Tensor | None
-    target_index: torch.Tensor | None  # causal: flat (b * T + t) indices of hidden states to score
-    targets: torch.Tensor  # the token ids to predict, in target_index order (causal) / flat (seq2seq)
-    real_tokens: int  # non-padding tokens (encoder + decoder for seq2seq)
-
-    @property
-    def n_targets(self) -> int:
-        return int(self.targets.numel())
-
-    def to(self, device: torch.device) -> Batch:
-        move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
-        return Batch(move(self.input_ids), move(self.labels), move(self.attention_mask),
-                     move(self.target_index), move(self.targets), self.real_tokens)
-
-
-def end_token_ids(tokenizer: Any, arch: str) -> list[int]:
-    """The token(s) that end a reply: the chat template's end-of-turn (``<|im_end|>``) or eos."""
-    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    if arch != "causal" or not has_chat_template(tokenizer):
-        return eos
-    msgs = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}]
-    prompt = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-    marker = "\x1fREPLY\x1f"
-    full = tokenizer.apply_chat_template(msgs + [{"role": "assistant", "content": marker}], tokenize=False)
-    if not full.startswith(prompt + marker):
-        return eos
-    end_text = full[len(prompt) + len(marker):].strip()
-    return tokenizer(end_text, add_special_tokens=False)["input_ids"] if end_text else eos
-
-
-class ExampleEncoder:
-    """Tokenizes rows into ``Example``s with explicit labels (see the module docstring)."""
-
-    def __init__(self, tokenizer: Any, arch: str, max_input_length: int, max_target_length: int) -> None:
-        self.tokenizer, self.arch = tokenizer, arch
-        self.max_input, self.max_target = max_input_length, max_target_length
-        self.chat = has_chat_template(tokenizer)
-        self.end_ids = end_token_ids(tokenizer, arch)
-
-    def _ids(self, text: str, special: bool) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=special)["input_ids"]
-
-    def _reply_ids(self, reply: str) -> list[int]:
-        text = reply if (self.chat or self.arch == "seq2seq") else " " + reply  # after "Agent:"
-        keep = max(self.max_target - len(self.end_ids), 1)
-        return self._ids(text, False)[:keep] + self.end_ids
-
-    def encode(self, row: dict[str, Any]) -> Example:
-        prompt = example_prompt(self.tokenizer, row["instruction"], row["input"])
-        # Chat templates carry their own special tokens; plain prompts get the tokenizer's (BOS, T5's </s>).
-        prompt_ids = self._ids(prompt, special=not self.chat or self.arch == "seq2seq")[-self.max_input:]
-        reply_ids = self._reply_ids(str(row["output"]))
-        if self.arch == "seq2seq":
-            return Example(prompt_ids, reply_ids, seq2seq=True)
-        return Example(prompt_ids + reply_ids, [IGNORE] * len(prompt_ids) + reply_ids)
-
-    def encode_all(self, rows: Sequence[dict[str, Any]]) -> list[Example]:
-        return [self.encode(r) for r in rows]
-
-
-def _pad(seqs: list[list[int]], value: int) -> torch.Tensor:
-    width = max(len(s) for s in seqs)
-    out = torch.full((len(seqs), width), value, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        out[i, : len(s)] = torch.tensor(s, dtype=torch.long)
-    return out
-
-
-def collate(examples: Sequence[Example], arch: str, pad_id: int) -> Batch:
-    """Right-pad to the longest example of the batch; build the reply-position index."""
-    input_ids = _pad([e.input_ids for e in examples], pad_id)
-    labels = _pad([e.labels for e in examples], IGNORE)
-    if arch == "seq2seq":
-        mask = _pad([[1] * len(e.input_ids) for e in examples], 0)
-        real = sum(len(e.input_ids) + len(e.labels) for e in examples)
-        return Batch(input_ids, labels, mask, None, labels[labels != IGNORE], real)
-    # Position t predicts token t + 1; with right padding and a causal mask no real token ever
-    # attends to padding, so causal LMs need no attention mask (and SDPA takes its causal fast path).
-    next_labels = labels[:, 1:]
-    rows, cols = (next_labels != IGNORE).nonzero(as_tuple=True)
-    target_index = rows * labels.shape[1] + cols
-    real = sum(len(e.input_ids) for e in examples)
-    return Batch(input_ids, labels, None, target_index, next_labels[rows, cols], real)
-
-
-def length_grouped_batches(lengths: Sequence[int], batch_size: int, seed: int) -> list[list[int]]:
-    """Batches of similar-length examples (transformers' grouping), in a seeded random order."""
-    gen = torch.Generator().manual_seed(seed)
-    order = get_length_grouped_indices(list(lengths), batch_size, generator=gen)
-    batches = [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
-    perm = torch.randperm(len(batches), generator=gen).tolist()
-    return [batches[i] for i in perm]
-
-
-# =========================================================================== loss
-
-
-def _plain_lm_head(base: Any) -> bool:
-    """Whether logits are just ``lm_head(hidden)`` (no soft-capping or scaling we would skip)."""
-    cfg = base.config
-    return all(getattr(cfg, k, None) in (None, 1.0) for k in ("final_logit_softcapping", "logit_scale"))
-
-
-class LossFn:
-    """Summed cross-entropy over reply tokens of a batch.
-
-    Causal LMs: the transformer body gives hidden states; only the hidden states at reply
-    positions go through ``lm_head`` (the full-vocabulary projection dominates a small model's
-    cost otherwise). Encoder-decoder models: every decoder position is a reply token already.
-    """
-
-    def __init__(self, model: Any, arch: str) -> None:
-        self.model, self.arch = model, arch
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        self.body = getattr(base, base.base_model_prefix, None)
-        self.head = base.get_output_embeddings()
-        self.fast = arch == "causal" and self.body is not None and self.head is not None and _plain_lm_head(base)
-
-    def __call__(self, batch: Batch) -> torch.Tensor:
-        if self.arch == "seq2seq":
-            return self._seq2seq(batch)
-        if self.fast:
-            hidden = self.body(input_ids=batch.input_ids, use_cache=False).last_hidden_state
-            logits = self.head(hidden.flatten(0, 1).index_select(0, batch.target_index))
-        else:  # e.g. soft-capped logits: let the model compute them, then keep the reply positions
-            logits = self.model(input_ids=batch.input_ids, use_cache=False).logits
-            logits = logits.flatten(0, 1).index_select(0, batch.target_index)
-        return F.cross_entropy(logits.float(), batch.targets, reduction="sum")
-
-    def _seq2seq(self, batch: Batch) -> torch.Tensor:
-        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
-        decoder_input_ids = base._shift_right(batch.labels)  # pads -100 and prepends the start token
-        out = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                         decoder_input_ids=decoder_input_ids, use_cache=False)
-        return F.cross_entropy(out.logits.flatten(0, 1).float(), batch.labels.flatten(),
-                               ignore_index=IGNORE, reduction="sum")
-
-
-# =========================================================================== precision and setup
-
-
-def cpu_supports_bf16() -> bool:
-    """Native bf16 instructions (AVX512-BF16 or AMX) on this CPU."""
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
-
-
-def resolve_precision(requested: str, device: torch.device) -> str:
-    """spec.precision -> "fp32" | "bf16" | "fp16" for this device."""
-    if requested == "auto":
-        if device.type == "cuda":
-            return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-        return "bf16" if CPU_AUTO_BF16 and cpu_supports_bf16() else "fp32"
-    if requested == "fp16" and device.type != "cuda":
-        raise JobError("precision fp16 needs a GPU; use bf16 or fp32 (or auto) on CPU")
-    return requested
-
-
-def autocast_for(precision: str, device: torch.device) -> Callable[[], AbstractContextManager[Any]]:
-    """A factory of autocast contexts (weights stay fp32; matmuls run in bf16/fp16)."""
-    if precision == "fp32":
-        return nullcontext
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return lambda: torch.autocast(device_type=device.type, dtype=dtype)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def _rng_state() -> dict[str, Any]:
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    return {"python": random.getstate(), "numpy": (kind, keys.tolist(), pos, has_gauss, cached),
-            "torch": torch.get_rng_state()}
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    kind, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(state["torch"])
-
-
-def context_limit(config: Any) -> int | None:
-    """Positions the model can attend over (None for relative-position models like T5)."""
-    if getattr(config, "is_encoder_decoder", False):
-        return None
-    for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
-        if isinstance(getattr(config, key, None), int):
-            return getattr(config, key)
-    return None
-
-
-def validate_inputs(spec: TrainSpec, train_rows: Sequence[dict], config: Any) -> None:
-    """Fail early, with a message a person can act on."""
-    if not train_rows:
-        raise JobError("the dataset has no training rows: import a dataset with a non-empty train split")
-    limit = context_limit(config)
-    total = spec.max_input_length + spec.max_target_length
-    if limit is not None and total > limit:
-        raise JobError(
-            f"max_input_length + max_target_length = {total} exceeds the model's context of {limit} "
-            "tokens: lower them"
-        )
-
-
-# =========================================================================== LoRA
-
-
-def default_lora_targets(model: Any) -> list[str] | None:
-    """The attention projections: q/k/v/o_proj (Llama-like) or q/v (T5); None: peft's default."""
-    names = module_names(model)
-    llama = ["q_proj", "k_proj", "v_proj", "o_proj"]
-    if set(llama) <= names:
-        return llama
-    if {"q", "v"} <= names:
-        return ["q", "v"]
-    return None
-
-
-def module_names(model: Any) -> set[str]:
-    """Short names (last path component) of the model's Linear-like modules."""
-    return {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-
-
-def apply_lora(model: Any, spec: TrainSpec, arch: str) -> Any:
-    """Wrap ``model`` with LoRA adapters (peft); unknown target modules are a JobError."""
-    from peft import LoraConfig, TaskType, get_peft_model
-
-    available = module_names(model)
-    targets = spec.lora_target_modules or default_lora_targets(model)
-    unknown = [t for t in targets or [] if t not in available]
-    if unknown:
-        raise JobError(
-            f"LoRA target module(s) {', '.join(unknown)} not found in the model; "
-            f"available module names: {', '.join(sorted(available))}"
-        )
-    config = LoraConfig(
-        r=spec.lora_r, lora_alpha=spec.lora_alpha, lora_dropout=spec.lora_dropout, target_modules=targets,
-        task_type=TaskType.SEQ_2_SEQ_LM if arch == "seq2seq" else TaskType.CAUSAL_LM,
-    )
-    try:
-        return get_peft_model(model, config)
-    except ValueError as exc:
-        raise JobError(f"could not add LoRA adapters: {exc}") from exc
-
-
-# =========================================================================== checkpoints and saving
-
-
-def _replace_dir(tmp: Path, final: Path) -> None:
-    """Move ``tmp`` to ``final`` (replacing it) so ``final`` is never half-written."""
-    if final.exists():
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
-
-
-
-def _disk_full(exc: OSError, where: Path) -> JobError | None:
-    if exc.errno == errno.ENOSPC:
-        return JobError(f"disk full while saving the model to {where}: free space and retry")
-    return None
-
-
-def save_model_atomic(model: Any, tokenizer: Any, final: Path) -> Path:
-    """``save_pretrained`` model + tokenizer into ``final`` via a temporary folder and a rename.
-
-    A LoRA model is merged first, so every model in the store loads the same way.
-    """
-    if hasattr(model, "merge_and_unload"):
-        model = model.merge_and_unload()
-    model.config.use_cache = True
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        _replace_dir(tmp, final)
-    except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise (_disk_full(exc, final) or exc) from exc
-    return final
-
-
-def trainable_state(model: Any) -> dict[str, torch.Tensor]:
-    """The parameters being trained (all of them, or only LoRA's): what a checkpoint must keep."""
-    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
-
-
-def load_trainable_state(model: Any, folder: Path) -> None:
-    result = model.load_state_dict(load_file(str(folder / "weights.safetensors")), strict=False)
-    if result.unexpected_keys:
-        raise JobError(f"checkpoint {folder} does not match the model (unexpected {result.unexpected_keys[:3]})")
-
-
-def checkpoint_steps(root: Path) -> list[int]:
-    """Steps of the complete checkpoints under ``root`` (temporary folders are ignored)."""
-    if not root.is_dir():
-        return []
-    found = (re.fullmatch(r"step-(\d+)", p.name) for p in root.iterdir() if (p / "state.pt").is_file())
-    return sorted(int(m.group(1)) for m in found if m)
-
-
-# =========================================================================== the run
 
 
 @dataclass
@@ -614,16 +274,16 @@ class TrainingRun:
         try:
             save_file(trainable_state(self.model), str(tmp / "weights.safetensors"))
             torch.save(self._state_dict(), tmp / "state.pt")
-            _replace_dir(tmp, final)
+            replace_dir(tmp, final)
         except OSError as exc:
             shutil.rmtree(tmp, ignore_errors=True)
-            raise (_disk_full(exc, final) or exc) from exc
+            raise (disk_full(exc, final) or exc) from exc
         self._prune_checkpoints()
         return final
 
     def _state_dict(self) -> dict[str, Any]:
         return {"trainer": vars(self.state).copy(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "rng": _rng_state(),
+                "scheduler": self.scheduler.state_dict(), "rng": rng_state(),
                 "scaler": self.scaler.state_dict() if self.scaler else None}
 
     def _prune_checkpoints(self) -> None:
@@ -649,7 +309,7 @@ class TrainingRun:
         self.scheduler.load_state_dict(saved["scheduler"])
         if self.scaler and saved.get("scaler"):
             self.scaler.load_state_dict(saved["scaler"])
-        _set_rng_state(saved["rng"])
+        set_rng_state(saved["rng"])
         self.state = TrainState(**saved["trainer"])
         self.resumed_from_step = self.state.step
         logger.info("resuming %s from step %d", self.out_dir, self.state.step)
@@ -690,7 +350,6 @@ class TrainingRun:
         }
 
 
-# =========================================================================== entry point
 
 
 def _load_base(model_source: str | Path, spec: TrainSpec, train_rows: Sequence[dict]) -> LoadedModel:
@@ -713,7 +372,7 @@ def run_training(
 
     Resumes from ``out_dir/checkpoints`` when a previous attempt left checkpoints there. Writes
     the final model to ``out_dir/model``. ``num_threads`` sets torch's intra-op threads for the
-    duration of the run only. ``yield_cpu`` (``workers.cpu_share``) pauses the run while chats are
+    duration of the run only. ``yield_cpu`` (``ml.cpu_share``) pauses the run while chats are
     answered on this machine.
     """
     if not train_rows:

@@ -9,12 +9,12 @@ import pytest
 
 from csra.jobctx import LocalContext
 from csra.specs import ImportSpec, TrainSpec
+from ml.importing import import_dataset
+from ml.sampling import composition, stratified_sample, stratum_quotas
+from ml.training.run import TrainingRun
 from models_store.loading import load_model_and_tokenizer
 from tests.conftest import BITEXT
 from tests.fixtures_models import tiny_causal  # noqa: F401
-from workers.importing import import_dataset
-from workers.sampling import composition, stratified_sample, stratum_quotas
-from workers.training import TrainingRun
 
 
 def sorted_rows(sizes: dict[str, int]) -> list[dict[str, object]]:

@@ -1,11 +1,11 @@
-"""Tests of workers.report: files, tables, escaping, and plotting edge cases."""
+"""Tests of ml.report: files, tables, escaping, and plotting edge cases."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from workers.metrics import ExampleInput, aggregate, score_examples
-from workers.report import build_report
+from ml.metrics import ExampleInput, aggregate, score_examples
+from ml.report import build_report
 
 ROWS = [
     ("cancel_order", "ORDER", "cancel my order {{Order Number}}",

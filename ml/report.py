@@ -7,7 +7,7 @@ Inputs of :func:`build_report`
 ``evaluation``::
 
     {"id": 7, "dataset_id": 3, "split": "test", "created_at": "2025-01-01T12:00:00",
-     "per_model": {model_name: aggregate}}   # aggregate as returned by workers.metrics.aggregate:
+     "per_model": {model_name: aggregate}}   # aggregate as returned by ml.metrics.aggregate:
                                                # {"overall": {...}, "per_intent": {intent: {...}},
                                                #  "per_category": {...}}
 
@@ -21,7 +21,7 @@ Models that appear only in ``evaluation["per_model"]`` are reported too (kind em
 ``examples`` (one row per model and evaluated example)::
 
     [{"model": name, "intent": str, "category": str (optional), "prompt": str, "reference": str,
-      "prediction": str, **scores}]   # scores: the fields of workers.metrics.score_examples
+      "prediction": str, **scores}]   # scores: the fields of ml.metrics.score_examples
 
 ``loss_curves`` (points of one model may mix both kinds; empty lists or ``{}`` are fine)::
 

@@ -17,11 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from models_store.loading import load_model_and_tokenizer
-from tests.fixtures_models import tiny_causal, tiny_seq2seq  # noqa: F401
-from tests.workers.test_generation import lively
-from workers.generation import prepare_model, verify_model
-from workers.invariance import (
+from ml.inference.invariance import (
     CANDIDATES,
     MKL_BLOCKS,
     LinearPlan,
@@ -30,6 +26,10 @@ from workers.invariance import (
     linear_plan_of,
     select_linear_plan,
 )
+from ml.inference.selfcheck import prepare_model, verify_model
+from models_store.loading import load_model_and_tokenizer
+from tests.fixtures_models import tiny_causal, tiny_seq2seq  # noqa: F401
+from tests.ml.inference.test_generation import lively
 
 SMOLLM2_SHAPES = [(576, 576), (576, 192), (576, 1536), (1536, 576), (576, 49152)]
 
@@ -145,8 +145,8 @@ def test_a_non_invariant_attention_is_caught_end_to_end(tiny_causal: Path) -> No
 INTEL_SHIM = "int mkl_serv_intel_cpu_true(void) { return 1; }\nint mkl_serv_intel_cpu(void) { return 1; }\n"
 UNDER_INTEL_PATH = textwrap.dedent("""
     import json, torch
-    from tests.workers.test_invariance import exhaustive_row_invariance, smollm2_linears
-    from workers.invariance import MKL_BLOCKS, apply_linear_plan, select_linear_plan
+    from tests.ml.inference.test_invariance import exhaustive_row_invariance, smollm2_linears
+    from ml.inference.invariance import MKL_BLOCKS, apply_linear_plan, select_linear_plan
 
     def pad4(self, x):  # the plan csra used before: MKL on a multiple of 4 rows (assumed, never checked)
         rows = x.shape[0]; padded = -(-rows // 4) * 4
@@ -154,7 +154,7 @@ UNDER_INTEL_PATH = textwrap.dedent("""
         return torch.nn.functional.linear(x, self.weight, self.bias)[:rows]
 
     layers = smollm2_linears()
-    from workers.invariance import LinearPlan
+    from ml.inference.invariance import LinearPlan
     apply_linear_plan(layers, LinearPlan("pad4", pad4))
     old = exhaustive_row_invariance(layers, 24)
     apply_linear_plan(layers, MKL_BLOCKS)
@@ -184,7 +184,7 @@ def test_on_mkls_intel_avx512_path(tmp_path: Path) -> None:
     subprocess.run([gcc, "-shared", "-fPIC", "-o", str(shim), str(tmp_path / "shim.c")], check=True)
     env = {**os.environ, "LD_PRELOAD": str(shim), "MKL_VERBOSE": "1", "OMP_NUM_THREADS": "2"}
     out = subprocess.run([sys.executable, "-c", UNDER_INTEL_PATH], env=env, capture_output=True, text=True,
-                         cwd=Path(__file__).resolve().parents[2], timeout=240)
+                         cwd=Path(__file__).resolve().parents[3], timeout=240)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "AVX-512" in out.stdout.splitlines()[0]  # MKL says which code path it runs
     import json

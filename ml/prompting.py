@@ -72,3 +72,18 @@ def render_prompt(tokenizer: Any, messages: Sequence[dict[str, str]]) -> str:
 def example_prompt(tokenizer: Any, instruction: str, customer_message: str) -> str:
     """The prompt for one dataset example (training and evaluation)."""
     return render_prompt(tokenizer, build_messages(system_message(instruction), customer_message))
+
+
+def end_token_ids(tokenizer: Any, arch: str) -> list[int]:
+    """The token(s) that end a reply: the chat template's end-of-turn (``<|im_end|>``) or eos."""
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    if arch != "causal" or not has_chat_template(tokenizer):
+        return eos
+    msgs = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}]
+    prompt = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    marker = "\x1fREPLY\x1f"
+    full = tokenizer.apply_chat_template(msgs + [{"role": "assistant", "content": marker}], tokenize=False)
+    if not full.startswith(prompt + marker):
+        return eos
+    end_text = full[len(prompt) + len(marker):].strip()
+    return tokenizer(end_text, add_special_tokens=False)["input_ids"] if end_text else eos

@@ -13,9 +13,11 @@ import torch
 
 from csra.jobctx import JobCancelled, JobError, LocalContext
 from csra.specs import TrainSpec
+from ml.training.data import IGNORE, ExampleEncoder, collate
+from ml.training.run import run_training
+from ml.training.setup import resolve_precision
 from models_store.loading import load_model_and_tokenizer
 from tests.fixtures_models import support_rows, tiny_causal, tiny_seq2seq  # noqa: F401
-from workers.training import IGNORE, ExampleEncoder, collate, resolve_precision, run_training
 
 
 def _spec(**kw: Any) -> TrainSpec:
@@ -223,7 +225,7 @@ def test_disk_full_leaves_no_half_written_model(
 
 def test_reply_only_loss_equals_full_logits_loss(tiny_causal: Path) -> None:  # noqa: F811
     """lm_head at reply positions only, no attention mask: the same loss as HF's padded full pass."""
-    from workers.training import LossFn
+    from ml.training.loss import LossFn
 
     lm = load_model_and_tokenizer(tiny_causal)
     rows = support_rows(3)

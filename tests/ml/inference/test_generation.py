@@ -10,20 +10,15 @@ import pytest
 import torch
 
 from csra.specs import DEFAULT_INSTRUCTION
+from ml.inference.batches import generate_batch, generate_many
+from ml.inference.cache import ModelCache, model_bytes
+from ml.inference.engine import BatchingEngine
+from ml.inference.selfcheck import prepare_model
+from ml.inference.tokens import TextStream, stop_tokens
+from ml.inference.types import GenerationRequest
+from ml.prompting import example_prompt
 from models_store.loading import LoadedModel, ensure_baseline, load_model_and_tokenizer
 from tests.fixtures_models import tiny_causal, tiny_seq2seq  # noqa: F401
-from workers.generation import (
-    BatchingEngine,
-    GenerationRequest,
-    ModelCache,
-    TextStream,
-    generate_batch,
-    generate_many,
-    model_bytes,
-    prepare_model,
-    stop_tokens,
-)
-from workers.prompting import example_prompt
 
 MESSAGES = [
     "I want to cancel my order",

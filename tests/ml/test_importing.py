@@ -10,7 +10,7 @@ import pytest
 
 from csra.jobctx import JobCancelled, JobError, LocalContext
 from csra.specs import DEFAULT_INSTRUCTION, ImportSpec
-from workers.importing import (
+from ml.importing import (
     CSRA_COLUMNS,
     ImportResult,
     clean,
@@ -423,7 +423,7 @@ def test_chat_export_jsonl_imports_as_training_rows(tmp_path):
 
     from csra.jobctx import LocalContext
     from csra.specs import ImportSpec
-    from workers.importing import import_dataset
+    from ml.importing import import_dataset
 
     chats = [{"messages": [{"role": "system", "content": "Be brief."},
                            {"role": "user", "content": f"where is my order number {i}?"},

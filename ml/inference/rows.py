@@ -1,0 +1,107 @@
+"""The decode state of one request inside a batch, and the next token of every row."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from ml.inference.sampling import new_generator, sample_token
+from ml.inference.tokens import StopTokens, TextStream, encode_prompt, max_prompt_tokens, stop_tokens
+from ml.inference.types import GenerationRequest, GenerationResult
+from models_store.loading import LoadedModel
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Row:
+    """Decode state of one request inside a batch."""
+
+    request: GenerationRequest
+    prompt_ids: list[int]
+    stops: StopTokens
+    stream: TextStream
+    generator: torch.Generator
+    started: float
+    generated: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    first_token_at: float | None = None
+    result: GenerationResult | None = None
+    on_done: Callable[[GenerationResult], None] | None = None
+    logits: list[torch.Tensor] | None = None  # each step's logits, kept only by the self-check
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+    def stop_if_cancelled(self) -> None:
+        """Finish now, as "cancelled", when the caller no longer wants this reply (no more text is streamed)."""
+        stop = self.request.should_stop
+        if not self.done and stop is not None and stop():
+            self.finish_reason = "cancelled"
+            self._finish(time.perf_counter())
+
+    def add(self, token: int) -> None:
+        """Append a token; finish on an end marker or at ``max_new_tokens``; stream new text."""
+        now = time.perf_counter()
+        if self.first_token_at is None:
+            self.first_token_at = now
+        self.generated.append(token)
+        if self.stops.match(self.generated):
+            self.finish_reason = "stop"
+        elif len(self.generated) >= self.request.max_new_tokens:
+            self.finish_reason = "length"
+        if self.finish_reason is None:
+            self.stream.push(self.generated)
+        else:
+            self._finish(now)
+
+    def _finish(self, now: float) -> None:
+        cut = self.stops.match(self.generated) if self.finish_reason == "stop" else 0
+        reply = self.generated[: len(self.generated) - cut]
+        # a cancelled reply ends with what was already streamed: nothing more reaches the caller
+        text = self.stream.emitted if self.finish_reason == "cancelled" else self.stream.finish(reply)
+        first = None if self.first_token_at is None else (self.first_token_at - self.started) * 1000
+        self.result = GenerationResult(
+            text=text, prompt_tokens=len(self.prompt_ids), completion_tokens=len(self.generated),
+            finish_reason=self.finish_reason or "length", latency_ms=(now - self.started) * 1000,
+            first_token_ms=first, token_ids=list(self.generated),
+        )
+        if self.on_done is not None:
+            try:
+                self.on_done(self.result)
+            except Exception:  # noqa: BLE001 - a caller's callback must not stop the other rows
+                logger.warning("a finished-row callback failed", exc_info=True)
+
+
+def sample_rows(rows: Sequence[Row], logits: torch.Tensor) -> list[int]:
+    """The next token of each row (greedy rows in one argmax, sampled rows one by one)."""
+    logits = logits.float()
+    tokens = torch.argmax(logits, dim=-1).tolist()
+    for i, row in enumerate(rows):
+        if row.logits is not None:
+            row.logits.append(logits[i].clone())
+        if row.request.temperature > 0:
+            tokens[i] = sample_token(logits[i], row.request.temperature, row.request.top_p, row.generator)
+    return tokens
+
+
+def make_rows(loaded: LoadedModel, requests: Sequence[GenerationRequest],
+               prompt_ids: Sequence[list[int]] | None, started: float) -> list[Row]:
+    stops = stop_tokens(loaded)
+    rows = []
+    for i, req in enumerate(requests):
+        if req.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, not {req.max_new_tokens}")
+        ids = list(prompt_ids[i]) if prompt_ids is not None else encode_prompt(loaded, req.prompt)
+        limit = max_prompt_tokens(loaded, req.max_new_tokens)
+        if limit is not None and len(ids) > limit:
+            logger.warning("prompt of %d tokens cut to its last %d (model limit)", len(ids), limit)
+            ids = ids[-limit:]
+        rows.append(Row(request=req, prompt_ids=ids, stops=stops, stream=TextStream(loaded.tokenizer, req.on_text),
+                         generator=new_generator(req.seed), started=started))
+    return rows

@@ -1,0 +1,1 @@
+"""Fine-tuning: data and batches, loss, setup (precision, seeds, LoRA), checkpoints, the run."""

@@ -1,0 +1,123 @@
+"""Training examples and batches: explicit labels, length-grouped batches, dynamic padding.
+
+Prompts come from ``ml.prompting.example_prompt``; the target is the reply plus the template's
+end-of-turn token. Labels are built explicitly so the end token is learned even when pad == eos
+(SmolLM2), and the loss covers reply tokens only. Batches are grouped by length and padded
+dynamically (right padding, never to a maximum length).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers.trainer_pt_utils import get_length_grouped_indices
+
+from ml.prompting import end_token_ids, example_prompt, has_chat_template
+
+IGNORE = -100
+
+
+@dataclass
+class Example:
+    """One tokenized training example.
+
+    causal: ``input_ids`` = prompt + reply + end, ``labels`` the same length with IGNORE on the
+    prompt. seq2seq: ``input_ids`` = encoder prompt, ``labels`` = reply + eos (decoder targets).
+    """
+
+    input_ids: list[int]
+    labels: list[int]
+    seq2seq: bool = False
+
+    @property
+    def length(self) -> int:
+        """Tokens the example costs: the sequence (causal) or encoder + decoder (seq2seq)."""
+        return len(self.input_ids) + (len(self.labels) if self.seq2seq else 0)
+
+
+@dataclass
+class Batch:
+    """A padded batch; for causal LMs also the flat positions where a reply token is predicted."""
+
+    input_ids: torch.Tensor
+    labels: torch.Tensor
+    attention_mask: torch.Tensor | None
+    target_index: torch.Tensor | None  # causal: flat (b * T + t) indices of hidden states to score
+    targets: torch.Tensor  # the token ids to predict, in target_index order (causal) / flat (seq2seq)
+    real_tokens: int  # non-padding tokens (encoder + decoder for seq2seq)
+
+    @property
+    def n_targets(self) -> int:
+        return int(self.targets.numel())
+
+    def to(self, device: torch.device) -> Batch:
+        move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
+        return Batch(move(self.input_ids), move(self.labels), move(self.attention_mask),
+                     move(self.target_index), move(self.targets), self.real_tokens)
+
+
+class ExampleEncoder:
+    """Tokenizes rows into ``Example``s with explicit labels (see the module docstring)."""
+
+    def __init__(self, tokenizer: Any, arch: str, max_input_length: int, max_target_length: int) -> None:
+        self.tokenizer, self.arch = tokenizer, arch
+        self.max_input, self.max_target = max_input_length, max_target_length
+        self.chat = has_chat_template(tokenizer)
+        self.end_ids = end_token_ids(tokenizer, arch)
+
+    def _ids(self, text: str, special: bool) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=special)["input_ids"]
+
+    def _reply_ids(self, reply: str) -> list[int]:
+        text = reply if (self.chat or self.arch == "seq2seq") else " " + reply  # after "Agent:"
+        keep = max(self.max_target - len(self.end_ids), 1)
+        return self._ids(text, False)[:keep] + self.end_ids
+
+    def encode(self, row: dict[str, Any]) -> Example:
+        prompt = example_prompt(self.tokenizer, row["instruction"], row["input"])
+        # Chat templates carry their own special tokens; plain prompts get the tokenizer's (BOS, T5's </s>).
+        prompt_ids = self._ids(prompt, special=not self.chat or self.arch == "seq2seq")[-self.max_input:]
+        reply_ids = self._reply_ids(str(row["output"]))
+        if self.arch == "seq2seq":
+            return Example(prompt_ids, reply_ids, seq2seq=True)
+        return Example(prompt_ids + reply_ids, [IGNORE] * len(prompt_ids) + reply_ids)
+
+    def encode_all(self, rows: Sequence[dict[str, Any]]) -> list[Example]:
+        return [self.encode(r) for r in rows]
+
+
+def _pad(seqs: list[list[int]], value: int) -> torch.Tensor:
+    width = max(len(s) for s in seqs)
+    out = torch.full((len(seqs), width), value, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        out[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+    return out
+
+
+def collate(examples: Sequence[Example], arch: str, pad_id: int) -> Batch:
+    """Right-pad to the longest example of the batch; build the reply-position index."""
+    input_ids = _pad([e.input_ids for e in examples], pad_id)
+    labels = _pad([e.labels for e in examples], IGNORE)
+    if arch == "seq2seq":
+        mask = _pad([[1] * len(e.input_ids) for e in examples], 0)
+        real = sum(len(e.input_ids) + len(e.labels) for e in examples)
+        return Batch(input_ids, labels, mask, None, labels[labels != IGNORE], real)
+    # Position t predicts token t + 1; with right padding and a causal mask no real token ever
+    # attends to padding, so causal LMs need no attention mask (and SDPA takes its causal fast path).
+    next_labels = labels[:, 1:]
+    rows, cols = (next_labels != IGNORE).nonzero(as_tuple=True)
+    target_index = rows * labels.shape[1] + cols
+    real = sum(len(e.input_ids) for e in examples)
+    return Batch(input_ids, labels, None, target_index, next_labels[rows, cols], real)
+
+
+def length_grouped_batches(lengths: Sequence[int], batch_size: int, seed: int) -> list[list[int]]:
+    """Batches of similar-length examples (transformers' grouping), in a seeded random order."""
+    gen = torch.Generator().manual_seed(seed)
+    order = get_length_grouped_indices(list(lengths), batch_size, generator=gen)
+    batches = [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
+    perm = torch.randperm(len(batches), generator=gen).tolist()
+    return [batches[i] for i in perm]
