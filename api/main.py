@@ -23,6 +23,7 @@ from api.routes import (
     profile,
     training,
 )
+from csra.enqueue import QueueUnavailable
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +40,10 @@ async def _validation(request: Request, exc: RequestValidationError) -> JSONResp
     return JSONResponse(status_code=422, content={"detail": errors_detail(list(exc.errors()))})
 
 
+async def _queue_down(request: Request, exc: QueueUnavailable) -> JSONResponse:
+    return JSONResponse(status_code=503, content={"detail": str(exc)})
+
+
 def create_app() -> FastAPI:
     app = FastAPI(
         title="csra",
@@ -50,6 +55,7 @@ def create_app() -> FastAPI:
     for module in (datasets, generation, jobs, training, evaluations, models, chats, profile, openai_compat):
         app.include_router(module.router, dependencies=protected)
     app.add_exception_handler(RequestValidationError, _validation)  # type: ignore[arg-type]
+    app.add_exception_handler(QueueUnavailable, _queue_down)  # type: ignore[arg-type]
     app.add_exception_handler(Exception, _unhandled)
     _ = HTTPException  # HTTPException bodies are FastAPI's default {"detail": ...}
     return app

@@ -48,7 +48,6 @@ from tests.stack import RedisServer, Stack, free_port, stack_env  # noqa: E402
 GOAL_POLLS_PER_S = 500.0
 GOAL_POLL_P99_MS = 100.0
 GOAL_QUEUE_P50_MS = 50.0
-TERMINAL = {"succeeded", "failed", "cancelled"}
 JOB_TIMEOUT_S = 30.0
 REQUEST_TIMEOUT_S = 30.0
 INTENTS = ("cancel_order", "track_order", "get_refund", "change_shipping_address")
@@ -123,7 +122,7 @@ async def wait_job(client: httpx.AsyncClient, job_id: int, interval: float = 0.0
         r = await client.get(f"/jobs/{job_id}")
         r.raise_for_status()
         job = r.json()
-        if job["status"] in TERMINAL:
+        if job["finished"]:
             return job
         await asyncio.sleep(interval)
     raise TimeoutError(f"job {job_id} did not finish in {JOB_TIMEOUT_S:.0f} s")
@@ -375,7 +374,7 @@ def throwaway_stack(api_workers: int) -> Iterator[Stack]:
         port = free_port()
         # production timings, not the test suite's fast heartbeats and sweeps
         env = stack_env(root, server.url, port, CSRA_HEARTBEAT_SECONDS="5", CSRA_STALE_AFTER_SECONDS="60",
-                        CSRA_SWEEP_INTERVAL_SECONDS="15", CSRA_LOST_MESSAGE_AFTER_SECONDS="30",
+                        CSRA_REAP_INTERVAL_SECONDS="15", CSRA_LOST_MESSAGE_AFTER_SECONDS="30",
                         CSRA_MAX_UPLOAD_MB="20")
         stack = Stack(root=root, redis=server, env=env, api_port=port)
         try:

@@ -64,7 +64,7 @@ def wait(c: httpx.Client, job_id: int) -> dict[str, Any]:
                     return json.loads(line.split(":", 1)[1])
     while True:
         j = c.get(f"/jobs/{job_id}").json()
-        if j["status"] in ("succeeded", "failed", "cancelled"):
+        if j["finished"]:
             return j
         time.sleep(POLL_INTERVAL or 0.25)
 

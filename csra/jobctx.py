@@ -20,7 +20,21 @@ class JobError(Exception):
 
 
 class JobCancelled(Exception):
-    """Raised by ``check_cancelled`` when the user cancelled the job."""
+    """Raised by ``check_cancelled`` when the user cancelled the job. A handler that stops with
+    something worth keeping (the text of a reply cut short) re-raises it with ``result``."""
+
+    def __init__(self, result: dict[str, Any] | None = None) -> None:
+        super().__init__("cancelled")
+        self.result = result
+
+
+class WaitForChildren(Exception):  # noqa: N818 - a control-flow signal, like StopIteration
+    """Raised by a handler that started child jobs and resumes once they have all ended: its job
+    waits without holding a worker and is queued again when the last child ends."""
+
+    def __init__(self, children: list[int]) -> None:
+        super().__init__(f"waiting for child jobs {children}")
+        self.children = children
 
 
 class JobTimeLimit(JobError):

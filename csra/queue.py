@@ -13,18 +13,20 @@ from celery import Celery
 from kombu import Queue
 
 from csra.settings import get_settings
+from db.jobs import QUEUE_OF, JobKind
 
-QUEUES = ("default", "train", "generate", "maintenance")  # maintenance: the periodic sweep only
+QUEUES = ("default", "train", "generate", "maintenance")  # maintenance: the stale-job reaper only
 
-# job kind -> (task name, queue). Every task has an explicit name and queue.
-TASKS: dict[str, tuple[str, str]] = {
-    "import": ("csra.jobs.import_dataset", "default"),
-    "train": ("csra.jobs.train", "train"),
-    "sweep": ("csra.jobs.sweep", "default"),
-    "evaluate": ("csra.jobs.evaluate", "train"),
-    "generate": ("csra.jobs.generate", "generate"),
+# job kind -> the name of the task that runs it (its queue: db.jobs.QUEUE_OF). Explicit names; they
+# are what queued messages carry, so they stay stable across releases.
+TASK_NAMES: dict[str, str] = {
+    JobKind.IMPORT: "csra.jobs.import_dataset",
+    JobKind.TRAIN: "csra.jobs.train",
+    JobKind.SWEEP: "csra.jobs.sweep",
+    JobKind.EVALUATE: "csra.jobs.evaluate",
+    JobKind.GENERATE: "csra.jobs.generate",
 }
-SWEEP_TASK = "csra.maintenance.sweep_jobs"
+REAPER_TASK = "csra.maintenance.reap_stale_jobs"
 
 
 @lru_cache(maxsize=1)
@@ -57,10 +59,10 @@ def get_celery() -> Celery:
         },
         task_publish_retry_policy={"max_retries": 2, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.5},
         beat_schedule={
-            "sweep-jobs": {
-                "task": SWEEP_TASK,
-                "schedule": settings.sweep_interval_seconds,
-                "options": {"queue": "maintenance", "expires": settings.sweep_interval_seconds * 2},
+            "reap-stale-jobs": {
+                "task": REAPER_TASK,
+                "schedule": settings.reap_interval_seconds,
+                "options": {"queue": "maintenance", "expires": settings.reap_interval_seconds * 2},
             }
         },
         timezone="UTC",
@@ -84,9 +86,8 @@ def time_limits(kind: str) -> tuple[float, float]:
 
 def send_job(job_id: int, kind: str) -> None:
     """Publish the message that runs job ``job_id``; the Celery task id is ``job-<id>``."""
-    name, queue = TASKS[kind]
     soft, hard = time_limits(kind)
-    get_celery().send_task(name, args=[job_id], queue=queue, task_id=task_id_for(job_id),
+    get_celery().send_task(TASK_NAMES[kind], args=[job_id], queue=QUEUE_OF[kind], task_id=task_id_for(job_id),
                            soft_time_limit=soft, time_limit=hard)
 
 

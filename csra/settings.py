@@ -10,7 +10,7 @@ import os
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -34,7 +34,11 @@ class Settings(BaseSettings):
     max_attempts: int = Field(2, ge=1, description="total attempts of a job whose worker dies")
     heartbeat_seconds: float = Field(5.0, gt=0, description="how often a running job beats")
     stale_after_seconds: float = Field(60.0, gt=0, description="no heartbeat this long: worker lost")
-    sweep_interval_seconds: float = Field(15.0, gt=0, description="period of the stale-job sweep")
+    reap_interval_seconds: float = Field(
+        15.0, gt=0, description="period of the stale-job reaper",
+        validation_alias=AliasChoices("CSRA_REAP_INTERVAL_SECONDS", "CSRA_SWEEP_INTERVAL_SECONDS",
+                                      "reap_interval_seconds"),
+    )
     lost_message_after_seconds: float = Field(
         30.0, gt=0, description="a queued job whose message is nowhere in Redis this long is re-sent"
     )

@@ -7,11 +7,18 @@ workers re-parse ``job.params`` with the same model.
 from __future__ import annotations
 
 import re
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+Tone = Literal["neutral", "friendly", "strict_professional"]
+# The bounds of each generation setting, defined once: settings, per-message overrides and the
+# OpenAI-compatible request all use these.
+Temperature = Annotated[float, Field(ge=0, le=2, description="0 = greedy")]
+TopP = Annotated[float, Field(gt=0, le=1)]
+MaxNewTokens = Annotated[int, Field(ge=1, le=2048)]
 
 DEFAULT_INSTRUCTION = (
     "You are a customer support agent. Reply to the customer's message helpfully, politely "
@@ -103,28 +110,46 @@ class TrainSpec(_Spec):
 class GenerationSettings(_Spec):
     """Decoding and prompt settings of a reply (chat defaults, per-message overrides)."""
 
-    tone: Literal["neutral", "friendly", "strict_professional"] = "neutral"
-    temperature: float = Field(0.0, ge=0, le=2, description="0 = greedy")
-    top_p: float = Field(1.0, gt=0, le=1)
-    max_new_tokens: int = Field(256, ge=1, le=2048)
+    tone: Tone = "neutral"
+    temperature: Temperature = 0.0
+    top_p: TopP = 1.0
+    max_new_tokens: MaxNewTokens = 256
     ask_details_only_if_relevant: bool = Field(
         True, description="on: ask for order/account/email only when the request needs it; off: never"
     )
     seed: int | None = None
 
 
-class GenerateSpec(GenerationSettings):
-    """One generation job (``POST /jobs/generate``)."""
+class GenerationOverrides(_Spec):
+    """Per-message changes to a chat's settings: any subset of ``GenerationSettings``, same bounds."""
+
+    tone: Tone | None = None
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
+    max_new_tokens: MaxNewTokens | None = None
+    ask_details_only_if_relevant: bool | None = None
+    seed: int | None = None
+
+
+class ReplyTo(_Spec):
+    """The chat turn a generation answers: the job's outcome is written into this assistant message."""
+
+    chat_id: int
+    message_id: int
+
+
+class GenerateRequest(GenerationSettings):
+    """What a client asks for (``POST /jobs/generate``): ``message`` (one customer message) or
+    ``messages`` (a conversation)."""
 
     model_id: str = Field("baseline", description="model name or id")
     message: str | None = Field(None, description="the customer's message")
     messages: list[dict[str, str]] | None = Field(
         None, description="multi-turn: [{'role': 'user'|'assistant', 'content': ...}], last one from the user"
     )
-    chat_id: int | None = None
 
     @model_validator(mode="after")
-    def _one_message(self) -> GenerateSpec:
+    def _one_message(self) -> GenerateRequest:
         if (self.message is None) == (self.messages is None):
             raise ValueError("give exactly one of 'message' or 'messages'")
         if self.message is not None and not self.message.strip():
@@ -136,6 +161,20 @@ class GenerateSpec(GenerationSettings):
                 if m.get("role") not in ("user", "assistant", "system") or not str(m.get("content", "")).strip():
                     raise ValueError("each message needs a role (user/assistant/system) and non-empty content")
         return self
+
+    def conversation(self) -> list[dict[str, str]]:
+        """The turns as messages (a single ``message`` is a one-turn conversation)."""
+        if self.messages is not None:
+            return [{"role": m["role"], "content": m["content"]} for m in self.messages]
+        return [{"role": "user", "content": self.message or ""}]
+
+
+class GenerateSpec(GenerateRequest):
+    """One generation job, as stored for the worker (a ``POST /jobs/generate``, a chat reply or a
+    ``/v1/chat/completions`` call): ``messages`` and the model's resolved name, and for a chat
+    reply the assistant turn it fills in."""
+
+    reply_to: ReplyTo | None = Field(None, description="the chat's assistant turn this job answers")
 
 
 class EvaluateSpec(_Spec):

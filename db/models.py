@@ -12,37 +12,14 @@ from sqlalchemy.orm import Mapped, mapped_column, relationship
 from db.base import Base, utcnow
 
 
-class JobKind(enum.StrEnum):
-    IMPORT = "import"
-    TRAIN = "train"
-    EVALUATE = "evaluate"
-    GENERATE = "generate"
-    SWEEP = "sweep"
-
-
-class JobStatus(enum.StrEnum):
-    QUEUED = "queued"
-    RUNNING = "running"
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
-
-    @property
-    def finished(self) -> bool:
-        return self in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED)
-
-
-TERMINAL = (JobStatus.SUCCEEDED.value, JobStatus.FAILED.value, JobStatus.CANCELLED.value)
-
-
 class Job(Base):
     __tablename__ = "jobs"
     __table_args__ = (Index("ix_jobs_status_kind", "status", "kind"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    kind: Mapped[str] = mapped_column(String(16), index=True)
+    kind: Mapped[str] = mapped_column(String(16), index=True)  # db.jobs.JobKind
     queue: Mapped[str] = mapped_column(String(32))
-    status: Mapped[str] = mapped_column(String(16), default=JobStatus.QUEUED.value)
+    status: Mapped[str] = mapped_column(String(16), default="queued")  # db.jobs.JobStatus
     params: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     progress: Mapped[float] = mapped_column(Float, default=0.0)
     stage: Mapped[str] = mapped_column(String(200), default="queued")

@@ -7,12 +7,12 @@ model is always asked in exactly the format it was trained on.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any
 
-Tone = Literal["neutral", "friendly", "strict_professional"]
+from csra.specs import Tone
 
 # Each tone is one documented system-prompt rule (README, "Tone and privacy").
-TONE_RULES: dict[str, str] = {
+TONE_RULES: dict[Tone, str] = {
     "neutral": "Use a neutral, clear tone.",
     "friendly": "Use a warm, friendly tone; a short empathetic phrase is welcome.",
     "strict_professional": "Use a strictly professional tone: formal, concise, no small talk.",
@@ -67,6 +67,30 @@ def render_prompt(tokenizer: Any, messages: Sequence[dict[str, str]]) -> str:
         lines.append(f"{role}: {m['content']}")
     lines.append("Agent:")
     return "\n".join(lines)
+
+
+def count_tokens(tokenizer: Any, text: str) -> int:
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def conversation_prompt(tokenizer: Any, system: str, messages: Sequence[dict[str, str]],
+                        max_tokens: int | None = None) -> str:
+    """The prompt for a conversation (``messages`` end with the customer's turn) that fits ``max_tokens``.
+
+    The oldest turns are dropped first, a question with its answer at a time; the system message
+    (the agent instruction with the tone and privacy rules) and the customer's last message always
+    stay. ``max_tokens`` None: no limit (models with relative positions, such as T5).
+    """
+    turns = [{"role": m["role"], "content": m["content"]} for m in messages if m["role"] != "system"]
+    if not turns or turns[-1]["role"] != "user":
+        raise ValueError("a conversation ends with the customer's message")
+    history, last = turns[:-1], turns[-1]
+    while True:
+        prompt = render_prompt(tokenizer, build_messages(system, last["content"], history))
+        if max_tokens is None or not history or count_tokens(tokenizer, prompt) <= max_tokens:
+            return prompt
+        pair = len(history) >= 2 and history[0]["role"] == "user" and history[1]["role"] == "assistant"
+        history = history[2:] if pair else history[1:]
 
 
 def example_prompt(tokenizer: Any, instruction: str, customer_message: str) -> str:

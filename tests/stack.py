@@ -142,7 +142,7 @@ def stack_env(root: Path, redis_url: str, api_port: int, **extra: str) -> dict[s
         CSRA_API_PORT=str(api_port),
         CSRA_HEARTBEAT_SECONDS="0.5",
         CSRA_STALE_AFTER_SECONDS="3",
-        CSRA_SWEEP_INTERVAL_SECONDS="1",
+        CSRA_REAP_INTERVAL_SECONDS="1",
         CSRA_LOST_MESSAGE_AFTER_SECONDS="3",
         CSRA_MAX_ATTEMPTS="2",
         CSRA_IMPORT_ROOTS=f'["{root / "imports"}"]',

@@ -9,6 +9,7 @@ import redis
 from celery import bootsteps
 
 from csra.presence import INTERVAL, announce, report_invariance, withdraw
+from csra.redis_conn import get_redis
 from csra.settings import get_settings
 
 logger = logging.getLogger(__name__)
@@ -49,12 +50,11 @@ class Presence(bootsteps.StartStopStep):
 
 def publish_invariance(model_name: str, report: dict[str, Any] | None) -> None:
     """Make a model's batch-invariance self-check visible in ``GET /health`` (best effort)."""
-    from workers.runner import worker_name
+    from workers.context import worker_name
 
     if report is None:
         return
     try:
-        client = redis.Redis.from_url(get_settings().effective_redis_url, socket_timeout=2)
-        report_invariance(client, worker_name(), model_name, report)
+        report_invariance(get_redis(), worker_name(), model_name, report)
     except (redis.RedisError, OSError):
         logger.warning("could not publish the batch-invariance report of %s", model_name, exc_info=True)

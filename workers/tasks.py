@@ -1,6 +1,6 @@
 """Celery tasks: thin wrappers that take a job id and hand it to the runner.
 
-Every task has an explicit name (csra.queue.TASKS) and runs the shared lifecycle in
+Every task has an explicit name (``csra.queue.TASK_NAMES``) and runs the shared lifecycle in
 ``workers.runner.execute``; the work itself lives in ``workers.handlers``.
 """
 
@@ -11,15 +11,14 @@ from typing import Any
 from celery import Task
 from celery.exceptions import TimeLimitExceeded
 from celery.signals import worker_process_init
-from celery.utils.log import get_task_logger
 
-from csra.queue import SWEEP_TASK, TASKS, get_celery, time_limits
+from csra.queue import REAPER_TASK, TASK_NAMES, get_celery, time_limits
 from csra.settings import get_settings
+from db.jobs import JobKind
 from workers import runner
 from workers.handlers.imports import handle_import  # preloaded before the pool forks (pandas is slow to import)
 from workers.presence import Presence
 
-logger = get_task_logger(__name__)
 app = get_celery()
 app.steps["worker"].add(Presence)
 
@@ -38,44 +37,44 @@ class JobTask(Task):  # type: ignore[misc]
             runner.fail_past_hard_limit(int(args[0]), self.kind, time_limits(self.kind)[1])
 
 
-@app.task(name=TASKS["import"][0], base=JobTask, kind="import")
-def import_dataset(job_id: int) -> None:
-    runner.execute(job_id, "import", handle_import)
+@app.task(name=TASK_NAMES[JobKind.IMPORT], base=JobTask, kind=JobKind.IMPORT)
+def run_import(job_id: int) -> None:
+    runner.execute(job_id, JobKind.IMPORT, handle_import)
 
 
-@app.task(name=TASKS["train"][0], base=JobTask, kind="train")
-def train(job_id: int) -> None:
+@app.task(name=TASK_NAMES[JobKind.TRAIN], base=JobTask, kind=JobKind.TRAIN)
+def run_training(job_id: int) -> None:
     from workers.handlers.training import handle_train
 
-    runner.execute(job_id, "train", handle_train)
+    runner.execute(job_id, JobKind.TRAIN, handle_train)
 
 
-@app.task(name=TASKS["sweep"][0], base=JobTask, kind="sweep")
-def sweep(job_id: int) -> None:
-    from workers.handlers.training import handle_sweep
+@app.task(name=TASK_NAMES[JobKind.SWEEP], base=JobTask, kind=JobKind.SWEEP)
+def run_hp_sweep(job_id: int) -> None:
+    from workers.handlers.hp_sweep import handle_hp_sweep
 
-    runner.execute(job_id, "sweep", handle_sweep)
-
-
-@app.task(name=TASKS["generate"][0], base=JobTask, kind="generate")
-def generate(job_id: int) -> None:
-    from workers.handlers.generation import handle_generate
-
-    runner.execute(job_id, "generate", handle_generate)
+    runner.execute(job_id, JobKind.SWEEP, handle_hp_sweep)
 
 
-@app.task(name=TASKS["evaluate"][0], base=JobTask, kind="evaluate")
-def evaluate(job_id: int) -> None:
+@app.task(name=TASK_NAMES[JobKind.GENERATE], base=JobTask, kind=JobKind.GENERATE)
+def run_generation(job_id: int) -> None:
+    from workers.handlers.generation import handle_generation
+
+    runner.execute(job_id, JobKind.GENERATE, handle_generation)
+
+
+@app.task(name=TASK_NAMES[JobKind.EVALUATE], base=JobTask, kind=JobKind.EVALUATE)
+def run_evaluation(job_id: int) -> None:
     from workers.handlers.evaluation import handle_evaluate
 
-    runner.execute(job_id, "evaluate", handle_evaluate)
+    runner.execute(job_id, JobKind.EVALUATE, handle_evaluate)
 
 
-@app.task(name=SWEEP_TASK)
-def sweep_jobs() -> dict[str, Any]:
-    from workers.maintenance import sweep as do_sweep
+@app.task(name=REAPER_TASK)
+def reap_stale_jobs() -> dict[str, Any]:
+    from workers.reaper import reap_stale_jobs as reap
 
-    return do_sweep()
+    return reap()
 
 
 @worker_process_init.connect

@@ -11,9 +11,9 @@ from fastapi.responses import JSONResponse
 from sqlalchemy import text
 from starlette.concurrency import run_in_threadpool
 
-from api.enqueue import redis_client, redis_ok
 from csra.presence import SUPERVISOR_KEY, invariance_reports, live_workers
 from csra.queue import QUEUES
+from csra.redis_conn import get_redis, redis_ok
 from db.session import get_engine
 
 logger = logging.getLogger(__name__)
@@ -33,7 +33,7 @@ def _db_ok() -> bool:
 def _workers() -> dict[str, list[str]]:
     """Live workers per queue (each worker keeps a short-lived presence key in Redis)."""
     try:
-        return live_workers(redis_client(), QUEUES)
+        return live_workers(get_redis(), QUEUES)
     except Exception:
         logger.warning("reading worker presence failed", exc_info=True)
         return {q: [] for q in QUEUES}
@@ -42,7 +42,7 @@ def _workers() -> dict[str, list[str]]:
 def _invariance() -> tuple[dict[str, Any], list[str]]:
     """Each loaded model's batch-invariance self-check per worker, and a warning for every failed one."""
     try:
-        reports = invariance_reports(redis_client())
+        reports = invariance_reports(get_redis())
     except Exception:
         logger.warning("reading batch-invariance reports failed", exc_info=True)
         return {}, []
@@ -57,7 +57,7 @@ def _invariance() -> tuple[dict[str, Any], list[str]]:
 def _supervisor() -> dict[str, Any] | None:
     """``csra up``'s parts with their restart counts (None when the stack runs without ``csra up``)."""
     try:
-        raw = redis_client().get(SUPERVISOR_KEY)
+        raw = get_redis().get(SUPERVISOR_KEY)
     except Exception:
         logger.warning("reading the supervisor state failed", exc_info=True)
         return None

@@ -7,20 +7,20 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any, Literal
+from typing import Any
 
 from fastapi import APIRouter, HTTPException
-from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 from sse_starlette.sse import EventSourceResponse
 from starlette.concurrency import run_in_threadpool
 
 from api.deps import DbSession, Owner
-from api.enqueue import submit_job
-from api.routes.generation import submit_generation, token_events
-from api.routes.jobs import get_job_or_404
-from api.routes.training import validate_train_spec
-from csra.specs import GenerateSpec, TrainSpec
+from api.schemas.openai import ChatCompletionRequest, FineTuneCreate
+from api.services import jobs
+from api.services.generation import submit_generation, token_events
+from api.services.training import submit_training
+from csra.specs import GenerateRequest, TrainSpec
 from db.models import Job, JobEvent, Model
 from db.session import get_sessionmaker
 
@@ -29,39 +29,18 @@ router = APIRouter(prefix="/v1", tags=["openai-compatible"])
 DEFAULT_LR = 5e-5  # learning_rate_multiplier 1.0 = csra's default learning rate
 
 
-class ChatMessageIn(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    role: Literal["system", "user", "assistant", "developer"]
-    content: str | list[dict[str, Any]] | None = None
-
-
-class ChatCompletionRequest(BaseModel):
-    model_config = ConfigDict(extra="allow")  # the client sends fields csra ignores (n=1, user, ...)
-    model: str
-    messages: list[ChatMessageIn] = Field(..., min_length=1)
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
-    max_tokens: int | None = Field(None, ge=1, le=2048)
-    max_completion_tokens: int | None = Field(None, ge=1, le=2048)
-    seed: int | None = None
-    stream: bool = False
-    # csra extensions (pass with extra_body=...)
-    tone: Literal["neutral", "friendly", "strict_professional"] = "neutral"
-    ask_details_only_if_relevant: bool = True
-
-
 def _text(content: str | list[dict[str, Any]] | None) -> str:
     if isinstance(content, list):
         return "".join(part.get("text", "") for part in content if part.get("type") == "text")
     return content or ""
 
 
-def _spec(body: ChatCompletionRequest) -> GenerateSpec:
+def _request(body: ChatCompletionRequest) -> GenerateRequest:
     msgs = [{"role": "assistant" if m.role == "assistant" else "user", "content": _text(m.content)}
             for m in body.messages if m.role not in ("system", "developer")]
     if not msgs or msgs[-1]["role"] != "user":
         raise HTTPException(status_code=422, detail="messages must end with a user message")
-    return GenerateSpec(model_id=body.model, messages=msgs, temperature=body.temperature or 0.0,
+    return GenerateRequest(model_id=body.model, messages=msgs, temperature=body.temperature or 0.0,
                         top_p=body.top_p or 1.0, max_new_tokens=body.max_completion_tokens or body.max_tokens or 256,
                         seed=body.seed, tone=body.tone, ask_details_only_if_relevant=body.ask_details_only_if_relevant)
 
@@ -108,11 +87,11 @@ async def _stream(job_id: int, model: str, cid: str) -> AsyncIterator[dict[str, 
 
 @router.post("/chat/completions", response_model=None)
 async def chat_completions(body: ChatCompletionRequest, owner: Owner) -> Any:
-    spec = _spec(body)
+    request = _request(body)
 
     def submit() -> int:
         with get_sessionmaker()() as db:
-            return submit_generation(db, spec, owner).id
+            return submit_generation(db, request, owner).id
 
     job_id = await run_in_threadpool(submit)
     cid = f"chatcmpl-{job_id}-{uuid.uuid4().hex[:8]}"
@@ -129,23 +108,6 @@ async def chat_completions(body: ChatCompletionRequest, owner: Owner) -> Any:
 
 STATUS = {"queued": "queued", "running": "running", "succeeded": "succeeded", "failed": "failed",
           "cancelled": "cancelled"}
-
-
-class Hyperparameters(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    n_epochs: int | Literal["auto"] = "auto"
-    batch_size: int | Literal["auto"] = "auto"
-    learning_rate_multiplier: float | Literal["auto"] = "auto"
-
-
-class FineTuneCreate(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    model: str = "baseline"
-    training_file: str = Field(..., description="a csra dataset id ('3' or 'ds-3')")
-    hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
-    suffix: str | None = Field(None, max_length=40)
-    seed: int | None = None
-    validation_file: str | None = None
 
 
 def _dataset_id(ref: str) -> int:
@@ -182,8 +144,8 @@ def fine_tuning_job(job: Job) -> dict[str, Any]:
     }
 
 
-def _train_job(db: DbSession, ref: str, owner: str | None) -> Job:
-    job = get_job_or_404(db, _job_id(ref), owner)
+def _train_job(db: Session, ref: str, owner: str | None) -> Job:
+    job = jobs.get_job_or_404(db, _job_id(ref), owner)
     if job.kind != "train":
         raise HTTPException(status_code=404, detail=f"fine-tuning job {ref!r} not found")
     return job
@@ -207,9 +169,7 @@ def create_fine_tuning_job(body: FineTuneCreate, db: DbSession, owner: Owner) ->
         spec = TrainSpec.model_validate(cfg)
     except ValueError as e:
         raise HTTPException(status_code=422, detail=str(e)) from None
-    validate_train_spec(db, spec)
-    job = submit_job(db, "train", spec.model_dump(mode="json"), owner=owner, dataset_id=spec.dataset_id)
-    return fine_tuning_job(job)
+    return fine_tuning_job(submit_training(db, spec, owner))
 
 
 @router.get("/fine_tuning/jobs")
@@ -230,10 +190,8 @@ def read_fine_tuning_job(ref: str, db: DbSession, owner: Owner) -> dict[str, Any
 
 @router.post("/fine_tuning/jobs/{ref}/cancel")
 def cancel_fine_tuning_job(ref: str, db: DbSession, owner: Owner) -> dict[str, Any]:
-    from api.routes.jobs import cancel_job
-
     job = _train_job(db, ref, owner)
-    return fine_tuning_job(cancel_job(job.id, db, owner))
+    return fine_tuning_job(jobs.cancel(db, job.id, owner))
 
 
 @router.get("/fine_tuning/jobs/{ref}/events")

@@ -34,7 +34,7 @@ def make_client(tmp_path, monkeypatch) -> Iterator:
     for c in clients:
         c.close()
     get_engine().dispose()
-    from api.enqueue import redis_client
+    from csra.redis_conn import get_redis as redis_client
 
     for f in (get_settings, get_engine, get_sessionmaker, redis_client):
         f.cache_clear()

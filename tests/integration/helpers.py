@@ -7,14 +7,13 @@ from typing import Any
 
 import httpx
 
-TERMINAL = {"succeeded", "failed", "cancelled"}
 
-
-def wait_job(api: httpx.Client, job_id: int, timeout: float = 120, until: set[str] = TERMINAL) -> dict[str, Any]:
+def wait_job(api: httpx.Client, job_id: int, timeout: float = 120, until: set[str] | None = None) -> dict[str, Any]:
+    """The job once it is finished (or, with ``until``, in one of those statuses)."""
     deadline = time.monotonic() + timeout
     while True:
         job = api.get(f"/jobs/{job_id}").json()
-        if job["status"] in until:
+        if (job["status"] in until) if until else job["finished"]:
             return job
         if time.monotonic() > deadline:
             raise TimeoutError(f"job {job_id} still {job['status']} after {timeout} s: {job}")

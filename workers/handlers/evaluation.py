@@ -25,7 +25,7 @@ from csra.specs import EvaluateSpec
 from db.models import Evaluation, EvaluationExample, JobEvent, Model
 from db.session import session_scope
 from ml.sampling import composition, stratified_sample
-from workers.handlers.models import ensure_baseline_registered, find_model_row
+from models_store.registry import ensure_baseline_registered, find_model_row
 from workers.handlers.training import background_yielder, load_split
 from workers.presence import publish_invariance
 

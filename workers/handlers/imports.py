@@ -8,7 +8,7 @@ from typing import Any
 
 from sqlalchemy import delete, insert
 
-from csra.jobctx import JobCancelled, JobContext, JobError
+from csra.jobctx import JobContext, JobError
 from csra.settings import get_settings
 from csra.specs import ImportSpec
 from db.models import Dataset, DatasetExample, DatasetStatus
@@ -35,17 +35,6 @@ def resolve_source(source: str, work_dir: Path) -> Path:
     return path
 
 
-def _fail_dataset(dataset_id: int, error: str) -> None:
-    """The dataset failed: no example of it stays behind (a half-stored import is never seen)."""
-    with session_scope() as s:
-        s.execute(delete(DatasetExample).where(DatasetExample.dataset_id == dataset_id))
-        ds = s.get(Dataset, dataset_id)
-        if ds is not None:
-            ds.status = DatasetStatus.FAILED.value
-            ds.error = error
-            ds.row_count = 0
-
-
 def handle_import(job_id: int, params: dict[str, Any], ctx: JobContext) -> dict[str, Any]:
     dataset_id = int(params["dataset_id"])
     with session_scope() as s:
@@ -53,17 +42,8 @@ def handle_import(job_id: int, params: dict[str, Any], ctx: JobContext) -> dict[
         if ds is None:
             raise JobError(f"dataset {dataset_id} was deleted before its import ran")
         source, options = ds.source, dict(ds.options or {})
-    try:
-        return _import(dataset_id, source, ImportSpec.model_validate(options), ctx)
-    except JobError as e:
-        _fail_dataset(dataset_id, str(e))
-        raise
-    except JobCancelled:
-        _fail_dataset(dataset_id, "import cancelled")
-        raise
-    except Exception as e:
-        _fail_dataset(dataset_id, f"import crashed: {type(e).__name__}: {e}")
-        raise
+    # a failed or cancelled import leaves its dataset failed with no examples: db.jobs.finish settles it
+    return _import(dataset_id, source, ImportSpec.model_validate(options), ctx)
 
 
 def _import(dataset_id: int, source: str, spec: ImportSpec, ctx: JobContext) -> dict[str, Any]:

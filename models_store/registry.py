@@ -1,4 +1,8 @@
-"""The model registry: store folders plus their rows in ``models``."""
+"""The model registry: the ``models`` rows and their store folders, and every lookup of them.
+
+The API and the workers find, register and resolve models only through here (one query, one
+place); the folders themselves are written and read by ``models_store.loading``.
+"""
 
 from __future__ import annotations
 
@@ -10,23 +14,46 @@ from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 
 from csra.jobctx import JobError
 from csra.settings import get_settings
-from db.models import Model
+from db.jobs import TERMINAL
+from db.models import Job, Model
 from db.session import session_scope
 from models_store.naming import model_dir
 
 logger = logging.getLogger(__name__)
 
 
-def find_model_row(ref: str) -> dict[str, Any] | None:
-    """A registered model by name or numeric id, as a plain dict (path, name, id, kind)."""
+def find_model(session: Session, ref: str | int) -> Model | None:
+    """A registered model by numeric id or by name."""
+    ref = str(ref)
+    if ref.isdigit():
+        return session.get(Model, int(ref))
+    return session.scalar(select(Model).where(Model.name == ref))
+
+
+def find_model_row(ref: str | int) -> dict[str, Any] | None:
+    """``find_model`` in a session of its own, as a plain dict (path, name, id, kind): for workers."""
     with session_scope() as s:
-        row = s.get(Model, int(ref)) if str(ref).isdigit() else s.scalar(select(Model).where(Model.name == ref))
+        row = find_model(s, ref)
         if row is None:
             return None
         return {"id": row.id, "name": row.name, "path": row.path, "kind": row.kind, "model_type": row.model_type}
+
+
+def jobs_using(session: Session, model: Model) -> list[int]:
+    """Unfinished jobs whose parameters name this model (by id or name)."""
+    refs = {str(model.id), model.name}
+    using = []
+    for job in session.scalars(select(Job).where(Job.status.not_in(TERMINAL))):
+        p = job.params or {}
+        named = {str(p.get("base_model", "")), str(p.get("model_id", ""))}
+        named |= {str(m) for m in p.get("model_ids", []) or []}
+        if refs & named:
+            using.append(job.id)
+    return using
 
 
 def _describe(path: Path) -> dict[str, Any]:

@@ -1,10 +1,13 @@
-"""The periodic sweep (Celery beat, queue ``default``): no job stays stuck.
+"""The stale-job reaper (Celery beat, queue ``maintenance``): no job stays stuck.
 
 - A ``running`` job whose heartbeat is older than ``CSRA_STALE_AFTER_SECONDS`` lost its
-  worker: it is re-queued (and re-sent) while attempts remain, else failed with a clear error.
+  worker: it is re-queued (and re-sent) while attempts remain, else failed with a clear error
+  (and its chat turn or dataset settled with it, ``db.jobs.finish``).
 - A ``queued`` job whose message is nowhere in Redis (neither waiting in its queue nor
   delivered-but-unacked) for ``CSRA_LOST_MESSAGE_AFTER_SECONDS`` is re-sent from the row:
   Redis restarted without it, or the API died between commit and publish.
+- A ``waiting`` sweep whose child jobs have all ended is queued again (normally the runner that
+  ends the last child does this at once; this catches the rest).
 """
 
 from __future__ import annotations
@@ -17,12 +20,14 @@ from typing import Any
 import redis
 from sqlalchemy import or_, select
 
-from csra.queue import QUEUES, TASKS, send_job, task_id_for
+from csra.enqueue import after_jobs_ended, ended_tuple, wake_parent
+from csra.queue import QUEUES, TASK_NAMES, send_job, task_id_for
+from csra.redis_conn import get_redis
 from csra.settings import get_settings
+from db import jobs
 from db.base import utcnow
-from db.models import Job, JobEvent, JobStatus
+from db.models import Job, JobEvent
 from db.session import session_scope
-from workers.runner import _fail_exhausted
 
 logger = logging.getLogger(__name__)
 
@@ -51,21 +56,18 @@ def requeue_stale_running() -> list[int]:
     settings = get_settings()
     cutoff = utcnow() - timedelta(seconds=settings.stale_after_seconds)
     to_send: list[tuple[int, str]] = []
+    ended = []
     with session_scope() as s:
-        stale = s.scalars(
-            select(Job).where(Job.status == JobStatus.RUNNING.value, Job.heartbeat_at < cutoff)
-        ).all()
+        stale = s.scalars(select(Job).where(Job.status == jobs.JobStatus.RUNNING, Job.heartbeat_at < cutoff)).all()
         for job in stale:
             if job.attempts >= settings.max_attempts:
-                _fail_exhausted(job, settings.max_attempts)
-                s.add(JobEvent(job_id=job.id, kind="status", message=f"failed: {job.error}"))
+                jobs.finish(s, job, jobs.JobStatus.FAILED, stage="failed: worker lost",
+                            error=jobs.exhausted_error(job.attempts, settings.max_attempts))
+                ended.append(ended_tuple(job))
                 continue
-            job.status = JobStatus.QUEUED.value
-            job.stage = f"re-queued: worker {job.worker} stopped responding"
-            job.worker = None
-            job.enqueued_at = utcnow()
-            s.add(JobEvent(job_id=job.id, kind="status", message=job.stage))
+            jobs.requeue(s, job, f"re-queued: worker {job.worker} stopped responding")
             to_send.append((job.id, job.kind))
+    after_jobs_ended(ended)
     for job_id, kind in to_send:
         send_job(job_id, kind)
     return [j for j, _ in to_send]
@@ -77,8 +79,8 @@ def resend_lost_messages(client: redis.Redis) -> list[int]:
     with session_scope() as s:
         rows = s.execute(
             select(Job.id, Job.kind).where(
-                Job.status == JobStatus.QUEUED.value,
-                Job.kind.in_(list(TASKS)),
+                Job.status == jobs.JobStatus.QUEUED,
+                Job.kind.in_(list(TASK_NAMES)),
                 or_(Job.enqueued_at < cutoff, Job.enqueued_at.is_(None) & (Job.created_at < cutoff)),
             )
         ).all()
@@ -99,9 +101,15 @@ def resend_lost_messages(client: redis.Redis) -> list[int]:
     return resent
 
 
-def sweep() -> dict[str, list[int]]:
-    client = redis.Redis.from_url(get_settings().effective_redis_url, socket_timeout=5)
-    result = {"requeued_stale": requeue_stale_running(), "resent_lost": resend_lost_messages(client)}
+def wake_finished_waiters() -> list[int]:
+    with session_scope() as s:
+        waiting = s.scalars(select(Job.id).where(Job.status == jobs.JobStatus.WAITING)).all()
+    return [job_id for job_id in waiting if wake_parent(job_id)]
+
+
+def reap_stale_jobs() -> dict[str, list[int]]:
+    result = {"requeued_stale": requeue_stale_running(), "resent_lost": resend_lost_messages(get_redis()),
+              "woke_waiting": wake_finished_waiters()}
     if any(result.values()):
-        logger.warning("job sweep: %s", result)
+        logger.warning("stale-job reaper: %s", result)
     return result

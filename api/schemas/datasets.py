@@ -1,0 +1,65 @@
+"""Datasets and their examples."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from api.schemas.common import Public
+from api.schemas.jobs import JobPublic
+from csra.specs import ImportSpec
+
+
+class DatasetCreate(BaseModel):
+    """Import from a server-side file or a Hugging Face dataset id."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(..., min_length=1, max_length=200)
+    source: str = Field(
+        ...,
+        min_length=1,
+        description="a server-side path under an allowed import folder, or a Hugging Face dataset id "
+        "(e.g. 'bitext/Bitext-customer-support-llm-chatbot-training-dataset'; prefix 'hf:' to force)",
+    )
+    options: ImportSpec = Field(default_factory=ImportSpec)
+
+
+class DatasetPublic(Public):
+    id: int
+    name: str
+    source: str
+    status: str
+    error: str | None = None
+    options: dict[str, Any]
+    stats: dict[str, Any] | None = None
+    row_count: int
+    created_at: datetime
+    updated_at: datetime
+
+
+class DatasetsPublic(BaseModel):
+    data: list[DatasetPublic]
+    count: int
+
+
+class DatasetCreated(BaseModel):
+    dataset: DatasetPublic
+    job: JobPublic
+
+
+class ExamplePublic(Public):
+    id: int
+    split: str
+    instruction: str
+    input: str
+    output: str
+    intent: str
+    category: str
+    flags: str
+
+
+class ExamplesPublic(BaseModel):
+    data: list[ExamplePublic]
+    count: int

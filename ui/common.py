@@ -1,0 +1,210 @@
+"""What the tabs share: the API client, error display, choice lists, small formatting helpers."""
+
+from __future__ import annotations
+
+import functools
+import html
+import inspect
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar, cast
+
+import gradio as gr
+from gradio.processing_utils import save_bytes_to_cache
+from gradio.utils import get_upload_folder
+
+from csra.client import ApiError, Client
+
+TONES = [("Neutral", "neutral"), ("Friendly", "friendly"), ("Strict professional", "strict_professional")]
+QUIET: dict[str, Any] = {"show_progress": "hidden"}
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+@functools.cache
+def client() -> Client:
+    """The process-wide API client, made on first use (never at import time)."""
+    return Client()
+
+
+def on(target: Any) -> dict[str, Any]:
+    """Event options: progress (and a failed call's error badge) on one component, not on every output."""
+    return {"show_progress": "minimal", "show_progress_on": target}
+
+
+# ---------------------------------------------------------------------------- handlers
+def _shown(e: ApiError) -> gr.Error:
+    title = f"API error {e.status}" if e.status else "API unreachable"
+    return gr.Error(e.detail, title=title, print_exception=False)
+
+
+def api_errors(fn: F) -> F:
+    """An API failure becomes a ``gr.Error`` showing the API's ``detail`` (generators too)."""
+    if inspect.isgeneratorfunction(fn):
+
+        @functools.wraps(fn)
+        def stream(*args: Any, **kwargs: Any) -> Iterator[Any]:
+            try:
+                yield from fn(*args, **kwargs)
+            except ApiError as e:
+                raise _shown(e) from None
+
+        return cast(F, stream)
+
+    @functools.wraps(fn)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except ApiError as e:
+            raise _shown(e) from None
+
+    return cast(F, call)
+
+
+def bind(fn: Callable[..., Any], last: Any) -> Callable[..., Any]:
+    """``fn`` with its last argument fixed (one handler per button); a generator stays one."""
+    if inspect.isgeneratorfunction(fn):
+
+        def stream(*args: Any) -> Iterator[Any]:
+            yield from fn(*args, last)
+
+        handler: Callable[..., Any] = stream
+    else:
+
+        def call(*args: Any) -> Any:
+            return fn(*args, last)
+
+        handler = call
+    handler.__name__ = f"{fn.__name__}_{last}"
+    return handler
+
+
+def download_js(elem_id: str) -> str:
+    """Browser code that clicks the (hidden) download button ``elem_id``."""
+    return f"() => {{ const b = document.querySelector('#{elem_id} button, button#{elem_id}'); if (b) b.click(); }}"
+
+
+def save_download(name: str, content: bytes) -> str:
+    """A file for the browser, in Gradio's cache: ``gr.Blocks(delete_cache=...)`` removes it later."""
+    return save_bytes_to_cache(content, name, get_upload_folder())
+
+
+# ---------------------------------------------------------------------------- values
+def keep(value: Any, choices: list[tuple[str, Any]], default: Any = None) -> Any:
+    """``value`` (or the part of a list value) still among ``choices``; else ``default``, else the first."""
+    values = [v for _, v in choices]
+    if isinstance(value, list):
+        kept = [v for v in value if v in values]
+        return kept or ([default] if default in values else [])
+    if value in values:
+        return value
+    return default if default in values else (values[0] if values else None)
+
+
+def dropdown(choices: list[tuple[str, Any]], selected: Any) -> gr.Dropdown:
+    """A dropdown of ``choices`` that keeps ``selected`` when it is still one of them (else none)."""
+    return gr.Dropdown(choices=choices, value=selected if selected in [v for _, v in choices] else None)
+
+
+def num(value: float | None, label: str) -> float:
+    """A required number field (a cleared Number input arrives as None)."""
+    if value is None:
+        raise gr.Error(f"{label}: enter a number.")
+    return float(value)
+
+
+def secs(s: float | None) -> str:
+    if s is None:
+        return "?"
+    s = int(round(s))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m {s % 60:02d}s"
+    return f"{s // 3600}h {s % 3600 // 60:02d}m"
+
+
+def job_html(job: dict[str, Any] | None, note: str = "") -> str:
+    """A job's status line with a progress bar."""
+    if not job:
+        return f"<div class='csra-job'>{html.escape(note) or 'No job yet.'}</div>"
+    pct = max(0, min(100, int(round(100 * float(job.get("progress") or 0)))))
+    if job["status"] == "succeeded":
+        pct = 100
+    parts = [f"<b>{html.escape(job['kind'])} job #{job['id']}</b>", html.escape(job["status"]), f"{pct}%"]
+    if job.get("stage"):
+        parts.append(html.escape(str(job["stage"])))
+    if job["status"] == "running" and job.get("eta_seconds") is not None:
+        parts.append(f"ETA {secs(job['eta_seconds'])}")
+    if job.get("attempts", 0) > 1:
+        parts.append(f"attempt {job['attempts']}")
+    err = f"<div class='csra-err'>{html.escape(job['error'])}</div>" if job.get("error") else ""
+    return (
+        f"<div class='csra-job'>{' · '.join(parts)}<div class='csra-bar'><div style='width:{pct}%'></div>"
+        f"</div>{err}</div>"
+    )
+
+
+@api_errors
+def cancel_job(job_id: int | None) -> str:
+    """Cancel the job a tab follows; its status line."""
+    if job_id is None:
+        raise gr.Error("No job selected.")
+    job = client().cancel_job(int(job_id))
+    gr.Info(f"Cancel requested for job #{job['id']}.")
+    return job_html(job)
+
+
+# ---------------------------------------------------------------------------- choices
+def model_choices() -> list[tuple[str, str]]:
+    return [(f"{m['name']} ({m['kind']})", m["name"]) for m in client().models()]
+
+
+def default_model(choices: list[tuple[str, str]]) -> str | None:
+    names = [v for _, v in choices]
+    return "baseline" if "baseline" in names else (names[0] if names else None)
+
+
+def dataset_choices() -> list[tuple[str, int]]:
+    out = []
+    for d in client().datasets():
+        status = "" if d["status"] == "ready" else f" · {d['status']}"
+        out.append((f"#{d['id']} {d['name']} ({d['row_count']} rows{status})", d["id"]))
+    return out
+
+
+# ---------------------------------------------------------------------------- generation settings
+def gen_settings(
+    model: str | None, tone: str, temperature: float, top_p: float, max_new_tokens: float, ask_details: bool
+) -> dict[str, Any]:
+    """The generation fields of a chat message or a generate job."""
+    if not model:
+        raise gr.Error("Pick a model first (the list comes from GET /models; is the store empty?).")
+    return {
+        "model_id": model,
+        "tone": tone,
+        "temperature": float(temperature),
+        "top_p": float(top_p),
+        "max_new_tokens": int(max_new_tokens),
+        "ask_details_only_if_relevant": bool(ask_details),
+    }
+
+
+def generation_controls(prefix: str, render: bool = True) -> tuple[Any, ...]:
+    """Tone, temperature, top-p, max new tokens and the privacy toggle (element ids ``{prefix}-...``)."""
+    tone = gr.Dropdown(TONES, value="neutral", label="Tone", elem_id=f"{prefix}-tone", render=render)
+    temperature = gr.Slider(
+        0, 2, value=0.0, step=0.05, label="Temperature", info="0 = greedy",
+        elem_id=f"{prefix}-temperature", render=render,
+    )
+    top_p = gr.Slider(0.05, 1, value=1.0, step=0.05, label="Top-p", elem_id=f"{prefix}-top-p", render=render)
+    max_tokens = gr.Slider(
+        8, 1024, value=256, step=8, label="Max new tokens", elem_id=f"{prefix}-max-tokens", render=render
+    )
+    ask = gr.Checkbox(
+        value=True,
+        label="Ask for details only if relevant",
+        info="on: ask for order/account/email only when the request needs it; off: never",
+        elem_id=f"{prefix}-ask-details",
+        render=render,
+    )
+    return tone, temperature, top_p, max_tokens, ask

@@ -1,0 +1,1 @@
+"""One module per tab: each ``build(demo)`` lays its tab out in the current ``gr.Blocks`` and wires it."""

@@ -1,0 +1,189 @@
+"""The Evaluate tab: run an evaluation on a dataset's test split, follow it, show the leaderboard,
+the plots and the HTML report. Progress is polled with a ``gr.Timer``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import gradio as gr
+import pandas as pd
+
+from csra.client import ApiError
+from ui.common import QUIET, api_errors, cancel_job, client, job_html, keep, num, on, save_download
+
+EVAL_PLOTS = ("metrics.png", "per_intent.png", "lengths.png", "loss_curves.png")
+LEADERBOARD_METRICS = {  # overall metric -> column title
+    "rouge_l": "ROUGE-L",
+    "bleu": "BLEU",
+    "chrf": "chrF",
+    "semantic_similarity": "semantic sim.",
+    "heuristic_quality": "quality",
+    "too_verbose": "too verbose",
+    "asks_needless_details": "needless asks",
+    "repetitive": "repetitive",
+    "off_tone": "off tone",
+    "unfinished": "unfinished",
+}
+CONFIG_KEYS = ("method", "epochs", "learning_rate", "batch_size", "max_train_samples")
+
+
+def leaderboard_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    out = []
+    for i, r in enumerate(rows, start=1):
+        m = r.get("metrics") or {}
+        tc = r.get("training_config") or {}
+        row = {"rank": i, "model": r["model"], "kind": r.get("kind") or ""}
+        for k, title in LEADERBOARD_METRICS.items():
+            v = m.get(k)
+            row[title] = round(float(v), 4) if isinstance(v, (int, float)) else None
+        row["evaluation"] = r.get("evaluation_id")
+        row["training config"] = ", ".join(f"{k}={tc[k]}" for k in CONFIG_KEYS if tc.get(k) is not None)
+        out.append(row)
+    cols = ["rank", "model", "kind", *LEADERBOARD_METRICS.values(), "evaluation", "training config"]
+    return pd.DataFrame(out, columns=cols)
+
+
+def _evaluation_choices(dataset_id: int | None) -> list[tuple[str, int]]:
+    evs = client().evaluations(dataset_id=dataset_id)
+    return [(f"#{e['id']} {', '.join(e['params'].get('model_ids', []))} ({e['status']})", e["id"]) for e in evs]
+
+
+@api_errors
+def eval_start(
+    models: list[str] | None,
+    dataset_id: int | None,
+    max_samples: float | None,
+    max_new_tokens: float,
+    num_beams: float,
+    seed: float,
+) -> tuple[Any, ...]:
+    if not models:
+        raise gr.Error("Pick at least one model to evaluate.")
+    if dataset_id is None:
+        raise gr.Error("Pick a dataset (its test split is used).")
+    body: dict[str, Any] = {
+        "model_ids": list(models),
+        "dataset_id": int(dataset_id),
+        "split": "test",
+        "max_new_tokens": int(num(max_new_tokens, "Max new tokens")),
+        "num_beams": int(num_beams or 1),
+        "seed": int(seed or 0),
+        "max_samples": int(max_samples) if max_samples else None,
+    }
+    job = client().evaluate(body)
+    gr.Info(f"Evaluation job #{job['id']} queued.")
+    return job["id"], job_html(job), gr.Timer(active=True)
+
+
+def _file_or_none(evaluation_id: int, name: str, saved_as: str) -> str | None:
+    try:
+        return save_download(saved_as, client().evaluation_file(evaluation_id, name))
+    except ApiError:
+        return None  # not every evaluation has every plot (loss curves need fine-tuned models)
+
+
+def _evaluation_view(evaluation_id: int) -> tuple[Any, ...]:
+    """The dataset's leaderboard, this evaluation's plots and report, the evaluation list."""
+    ev = client().evaluation(evaluation_id)
+    dataset_id = ev.get("dataset_id")
+    board = leaderboard_frame(client().leaderboard(dataset_id)) if dataset_id is not None else gr.skip()
+    plots = [_file_or_none(evaluation_id, name, f"eval{evaluation_id}-{name}") for name in EVAL_PLOTS]
+    report = _file_or_none(evaluation_id, "report.html", f"evaluation-{evaluation_id}-report.html")
+    choices = _evaluation_choices(dataset_id)
+    return board, *plots, report, gr.Dropdown(choices=choices, value=keep(evaluation_id, choices))
+
+
+EVAL_VIEW_SKIP = (gr.skip(),) * (len(EVAL_PLOTS) + 3)
+
+
+def eval_poll(job_id: int | None) -> tuple[Any, ...]:
+    """job line, the evaluation view (once it has succeeded), timer."""
+    if job_id is None:
+        return gr.skip(), *EVAL_VIEW_SKIP, gr.Timer(active=False)
+    try:
+        job = client().job(int(job_id))
+        if not job["finished"]:
+            return job_html(job), *EVAL_VIEW_SKIP, gr.skip()
+        ev_id = (job.get("result") or {}).get("evaluation_id")
+        if job["status"] != "succeeded" or ev_id is None:
+            return job_html(job), *EVAL_VIEW_SKIP, gr.Timer(active=False)
+        return job_html(job), *_evaluation_view(int(ev_id)), gr.Timer(active=False)
+    except ApiError as e:
+        gr.Warning(f"Stopped following the evaluation: {e.detail}")
+        return job_html(None, f"⚠️ {e.detail}"), *EVAL_VIEW_SKIP, gr.Timer(active=False)
+
+
+@api_errors
+def eval_show(dataset_id: int | None, evaluation_id: int | None) -> tuple[Any, ...]:
+    """Leaderboard of the dataset; plots and report of the chosen (or latest) evaluation."""
+    if dataset_id is None:
+        raise gr.Error("Pick a dataset to see its leaderboard.")
+    choices = _evaluation_choices(int(dataset_id))
+    evaluation_id = keep(evaluation_id, choices)  # else the latest, or None
+    if evaluation_id is None:
+        board = leaderboard_frame(client().leaderboard(int(dataset_id)))
+        return board, *([None] * len(EVAL_PLOTS)), None, gr.Dropdown(choices=choices, value=None)
+    return _evaluation_view(int(evaluation_id))
+
+
+@dataclass
+class EvaluateTab:
+    tab: gr.Tab
+    models: gr.Dropdown
+    dataset: gr.Dropdown
+
+
+def _form() -> tuple[list[Any], gr.Button, gr.Button, gr.Dropdown, gr.Button]:
+    """The job's parameters (in eval_start's order), run, cancel, evaluation pick and show."""
+    with gr.Row():
+        models = gr.Dropdown([], value=[], multiselect=True, label="Models", scale=3, elem_id="eval-models")
+        dataset = gr.Dropdown([], value=None, label="Dataset (its test split)", scale=2, elem_id="eval-dataset")
+    with gr.Row():
+        max_samples = gr.Number(
+            300, label="Max samples (0: the whole test split)", precision=0, minimum=0, elem_id="eval-max"
+        )
+        tokens = gr.Number(256, label="Max new tokens", precision=0, minimum=1, elem_id="eval-tokens")
+        beams = gr.Number(1, label="Beams", precision=0, minimum=1, maximum=8)
+        seed = gr.Number(42, label="Seed", precision=0)
+    with gr.Row():
+        run = gr.Button("Run evaluation", variant="primary", elem_id="eval-run")
+        cancel = gr.Button("Cancel", variant="stop")
+        pick = gr.Dropdown([], value=None, label="Evaluation", scale=2, elem_id="eval-pick")
+        show = gr.Button("Show leaderboard", elem_id="eval-show")
+    return [models, dataset, max_samples, tokens, beams, seed], run, cancel, pick, show
+
+
+def _results() -> list[Any]:
+    """Leaderboard, plots and report (the evaluation view's outputs, without the evaluation pick)."""
+    board = gr.Dataframe(
+        leaderboard_frame([]), label="Leaderboard", interactive=False, wrap=False, elem_id="leaderboard"
+    )
+    plots = []
+    for row in (EVAL_PLOTS[:2], EVAL_PLOTS[2:]):
+        with gr.Row():
+            for name in row:
+                plots.append(gr.Image(
+                    None, label=name, type="filepath", interactive=False, elem_id=f"plot-{name.split('.')[0]}"
+                ))
+    report = gr.File(None, label="Report (HTML)", interactive=False, height=90)
+    return [board, *plots, report]
+
+
+def build(demo: gr.Blocks) -> EvaluateTab:
+    """The tab inside the current ``gr.Blocks``, with its events."""
+    with gr.Tab("Evaluate", id="evaluate") as tab:
+        job = gr.State(None)
+        timer = gr.Timer(1.0, active=False)
+        params, run, cancel, pick, show = _form()
+        status = gr.HTML(job_html(None), elem_id="eval-status")
+        results = _results()
+
+    view = [*results, pick]
+    run.click(eval_start, params, [job, status, timer], **on(status))
+    timer.tick(eval_poll, job, [status, *view, timer], **QUIET)
+    cancel.click(cancel_job, job, status, **on(status))
+    dataset = params[1]
+    show.click(eval_show, [dataset, pick], view, **on(results[0]))
+    pick.input(eval_show, [dataset, pick], view, **on(results[0]))
+    return EvaluateTab(tab, models=params[0], dataset=dataset)
