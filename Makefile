@@ -37,9 +37,12 @@ test: setup system
 test-fast: setup
 	$(PY) -m pytest -m "not integration and not slow"
 
+# style (ruff), types (mypy over the source) and the layering (import-linter contracts in pyproject.toml)
 lint: setup
 	$(PY) -m pip install -q -e '.[lint]'
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
 
 bench: setup system
 	$(PY) bench/api.py --start

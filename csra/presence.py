@@ -50,4 +50,5 @@ def report_invariance(client: redis.Redis, worker: str, model: str, report: dict
 
 def invariance_reports(client: redis.Redis) -> dict[str, dict[str, Any]]:
     """``"worker|model"`` -> its latest self-check report (those of the last day)."""
-    return {k.decode(): json.loads(v) for k, v in client.hgetall(INVARIANCE_KEY).items()}
+    raw: dict[bytes, bytes] = client.hgetall(INVARIANCE_KEY)  # type: ignore[assignment]  # sync client
+    return {k.decode(): json.loads(v) for k, v in raw.items()}

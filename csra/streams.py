@@ -6,9 +6,8 @@ every token from the start. Each stream expires an hour after its job ends.
 
 from __future__ import annotations
 
-from typing import Any
-
 import redis
+from redis.typing import EncodableT, FieldT
 
 MAXLEN = 20_000
 EXPIRE_SECONDS = 3600
@@ -29,7 +28,7 @@ def publish_text(client: redis.Redis, job_id: int, delta: str) -> None:
 
 def publish_end(client: redis.Redis, job_id: int, status: str, error: str | None = None) -> None:
     key = stream_key(job_id)
-    fields: dict[str, Any] = {"type": "end", "status": status}
+    fields: dict[FieldT, EncodableT] = {"type": "end", "status": status}
     if error:
         fields["error"] = error
     pipe = client.pipeline()

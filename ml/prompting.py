@@ -26,7 +26,7 @@ PRIVACY_OFF = "Never ask the customer for an order number, account details or an
 
 
 def system_message(
-    instruction: str, tone: str | None = None, ask_details_only_if_relevant: bool | None = None
+    instruction: str, tone: Tone | None = None, ask_details_only_if_relevant: bool | None = None
 ) -> str:
     """The system message: the dataset's agent instruction, plus optional tone and privacy rules."""
     parts = [instruction.strip()]

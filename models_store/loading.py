@@ -107,8 +107,9 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
     )
     # With dequantize=True transformers already drops the quantizer; this makes sure of it, since
     # save_pretrained and Trainer refuse a model that still carries a quantization config.
-    if getattr(model, "hf_quantizer", None) is not None:
-        model.hf_quantizer.remove_quantization_config(model)
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None:
+        quantizer.remove_quantization_config(model)
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     model.save_pretrained(target)
     tokenizer.save_pretrained(target)
@@ -364,8 +365,8 @@ def build_tiny_seq2seq(path: Path, seed: int = 0) -> Path:
     config = T5Config(
         vocab_size=len(tokenizer), d_model=64, d_kv=16, d_ff=128, num_layers=2, num_decoder_layers=2,
         num_heads=4, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-        decoder_start_token_id=tokenizer.pad_token_id,
     )
+    config.decoder_start_token_id = tokenizer.pad_token_id
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = T5ForConditionalGeneration(config)

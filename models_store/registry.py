@@ -125,8 +125,8 @@ def resolve_base(ref: str) -> tuple[str | Path, str]:
     """A base-model reference -> (what to load, the name to record)."""
     settings = get_settings()
     if ref == settings.baseline_name:
-        row = ensure_baseline_registered()
-        return Path(row["path"]), row["name"]
+        baseline = ensure_baseline_registered()
+        return Path(baseline["path"]), baseline["name"]
     row = find_model_row(ref)
     if row is not None:
         return Path(row["path"]), row["name"]

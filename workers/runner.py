@@ -20,7 +20,7 @@ from datetime import timedelta
 from typing import Any
 
 from celery.exceptions import SoftTimeLimitExceeded
-from sqlalchemy import update
+from sqlalchemy import CursorResult, update
 
 from csra.enqueue import after_jobs_ended, ended_tuple, wake_parent
 from csra.jobctx import JobCancelled, JobError, WaitForChildren
@@ -83,7 +83,7 @@ def _take(job_id: int, me: str) -> Claim | None:
         if job is None or job.status not in (jobs.JobStatus.QUEUED, jobs.JobStatus.RUNNING):
             return None
         now = utcnow()
-        res = s.execute(
+        res: CursorResult[Any] = s.execute(  # type: ignore[assignment]  # an UPDATE gives a CursorResult
             update(Job)
             .where(Job.id == job_id, Job.status == job.status, Job.attempts == job.attempts)
             .values(status=jobs.JobStatus.RUNNING.value, attempts=Job.attempts + 1, worker=me,

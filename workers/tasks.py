@@ -23,7 +23,7 @@ app = get_celery()
 app.steps["worker"].add(Presence)
 
 
-class JobTask(Task):  # type: ignore[misc]
+class JobTask(Task):
     """A task that runs one job row. A job Celery killed at its hard time limit is failed, naming the limit.
 
     Celery calls ``on_failure`` in the worker's main process when it kills a pool process at the

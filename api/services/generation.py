@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, cast
 
 import redis
 import redis.asyncio as aredis
@@ -77,7 +77,7 @@ async def token_events(job_id: int, start: str = "0") -> AsyncIterator[dict[str,
             return
         while True:
             try:
-                entries = await client.xread({key: last}, block=1000, count=100)
+                entries = cast(list[Any], await client.xread({key: last}, block=1000, count=100))
             except (redis.RedisError, OSError):
                 entries = []
                 await asyncio.sleep(0.2)

@@ -16,7 +16,7 @@ from models_store.loading import LoadedModel
 
 
 def run_rows(loaded: LoadedModel, rows: list[Row], check_cancelled: Callable[[], None] | None,
-              join: Joiner | None = None, max_rows: int = 0) -> None:
+             join: Joiner | None = None, max_rows: int = 0) -> None:
     """Decode ``rows`` (sampled ones as one batch, which ``join`` may grow; causal models only),
     then the beam-search ones one by one."""
     prepare_model(loaded, max(max_rows, len(rows)))
@@ -30,9 +30,7 @@ def _run(loaded: LoadedModel, requests: Sequence[GenerationRequest], prompt_ids:
         return []
     rows = make_rows(loaded, requests, prompt_ids, time.perf_counter())
     run_rows(loaded, rows, check_cancelled)
-    results = [r.result for r in rows]
-    assert all(r is not None for r in results)
-    return results  # type: ignore[return-value]
+    return [r.finished() for r in rows]
 
 
 def generate_batch(loaded: LoadedModel, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
@@ -58,7 +56,7 @@ def generate_many(
         raise ValueError("batch_size must be >= 1")
     ids = [encode_prompt(loaded, r.prompt) for r in requests]
     order = sorted(range(len(requests)), key=lambda i: len(ids[i]))
-    results: list[GenerationResult | None] = [None] * len(requests)
+    results: dict[int, GenerationResult] = {}
     done = 0
     for start in range(0, len(order), batch_size):
         if check_cancelled is not None:
@@ -72,4 +70,4 @@ def generate_many(
         done += len(chunk)
         if on_batch_done is not None:
             on_batch_done(done, len(requests))
-    return results  # type: ignore[return-value]
+    return [results[i] for i in range(len(requests))]

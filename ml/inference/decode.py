@@ -53,8 +53,7 @@ def pad_id(loaded: LoadedModel) -> int:
     return int(pad or 0)
 
 
-def keep_active(rows: list[Row], *tensors: torch.Tensor | None, cache: Any
-                 ) -> tuple[list[Row], list[torch.Tensor | None]]:
+def keep_active(rows: list[Row], *tensors: torch.Tensor, cache: Any) -> tuple[list[Row], list[torch.Tensor]]:
     """Drop finished rows from the batch, its tensors and the KV cache."""
     keep = [i for i, r in enumerate(rows) if not r.done]
     if len(keep) == len(rows):
@@ -62,7 +61,7 @@ def keep_active(rows: list[Row], *tensors: torch.Tensor | None, cache: Any
     index = torch.tensor(keep, dtype=torch.long)
     if keep:
         cache.batch_select_indices(index)
-    out = [None if t is None else t.index_select(0, index) for t in tensors]
+    out = [t.index_select(0, index) for t in tensors]
     return [rows[i] for i in keep], out
 
 
@@ -81,7 +80,7 @@ def prefill(loaded: LoadedModel, rows: list[Row]) -> tuple[list[Row], torch.Tens
         row.add(token)
     last = torch.tensor([r.generated[-1] for r in rows], dtype=torch.long).unsqueeze(1)
     active, (mask, next_pos, last) = keep_active(rows, mask, position_ids[:, -1:] + 1, last, cache=out.cache)
-    return active, mask, next_pos, last, out.cache  # type: ignore[return-value]
+    return active, mask, next_pos, last, out.cache
 
 
 def _left_extend(t: torch.Tensor, length: int, dim: int) -> torch.Tensor:
@@ -95,7 +94,7 @@ def _left_extend(t: torch.Tensor, length: int, dim: int) -> torch.Tensor:
 
 def _joinable(cache: Any) -> bool:
     """A cache of plain full-attention layers, which rows can be appended to."""
-    layers = getattr(cache, "layers", None)
+    layers: list[Any] = getattr(cache, "layers", None) or []
     return bool(layers) and all(type(layer) is DynamicLayer and layer.is_initialized for layer in layers)
 
 
@@ -131,7 +130,7 @@ def decode_causal(loaded: LoadedModel, rows: list[Row], check_cancelled: Callabl
                     rows, mask, next_pos, last, cache = new, mask2, next2, last2, cache2
         for row in rows:
             row.stop_if_cancelled()
-        rows, (mask, next_pos, last) = keep_active(rows, mask, next_pos, last, cache=cache)  # type: ignore[assignment]
+        rows, (mask, next_pos, last) = keep_active(rows, mask, next_pos, last, cache=cache)
         if not rows:
             return
         if check_cancelled is not None:
@@ -143,7 +142,7 @@ def decode_causal(loaded: LoadedModel, rows: list[Row], check_cancelled: Callabl
         for row, token in zip(rows, sample_rows(rows, out.logits[:, -1, :]), strict=True):
             row.add(token)
         last = torch.tensor([r.generated[-1] for r in rows], dtype=torch.long).unsqueeze(1)
-        rows, (mask, next_pos, last) = keep_active(rows, mask, next_pos, last, cache=cache)  # type: ignore[assignment]
+        rows, (mask, next_pos, last) = keep_active(rows, mask, next_pos, last, cache=cache)
 
 
 def _decoder_start_id(loaded: LoadedModel) -> int:
@@ -183,7 +182,8 @@ def beam_search(loaded: LoadedModel, row: Row) -> None:
     req = row.request
     ids = torch.tensor([row.prompt_ids], dtype=torch.long)
     stops = sorted(row.stops.ids) or None
-    out = loaded.model.generate(
+    model: Any = loaded.model  # transformers types generate() loosely
+    out = model.generate(
         input_ids=ids, attention_mask=torch.ones_like(ids), num_beams=req.num_beams, do_sample=False,
         max_new_tokens=req.max_new_tokens, eos_token_id=stops, pad_token_id=pad_id(loaded), early_stopping=True,
     )

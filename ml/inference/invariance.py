@@ -87,6 +87,21 @@ def _blocks_forward(self: torch.nn.Linear, x: torch.Tensor, block: int = 12, mul
 
 
 ONEDNN_MIN_ROWS = 2
+STATE = "_csra_linear"  # the per-module state a plan keeps (set with setattr: nn.Module types its attributes)
+
+
+@dataclass
+class LinearState:
+    """What a plan keeps on one Linear: its name, and oneDNN's packed weight with the version it was packed at."""
+
+    plan: str
+    packed: torch.Tensor | None = None
+    packed_version: int = -1
+
+
+def linear_state(module: torch.nn.Module) -> LinearState | None:
+    state = getattr(module, STATE, None)
+    return state if isinstance(state, LinearState) else None
 
 
 def _onednn_available() -> bool:
@@ -95,9 +110,11 @@ def _onednn_available() -> bool:
 
 
 def _onednn_setup(module: torch.nn.Linear) -> None:
+    state = linear_state(module)
+    assert state is not None
     with torch.no_grad():
-        module._csra_packed = torch.ops.mkldnn._reorder_linear_weight(module.weight.detach(), 16)
-    module._csra_packed_version = module.weight._version
+        state.packed = torch.ops.mkldnn._reorder_linear_weight(module.weight.detach(), 16)
+    state.packed_version = module.weight._version
 
 
 def _onednn_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
@@ -106,7 +123,8 @@ def _onednn_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
     A weight changed in place after packing (its ``_version`` moved), training and autograd go
     through ``mkl-blocks`` instead, so a stale packed copy is never used.
     """
-    if self.training or self.weight._version != self._csra_packed_version or (
+    state = linear_state(self)
+    if state is None or state.packed is None or self.training or self.weight._version != state.packed_version or (
             torch.is_grad_enabled() and self.weight.requires_grad):
         return _blocks_forward(self, x)
     rows = x.numel() // max(x.shape[-1], 1)
@@ -115,7 +133,7 @@ def _onednn_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
     flat = x.reshape(rows, x.shape[-1])
     if rows < ONEDNN_MIN_ROWS:
         flat = torch.cat([flat, flat.new_zeros(ONEDNN_MIN_ROWS - rows, x.shape[-1])])
-    out = torch.ops.mkldnn._linear_pointwise(flat.contiguous(), self._csra_packed, self.bias, "none", [], "")
+    out = torch.ops.mkldnn._linear_pointwise(flat.contiguous(), state.packed, self.bias, "none", [], "")
     return out[:rows].reshape(*x.shape[:-1], out.shape[-1])
 
 
@@ -130,26 +148,28 @@ def _linears(model: torch.nn.Module) -> list[torch.nn.Linear]:
 
 
 def apply_linear_plan(model: torch.nn.Module, plan: LinearPlan) -> None:
-    """Run every float32 Linear of ``model`` through ``plan`` (replacing any earlier plan)."""
+    """Run every float32 Linear of ``model`` through ``plan`` (replacing any earlier plan).
+
+    The forward is replaced per instance (``setattr``): the model's own classes stay untouched, so
+    the same model class loaded elsewhere (training) runs stock ``nn.Linear``.
+    """
     for module in _linears(model):
-        for attr in ("_csra_packed", "_csra_packed_version"):
-            if hasattr(module, attr):
-                delattr(module, attr)
+        setattr(module, STATE, LinearState(plan.name))
         if plan.setup is not None:
             plan.setup(module)
-        module.forward = MethodType(plan.forward, module)
-        module._csra_plan = plan.name
+        setattr(module, "forward", MethodType(plan.forward, module))  # noqa: B010 - nn.Module types forward
 
 
 def linear_plan_of(model: torch.nn.Module) -> str | None:
     """The plan the model's Linears run through (None: stock ``nn.Linear``)."""
-    names = {getattr(m, "_csra_plan", None) for m in _linears(model)}
+    names = {state.plan if (state := linear_state(m)) else None for m in _linears(model)}
     return names.pop() if len(names) == 1 else None
 
 
 def packed_bytes(model: torch.nn.Module) -> int:
     """Memory of oneDNN's packed weight copies (opaque tensors: counted as the weight's size)."""
-    return sum(m.weight.numel() * m.weight.element_size() for m in model.modules() if hasattr(m, "_csra_packed"))
+    return sum(m.weight.numel() * m.weight.element_size() for m in _linears(model)
+               if (state := linear_state(m)) is not None and state.packed is not None)
 
 
 @dataclass

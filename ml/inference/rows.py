@@ -33,10 +33,17 @@ class Row:
     result: GenerationResult | None = None
     on_done: Callable[[GenerationResult], None] | None = None
     logits: list[torch.Tensor] | None = None  # each step's logits, kept only by the self-check
+    peak_batch: int = 1
 
     @property
     def done(self) -> bool:
         return self.finish_reason is not None
+
+    def finished(self) -> GenerationResult:
+        """The result of a row that has finished (decoding always finishes every row it started)."""
+        if self.result is None:
+            raise RuntimeError("generation ended without a result for this request")
+        return self.result
 
     def stop_if_cancelled(self) -> None:
         """Finish now, as "cancelled", when the caller no longer wants this reply (no more text is streamed)."""
@@ -69,7 +76,7 @@ class Row:
         self.result = GenerationResult(
             text=text, prompt_tokens=len(self.prompt_ids), completion_tokens=len(self.generated),
             finish_reason=self.finish_reason or "length", latency_ms=(now - self.started) * 1000,
-            first_token_ms=first, token_ids=list(self.generated),
+            first_token_ms=first, token_ids=list(self.generated), batch_size=self.peak_batch,
         )
         if self.on_done is not None:
             try:
@@ -83,6 +90,7 @@ def sample_rows(rows: Sequence[Row], logits: torch.Tensor) -> list[int]:
     logits = logits.float()
     tokens = torch.argmax(logits, dim=-1).tolist()
     for i, row in enumerate(rows):
+        row.peak_batch = max(row.peak_batch, len(rows))
         if row.logits is not None:
             row.logits.append(logits[i].clone())
         if row.request.temperature > 0:

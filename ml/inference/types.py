@@ -43,6 +43,7 @@ class GenerationResult:
     ``latency_ms``: from the start of the batch (of ``submit`` for ``BatchingEngine``) to the
     row's last token; ``first_token_ms`` likewise to its first token (None for beam search).
     ``token_ids``: the generated tokens (end token included), for debugging and tests.
+    ``batch_size``: the largest batch this row was decoded in (1: it ran alone).
     """
 
     text: str
@@ -52,3 +53,4 @@ class GenerationResult:
     latency_ms: float
     first_token_ms: float | None
     token_ids: list[int] = field(default_factory=list, repr=False)
+    batch_size: int = 1  # the most rows decoded together with this one in a step

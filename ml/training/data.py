@@ -54,9 +54,12 @@ class Batch:
         return int(self.targets.numel())
 
     def to(self, device: torch.device) -> Batch:
-        move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
-        return Batch(move(self.input_ids), move(self.labels), move(self.attention_mask),
-                     move(self.target_index), move(self.targets), self.real_tokens)
+        def move(t: torch.Tensor) -> torch.Tensor:
+            return t.to(device, non_blocking=True)
+
+        mask = None if self.attention_mask is None else move(self.attention_mask)
+        index = None if self.target_index is None else move(self.target_index)
+        return Batch(move(self.input_ids), move(self.labels), mask, index, move(self.targets), self.real_tokens)
 
 
 class ExampleEncoder:

@@ -34,7 +34,7 @@ class LossFn:
     def __call__(self, batch: Batch) -> torch.Tensor:
         if self.arch == "seq2seq":
             return self._seq2seq(batch)
-        if self.fast:
+        if self.fast and self.body is not None and self.head is not None:
             hidden = self.body(input_ids=batch.input_ids, use_cache=False).last_hidden_state
             logits = self.head(hidden.flatten(0, 1).index_select(0, batch.target_index))
         else:  # e.g. soft-capped logits: let the model compute them, then keep the reply positions

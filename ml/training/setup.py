@@ -52,8 +52,8 @@ def seed_everything(seed: int) -> None:
 
 
 def rng_state() -> dict[str, Any]:
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    return {"python": random.getstate(), "numpy": (kind, keys.tolist(), pos, has_gauss, cached),
+    kind, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
+    return {"python": random.getstate(), "numpy": (kind, [int(k) for k in keys], pos, has_gauss, cached),
             "torch": torch.get_rng_state()}
 
 

@@ -29,11 +29,27 @@ def test_generate_job_returns_text_tokens_and_latency(api):
     assert r["latency_ms"] > 0 and r["finish_reason"] in ("stop", "length") and isinstance(r["text"], str)
 
 
-def test_greedy_generation_is_deterministic_and_streams(api, stack):
-    first = wait_job(api, _generate(api, message="I need a refund", seed=3)["id"])
-    job = _generate(api, message="I need a refund", seed=3)
+SCRIPTED_REPLY = "Your order {{Order Number}} is cancelled."
+
+
+@pytest.fixture(scope="module")
+def scripted(stack) -> str:
+    """A tiny model fine-tuned (through the API, seconds) to always answer SCRIPTED_REPLY: real text,
+    with a placeholder, so streaming, batching and placeholder filling are checked on words."""
+    api = httpx.Client(base_url=stack.url, timeout=30)
+    rows = "\n".join(f"please cancel order {i},{SCRIPTED_REPLY}" for i in range(40))
+    r = api.post("/datasets", files={"file": ("scripted.csv", f"customer,agent\n{rows}".encode())},
+                 data={"options": json.dumps({"column_mapping": {"input": "customer", "output": "agent"}})})
+    assert wait_job(api, r.json()["job"]["id"])["status"] == "succeeded"
+    job = api.post("/jobs/train", json={"dataset_id": r.json()["dataset"]["id"], "epochs": 12, "batch_size": 8,
+                                        "learning_rate": 1e-2, "precision": "fp32", "output_name": "tiny-scripted"})
+    assert wait_job(api, job.json()["id"], timeout=240)["status"] == "succeeded"
+    return "tiny-scripted"
+
+
+def _stream(url: str, job_id: int) -> tuple[list[str], dict | None]:
     tokens, done = [], None
-    with httpx.stream("GET", f"{stack.url}/jobs/{job['id']}/stream", timeout=60) as resp:
+    with httpx.stream("GET", f"{url}/jobs/{job_id}/stream", timeout=60) as resp:
         assert resp.status_code == 200
         event = None
         for line in resp.iter_lines():
@@ -44,18 +60,29 @@ def test_greedy_generation_is_deterministic_and_streams(api, stack):
             elif line.startswith("data:") and event == "done":
                 done = json.loads(line[5:])
                 break
+    return tokens, done
+
+
+def test_greedy_generation_is_deterministic_and_streams(api, stack, scripted):
+    ask = {"model_id": scripted, "message": "I want to cancel my order", "seed": 3, "max_new_tokens": 24}
+    first = wait_job(api, _generate(api, **ask)["id"])
+    job = _generate(api, **ask)
+    tokens, done = _stream(stack.url, job["id"])
     assert done is not None and done["status"] == "succeeded"
+    assert len(tokens) > 3  # it streamed piece by piece
     assert "".join(tokens).strip() == done["result"]["raw_text"] == first["result"]["raw_text"]
+    assert done["result"]["raw_text"].startswith("Your order {{Order Number}} is cancelled")
 
 
-def test_concurrent_requests_are_batched_with_identical_greedy_text(api, stack):
-    alone = wait_job(api, _generate(api, message="How do I reset my password?", seed=5)["id"])
+def test_concurrent_requests_are_batched_with_identical_greedy_text(api, stack, scripted):
+    message = "cancel my order, please"
+    alone = wait_job(api, _generate(api, model_id=scripted, message=message, max_new_tokens=16)["id"])
     ids: list[int] = []
 
     def submit(i: int) -> None:
         with httpx.Client(base_url=stack.url, timeout=30) as c:
-            ids.append(c.post("/jobs/generate", json={"model_id": "baseline", "max_new_tokens": 12, "seed": 5,
-                                                      "message": "How do I reset my password?" if i == 0
+            ids.append(c.post("/jobs/generate", json={"model_id": scripted, "max_new_tokens": 16,
+                                                      "message": message if i == 0
                                                       else f"Question number {i} about my account"}).json()["id"])
 
     threads = [threading.Thread(target=submit, args=(i,)) for i in range(8)]
@@ -65,8 +92,10 @@ def test_concurrent_requests_are_batched_with_identical_greedy_text(api, stack):
         t.join()
     results = [wait_job(api, i) for i in ids]
     assert all(r["status"] == "succeeded" for r in results)
-    same = [r for r in results if r["params"]["message"] == "How do I reset my password?"]
-    assert same[0]["result"]["raw_text"] == alone["result"]["raw_text"]
+    assert max(r["result"]["batch_size"] for r in results) > 1  # they really were decoded together
+    assert alone["result"]["batch_size"] == 1
+    same = [r for r in results if r["params"]["message"] == message]
+    assert same[0]["result"]["raw_text"] == alone["result"]["raw_text"] and alone["result"]["raw_text"]
 
 
 @pytest.mark.parametrize(
@@ -80,10 +109,11 @@ def test_bad_generation_requests(api, body, status, needle):
     assert r.status_code == status and needle in json.dumps(r.json()["detail"]), r.text
 
 
-def test_chat_stores_turns_fills_placeholders_and_exports(api):
+def test_chat_stores_turns_fills_placeholders_and_exports(api, scripted):
     api.put("/profile", json={"company_name": "Acme", "website_url": "https://acme.example",
                               "custom_slots": {"Order Number": "#42"}})
-    chat = api.post("/chats", json={"title": "New chat", "settings": {"max_new_tokens": 10, "tone": "neutral"}})
+    chat = api.post("/chats", json={"title": "New chat", "settings": {"max_new_tokens": 24, "tone": "neutral",
+                                                                      "model_id": scripted}})
     assert chat.status_code == 201, chat.text
     cid = chat.json()["id"]
     accepted = api.post(f"/chats/{cid}/messages", json={"content": "Cancel order {{Order Number}} please"})
@@ -97,14 +127,16 @@ def test_chat_stores_turns_fills_placeholders_and_exports(api):
     roles = [m["role"] for m in full["messages"]]
     assert roles == ["user", "assistant", "user", "assistant"]
     reply = full["messages"][1]
-    assert reply["status"] == "done" and reply["model_name"] == "baseline" and reply["completion_tokens"] >= 1
+    assert reply["status"] == "done" and reply["model_name"] == scripted and reply["completion_tokens"] >= 1
+    # the agent sees the profile's value; the model's own words keep the placeholder
+    assert reply["content"].startswith("Your order #42 is cancelled"), reply["content"]
+    assert reply["raw_content"].startswith("Your order {{Order Number}} is cancelled")
     assert full["messages"][3]["settings"]["tone"] == "friendly"
     assert full["title"].startswith("Cancel order")
-    # the second turn saw the first as history (a random tiny model may answer only special tokens,
-    # which decode to nothing: an empty reply is left out of the history)
+    # the second turn saw the first as history, in the model's own words
     gen = api.get(f"/jobs/{second['job']['id']}").json()
-    expected = ["user", "assistant", "user"] if reply["raw_content"].strip() else ["user"]
-    assert [m["role"] for m in gen["params"]["messages"]] == expected
+    assert [m["role"] for m in gen["params"]["messages"]] == ["user", "assistant", "user"]
+    assert gen["params"]["messages"][1]["content"] == reply["raw_content"]
     fb = api.post(f"/chats/{cid}/messages/{reply['id']}/feedback",
                   json={"rating": "down", "corrected_reply": "Done, order #42 is cancelled."})
     assert fb.status_code == 200 and fb.json()["feedback"] == "down"
@@ -120,7 +152,7 @@ def test_chat_stores_turns_fills_placeholders_and_exports(api):
     assert "--- Turn 1 ---" in txt and "--- Turn 2 ---" in txt
     assert "**Turn 1 - Customer:**" in api.get(f"/chats/{cid}/export", params={"format": "md"}).text
     assert api.get(f"/chats/{cid}/export", params={"format": "pdf"}).status_code == 422
-    everything = api.get("/chats/export", params={"format": "jsonl", "model": "baseline"})
+    everything = api.get("/chats/export", params={"format": "jsonl", "model": scripted})
     assert any(json.loads(line)["metadata"]["chat_id"] == cid for line in everything.text.splitlines())
 
 

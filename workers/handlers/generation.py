@@ -166,5 +166,5 @@ def handle_generation(job_id: int, params: dict[str, Any], ctx: JobContext) -> d
         "text": fill_placeholders(raw, load_profile()), "raw_text": raw, "model": row["name"],
         "model_id": row["id"], "prompt_tokens": res.prompt_tokens, "completion_tokens": res.completion_tokens,
         "latency_ms": res.latency_ms, "first_token_ms": res.first_token_ms, "finish_reason": res.finish_reason,
-        "batch_invariant": (loaded.invariance or {}).get("batch_invariant"),
+        "batch_size": res.batch_size, "batch_invariant": (loaded.invariance or {}).get("batch_invariant"),
     }
