@@ -18,12 +18,14 @@ from api.routes import (
     generation,
     health,
     jobs,
+    memory,
     models,
     openai_compat,
     profile,
     training,
 )
 from csra.enqueue import QueueUnavailable
+from csra.memory import MemoryNotBuilt
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +46,10 @@ async def _queue_down(request: Request, exc: QueueUnavailable) -> JSONResponse:
     return JSONResponse(status_code=503, content={"detail": str(exc)})
 
 
+async def _memory_not_built(request: Request, exc: MemoryNotBuilt) -> JSONResponse:
+    return JSONResponse(status_code=409, content={"detail": str(exc)})
+
+
 def create_app() -> FastAPI:
     app = FastAPI(
         title="csra",
@@ -52,10 +58,12 @@ def create_app() -> FastAPI:
     )
     app.include_router(health.router)
     protected = [Depends(require_key)]
-    for module in (datasets, generation, jobs, training, evaluations, models, chats, profile, openai_compat):
+    for module in (datasets, generation, jobs, training, evaluations, models, chats, memory, profile,
+                   openai_compat):
         app.include_router(module.router, dependencies=protected)
     app.add_exception_handler(RequestValidationError, _validation)  # type: ignore[arg-type]
     app.add_exception_handler(QueueUnavailable, _queue_down)  # type: ignore[arg-type]
+    app.add_exception_handler(MemoryNotBuilt, _memory_not_built)  # type: ignore[arg-type]
     app.add_exception_handler(Exception, _unhandled)
     _ = HTTPException  # HTTPException bodies are FastAPI's default {"detail": ...}
     return app

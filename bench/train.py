@@ -7,6 +7,14 @@
 (b) csra: ``ml.training.run.TrainingRun`` (length-grouped dynamic padding, lm_head + loss only
     at reply positions, bf16 autocast where "auto" picks it), and the same loop in fp32.
 Prints real (non-padding) and padded tokens/s, losses, matmul peak, MFU and peak RSS.
+
+    python bench/train.py --grounded [--rows 64 --steps 8]
+
+(c) grounded vs ungrounded: csra's loop at the production prompt lengths (TrainSpec defaults), once
+    on plain prompts and once on grounded ones (``Grounding()`` defaults: each example shown the
+    approved answers to its nearest messages, found with the answer memory's own embedder and
+    index among 3,000 other rows, never its own group). Prints the wall-time ratio per epoch
+    (same rows, same steps); the goal is at most 2x.
 """
 
 from __future__ import annotations
@@ -32,10 +40,10 @@ import torch  # noqa: E402
 from transformers import get_linear_schedule_with_warmup  # noqa: E402
 
 from csra.jobctx import LocalContext  # noqa: E402
-from csra.specs import DEFAULT_INSTRUCTION, TrainSpec  # noqa: E402
+from csra.specs import DEFAULT_INSTRUCTION, Grounding, TrainSpec  # noqa: E402
 from ml.training.data import IGNORE, ExampleEncoder, collate  # noqa: E402
 from ml.training.loss import LossFn  # noqa: E402
-from ml.training.run import TrainingRun  # noqa: E402
+from ml.training.run import Grounder, TrainingRun, _with_exemplars  # noqa: E402
 from ml.training.setup import cpu_supports_bf16  # noqa: E402
 from models_store.loading import (  # noqa: E402
     build_tiny_causal,
@@ -183,13 +191,16 @@ def val_batches(encoder: ExampleEncoder, rows: list, pad_id: int, bs: int = 8) -
     return [collate(ex[i: i + bs], "causal", pad_id) for i in range(0, len(ex), bs)]
 
 
-def run_csra(folder: Path, rows: list, val_rows: list, args: argparse.Namespace, precision: str) -> Result:
+def run_csra(folder: Path, rows: list, val_rows: list, args: argparse.Namespace, precision: str,
+             lengths: dict[str, int] | None = None, grounding: Grounding | None = None,
+             ground: Grounder | None = None, name: str | None = None) -> Result:
+    sizes = {"max_input_length": MAX_INPUT, "max_target_length": MAX_TARGET} if lengths is None else lengths
     spec = TrainSpec(dataset_id=0, epochs=max(1, math.ceil(args.steps * args.batch_size / len(rows))),
-                     learning_rate=args.lr, batch_size=args.batch_size, precision=precision,
-                     max_input_length=MAX_INPUT, max_target_length=MAX_TARGET, seed=0)
+                     learning_rate=args.lr, batch_size=args.batch_size, precision=precision, seed=0,
+                     grounding=grounding, **sizes)
     lm = load_model_and_tokenizer(folder, for_training=True)
     with tempfile.TemporaryDirectory() as tmp:
-        run = TrainingRun(spec, lm, rows, [], Path(tmp), LocalContext(work_dir=Path(tmp)))
+        run = TrainingRun(spec, lm, rows, [], Path(tmp), LocalContext(work_dir=Path(tmp)), ground=ground)
     losses, real, padded = [], 0, 0
     with PeakRSS() as rss:
         start = time.perf_counter()
@@ -201,16 +212,61 @@ def run_csra(folder: Path, rows: list, val_rows: list, args: argparse.Namespace,
             padded += sum(b.input_ids.numel() for b in batches)
             print(f"  csra-{run.precision} step {step + 1}/{args.steps}: loss {loss:.4f}", flush=True)
         seconds = time.perf_counter() - start
-    encoder = ExampleEncoder(lm.tokenizer, "causal", MAX_INPUT, MAX_TARGET)
-    val = val_loss(run.model, val_batches(encoder, val_rows, lm.tokenizer.pad_token_id))
-    return Result(f"csra ({spec.precision})", run.precision, real, padded, seconds, losses[0], losses[-1],
+    encoder = ExampleEncoder(lm.tokenizer, "causal", spec.max_input_length, spec.max_target_length, grounding)
+    val = val_loss(run.model, val_batches(encoder, _with_exemplars(val_rows, ground) if ground else val_rows,
+                                          lm.tokenizer.pad_token_id))
+    return Result(name or f"csra ({spec.precision})", run.precision, real, padded, seconds, losses[0], losses[-1],
                   val, rss.peak)
+
+
+def memory_grounder(pool: list[dict[str, str]]) -> Grounder:
+    """Exemplars as training finds them: the memory's embedder and index over ``pool``, never a row's own group."""
+    from ml.importing.clean import message_key
+    from ml.memory.embedder import Embedder
+    from ml.memory.export import export_embedder
+    from ml.memory.memory import AnswerMemory, Entry
+    from ml.metrics import embedding_model_dir
+
+    embedder = Embedder(export_embedder(embedding_model_dir(), Path(tempfile.mkdtemp()) / "embedder"))
+    keys = message_key(pd.Series([r["input"] for r in pool], dtype="str")).tolist()
+    memory = AnswerMemory(exact=True)
+    entries = [Entry(i, r["input"], r["output"], r["intent"], group=k)
+               for i, (r, k) in enumerate(zip(pool, keys, strict=True))]
+    memory.add(entries, embedder.embed([r["input"] for r in pool]), embedder.embed_replies([r["output"] for r in pool]))
+
+    def ground(rows: Any) -> list[list[str]]:
+        own = message_key(pd.Series([r["input"] for r in rows], dtype="str")).tolist()
+        vectors = embedder.embed([r["input"] for r in rows])
+        hits = [memory.similar(v, 8, exclude_group=k) for v, k in zip(vectors, own, strict=True)]
+        return [[h.entry.reply for h in found] for found in hits]
+
+    return ground
+
+
+def grounded_pair(folder: Path, train: list, val: list, args: argparse.Namespace) -> None:
+    """(c): the same rows and steps, plain prompts then grounded ones, at production prompt lengths."""
+    pool = load_rows(args.data, 3000, seed=1)
+    defaults = TrainSpec(dataset_id=0)
+    plain = {"max_input_length": defaults.max_input_length, "max_target_length": defaults.max_target_length}
+    grounding = Grounding()
+    grounded = {**plain, "max_input_length": TrainSpec(dataset_id=0, grounding=grounding).max_input_length}
+    results = [run_csra(folder, train, val, args, "auto", plain, name="ungrounded"),
+               run_csra(folder, train, val, args, "auto", grounded, grounding, memory_grounder(pool), "grounded")]
+    params = load_model_and_tokenizer(folder).model.num_parameters()
+    peaks = {"fp32": matmul_gflops(torch.float32), "bf16": matmul_gflops(torch.bfloat16)}
+    report(results, params, peaks, baseline_name="ungrounded")
+    plain_run, grounded_run = results
+    print(f"grounding: k={grounding.k} exemplars of <= {grounding.max_exemplar_tokens} tokens, max_input_length "
+          f"{grounded['max_input_length']} (ungrounded {plain['max_input_length']})")
+    print(f"grounded / ungrounded wall time for the same {args.steps} steps: "
+          f"{grounded_run.seconds / plain_run.seconds:.2f}x (goal <= 2x); real tokens "
+          f"{grounded_run.real_tokens / plain_run.real_tokens:.2f}x")
 
 
 # --------------------------------------------------------------------------- report
 
 
-def report(results: list[Result], params: int, peaks: dict[str, float]) -> None:
+def report(results: list[Result], params: int, peaks: dict[str, float], baseline_name: str = "reference") -> None:
     print(f"\nmodel parameters: {params / 1e6:.1f} M; matmul peak: fp32 {peaks['fp32']:.0f} GFLOP/s, "
           f"bf16 {peaks['bf16']:.0f} GFLOP/s; torch threads {torch.get_num_threads()}")
     head = f"{'loop':<16}{'prec':>6}{'real tok/s':>12}{'padded tok/s':>14}{'loss 1st':>10}{'loss last':>10}"
@@ -221,7 +277,7 @@ def report(results: list[Result], params: int, peaks: dict[str, float]) -> None:
               f"{r.last_loss:>10.4f}{r.val_loss:>10.4f}{mfu:>8.1%}{r.peak_rss / 2**20:>8.0f}MB{r.seconds:>9.1f}")
     ref = results[0]
     for r in results[1:]:
-        print(f"{r.name} / reference real tokens/s: {r.real_tps / ref.real_tps:.2f}x")
+        print(f"{r.name} / {baseline_name} real tokens/s: {r.real_tps / ref.real_tps:.2f}x")
 
 
 def parse_args() -> argparse.Namespace:
@@ -235,6 +291,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--data", type=Path, default=REPO.parent / "shared/data/bitext/bitext_customer_support.csv")
     p.add_argument("--store", type=Path, default=None, help="model store (default: $CSRA_DATA_DIR/models or temp)")
     p.add_argument("--no-fp32", action="store_true", help="skip the csra fp32 run")
+    p.add_argument("--grounded", action="store_true", help="(c) only: grounded vs ungrounded wall time")
     return p.parse_args()
 
 
@@ -248,6 +305,10 @@ def main() -> None:
     folder = model_folder(args.model, store)
     rows = load_rows(args.data, args.rows + args.eval_rows)
     train, val = rows[: args.rows], rows[args.rows:]
+    if args.grounded:
+        grounded_pair(folder, train, val, args)
+        tmp.cleanup()
+        return
     results = [run_reference(folder, train, val, args), run_csra(folder, train, val, args, "auto")]
     if not args.no_fp32:
         results.append(run_csra(folder, train, val, args, "fp32"))

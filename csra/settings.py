@@ -71,6 +71,7 @@ class Settings(BaseSettings):
     time_limit_evaluate: float = Field(12 * 3600, gt=0, description="seconds an evaluation job may run")
     time_limit_sweep: float = Field(7 * 24 * 3600, gt=0, description="seconds a hyper-parameter sweep may run")
     time_limit_generate: float = Field(600, gt=0, description="seconds a generation job may run")
+    time_limit_memory: float = Field(3600, gt=0, description="seconds an answer-memory rebuild may run")
     time_limit_grace_seconds: float = Field(
         60, ge=1, description="after its time limit a job stops at its next step; this much later it is killed"
     )
@@ -128,6 +129,11 @@ class Settings(BaseSettings):
     @property
     def uploads_dir(self) -> Path:
         return self.data_dir / "uploads"
+
+    @property
+    def embedder_dir(self) -> Path:
+        """The answer memory's embedding model (MiniLM exported to ONNX once, by ``csra models init``)."""
+        return self.data_dir / "embedder"
 
     @property
     def interactive_signal_path(self) -> Path:

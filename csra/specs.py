@@ -56,6 +56,33 @@ class ImportSpec(_Spec):
         return self
 
 
+RETRIEVAL = "retrieval"  # the responder that answers with the nearest approved answer (no model)
+GROUNDING_TEMPLATE = (
+    "Approved answers to similar customer messages follow. Answer like them, with their steps, adapted to "
+    "this customer; use only placeholders that they use.\n{exemplars}"
+)
+
+
+class Grounding(_Spec):
+    """A grounded model is shown the approved answers to the ``k`` most similar customer messages."""
+
+    k: int = Field(3, ge=1, le=8, description="exemplars per prompt")
+    # 48: three exemplars then cost about 1.6x an ungrounded example's tokens (bench/train.py --grounded)
+    max_exemplar_tokens: int = Field(48, ge=16, le=512, description="each exemplar is cut to this many tokens")
+    template: str = Field(GROUNDING_TEMPLATE, min_length=1, description="'{exemplars}' marks where they go")
+
+    @field_validator("template")
+    @classmethod
+    def _marked(cls, v: str) -> str:
+        if "{exemplars}" not in v:
+            raise ValueError("the grounding template needs '{exemplars}' where the approved answers go")
+        return v
+
+    def prompt_budget(self) -> int:
+        """Prompt tokens a grounded example needs at least: the exemplars plus the usual prompt."""
+        return self.k * (self.max_exemplar_tokens + 4) + 160
+
+
 class TrainSpec(_Spec):
     """A fine-tuning run. Defaults are the original design's best config (2 epochs, lr 5e-5, batch 8)."""
 
@@ -89,6 +116,10 @@ class TrainSpec(_Spec):
     )
     output_name: str | None = Field(None, description="model-store name; default: ft-<job id>")
     keep_best_on_cancel: bool = Field(False, description="on cancel, register the best checkpoint so far")
+    grounding: Grounding | None = Field(
+        None, description="train on grounded prompts: each example shown the approved answers to its nearest "
+        "training messages (never its own); the model then gets them in chat and evaluation too"
+    )
 
     @field_validator("output_name")
     @classmethod
@@ -105,6 +136,17 @@ class TrainSpec(_Spec):
         if isinstance(v, int) and v < 1:
             raise ValueError("eval_every must be a positive number of steps or 'epoch'")
         return v
+
+    @model_validator(mode="after")
+    def _room_for_exemplars(self) -> TrainSpec:
+        if self.grounding is None or self.max_input_length >= self.grounding.prompt_budget():
+            return self
+        if "max_input_length" not in self.model_fields_set:  # the default is for ungrounded prompts: make room
+            self.max_input_length = self.grounding.prompt_budget()
+        else:
+            raise ValueError(f"a grounded prompt needs max_input_length >= {self.grounding.prompt_budget()} "
+                             f"(k={self.grounding.k} exemplars of {self.grounding.max_exemplar_tokens} tokens)")
+        return self
 
 
 class GenerationSettings(_Spec):

@@ -32,12 +32,13 @@ class JobKind(enum.StrEnum):
     EVALUATE = "evaluate"
     GENERATE = "generate"
     SWEEP = "sweep"  # a hyper-parameter sweep: child training jobs, then an evaluation of their models
+    MEMORY = "memory"  # (re)build the answer memory from a dataset
 
 
 # the Celery queue each kind runs on (csra.queue routes by it)
 QUEUE_OF: dict[str, str] = {
     JobKind.IMPORT: "default", JobKind.TRAIN: "train", JobKind.EVALUATE: "train",
-    JobKind.GENERATE: "generate", JobKind.SWEEP: "default",
+    JobKind.GENERATE: "generate", JobKind.SWEEP: "default", JobKind.MEMORY: "default",
 }
 
 
@@ -162,6 +163,8 @@ def _settle_chat_turn(session: Session, job: Job) -> None:
         message.status, message.model_name = "done", result.get("model") or message.model_name
         message.latency_ms, message.prompt_tokens = result.get("latency_ms"), result.get("prompt_tokens")
         message.completion_tokens = result.get("completion_tokens")
+        message.intent, message.intent_confidence = result.get("intent"), result.get("intent_confidence")
+        message.similar, message.slot_warnings = result.get("similar"), result.get("slot_warnings")
     else:
         message.status = "cancelled" if job.status == JobStatus.CANCELLED else "failed"
         message.content = result.get("text", "") if job.status == JobStatus.CANCELLED else ""

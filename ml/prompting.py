@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from csra.specs import Tone
+from csra.specs import GROUNDING_TEMPLATE, Tone
 
 # Each tone is one documented system-prompt rule (README, "Tone and privacy").
 TONE_RULES: dict[Tone, str] = {
@@ -69,6 +69,20 @@ def render_prompt(tokenizer: Any, messages: Sequence[dict[str, str]]) -> str:
     return "\n".join(lines)
 
 
+def truncate_tokens(tokenizer: Any, text: str, max_tokens: int) -> str:
+    """``text`` cut to its first ``max_tokens`` tokens (exemplars are cut so prompts stay short)."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return text if len(ids) <= max_tokens else str(tokenizer.decode(ids[:max_tokens])).strip() + " ..."
+
+
+def grounded_system(system: str, exemplars: Sequence[str], template: str = GROUNDING_TEMPLATE) -> str:
+    """The system message with the approved answers a grounded model is shown (numbered, best first)."""
+    if not exemplars:
+        return system
+    listed = "\n".join(f"[{i}] {text}" for i, text in enumerate(exemplars, start=1))
+    return f"{system}\n\n{template.replace('{exemplars}', listed)}"
+
+
 def count_tokens(tokenizer: Any, text: str) -> int:
     return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
@@ -93,9 +107,11 @@ def conversation_prompt(tokenizer: Any, system: str, messages: Sequence[dict[str
         history = history[2:] if pair else history[1:]
 
 
-def example_prompt(tokenizer: Any, instruction: str, customer_message: str) -> str:
-    """The prompt for one dataset example (training and evaluation)."""
-    return render_prompt(tokenizer, build_messages(system_message(instruction), customer_message))
+def example_prompt(tokenizer: Any, instruction: str, customer_message: str, exemplars: Sequence[str] = (),
+                   template: str = GROUNDING_TEMPLATE) -> str:
+    """The prompt for one dataset example (training and evaluation); grounded when given ``exemplars``."""
+    system = grounded_system(system_message(instruction), exemplars, template)
+    return render_prompt(tokenizer, build_messages(system, customer_message))
 
 
 def end_token_ids(tokenizer: Any, arch: str) -> list[int]:

@@ -40,7 +40,9 @@ def find_model_row(ref: str | int) -> dict[str, Any] | None:
         row = find_model(s, ref)
         if row is None:
             return None
-        return {"id": row.id, "name": row.name, "path": row.path, "kind": row.kind, "model_type": row.model_type}
+        grounding = (row.training_config or {}).get("grounding")
+        return {"id": row.id, "name": row.name, "path": row.path, "kind": row.kind, "model_type": row.model_type,
+                "grounding": grounding}
 
 
 def jobs_using(session: Session, model: Model) -> list[int]:

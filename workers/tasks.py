@@ -70,6 +70,13 @@ def run_evaluation(job_id: int) -> None:
     runner.execute(job_id, JobKind.EVALUATE, handle_evaluate)
 
 
+@app.task(name=TASK_NAMES[JobKind.MEMORY], base=JobTask, kind=JobKind.MEMORY)
+def run_memory_rebuild(job_id: int) -> None:
+    from workers.handlers.memory import handle_memory_rebuild
+
+    runner.execute(job_id, JobKind.MEMORY, handle_memory_rebuild)
+
+
 @app.task(name=REAPER_TASK)
 def reap_stale_jobs() -> dict[str, Any]:
     from workers.reaper import reap_stale_jobs as reap

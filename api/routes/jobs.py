@@ -13,7 +13,7 @@ from db.models import Job
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 
-KindQ = Literal["import", "train", "evaluate", "generate", "sweep"]
+KindQ = Literal["import", "train", "evaluate", "generate", "sweep", "memory"]
 StatusQ = Literal["queued", "running", "waiting", "succeeded", "failed", "cancelled"]
 
 

@@ -60,11 +60,16 @@ def _completion(job: dict[str, Any], model: str, cid: str) -> dict[str, Any]:
     return {
         "id": cid, "object": "chat.completion", "created": int(time.time()), "model": model,
         "choices": [{"index": 0, "message": {"role": "assistant", "content": r["text"]},
-                     "finish_reason": r["finish_reason"], "logprobs": None}],
+                     "finish_reason": _finish(r.get("finish_reason")), "logprobs": None}],
         "usage": {"prompt_tokens": r["prompt_tokens"], "completion_tokens": r["completion_tokens"],
                   "total_tokens": r["prompt_tokens"] + r["completion_tokens"]},
         "system_fingerprint": f"csra-job-{job['id']}",
     }
+
+
+def _finish(reason: str | None) -> str:
+    """OpenAI's finish reasons: a retrieved answer (finish_reason "retrieval" in csra) is a full stop."""
+    return "length" if reason == "length" else "stop"
 
 
 def _chunk(cid: str, model: str, delta: dict[str, Any], finish: str | None = None) -> str:
@@ -80,7 +85,7 @@ async def _stream(job_id: int, model: str, cid: str) -> AsyncIterator[dict[str, 
             yield {"data": _chunk(cid, model, {"content": json.loads(ev["data"])["text"]})}
         else:
             job = json.loads(ev["data"])
-            finish = (job.get("result") or {}).get("finish_reason", "stop") if job["status"] == "succeeded" else "stop"
+            finish = _finish((job.get("result") or {}).get("finish_reason")) if job["status"] == "succeeded" else "stop"
     yield {"data": _chunk(cid, model, {}, finish)}
     yield {"data": "[DONE]"}
 

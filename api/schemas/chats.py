@@ -59,6 +59,11 @@ class MessagePublic(Public):
     feedback: str | None = None
     corrected_reply: str | None = None
     job_id: int | None = None
+    intent: str | None = None  # the customer message's intent, predicted from the answer memory
+    intent_confidence: float | None = None
+    similar: list[dict[str, Any]] | None = None  # approved answers to the most similar messages
+    slot_warnings: list[str] | None = None  # placeholders outside the contract (profile + exemplars)
+    memory_entry_id: int | None = None  # the memory entry this reply's approval made
     created_at: datetime
 
 

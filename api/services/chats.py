@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session
 
 from api.schemas.chats import ChatCreate, ChatUpdate, Feedback, MessageAccepted, MessageCreate, MessagePublic
 from api.schemas.jobs import JobPublic
-from api.services import jobs
+from api.services import jobs, memory
 from api.services.generation import check_message, job_params
 from api.services.models import resolve_model_name
 from csra.specs import GenerateRequest, ReplyTo
@@ -115,16 +115,29 @@ def post_message(db: Session, chat_id: int, body: MessageCreate, owner: str | No
 
 
 def feedback(db: Session, chat_id: int, message_id: int, body: Feedback, owner: str | None) -> ChatMessage:
-    """Thumbs up/down and an optional corrected reply: raw material for later training."""
+    """Thumbs up/down and an optional corrected reply: raw material for training, and for the answer memory.
+
+    Approving a reply (up) or correcting it adds the answer (as corrected) to the memory, searchable
+    at once; rating down without a correction takes an earlier approval back out.
+    """
     get_chat_or_404(db, chat_id, owner)
     msg = db.get(ChatMessage, message_id)
     if msg is None or msg.chat_id != chat_id:
         raise HTTPException(status_code=404, detail=f"message {message_id} not found in chat {chat_id}")
     if msg.role != "assistant":
         raise HTTPException(status_code=422, detail="feedback is for assistant replies, not user messages")
+    corrected = (body.corrected_reply or "").strip() or None
+    approved = corrected or (msg.raw_content or msg.content if body.rating == "up" else None)
+    if approved and msg.status != "done" and not corrected:
+        raise HTTPException(status_code=409, detail=f"this reply is {msg.status}: only a finished reply can be "
+                                                    "approved (send corrected_reply to give the right answer)")
     msg.feedback = body.rating
     if body.corrected_reply is not None:
-        msg.corrected_reply = body.corrected_reply.strip() or None
+        msg.corrected_reply = corrected
+    if approved:
+        memory.approve(db, msg, approved)
+    else:
+        memory.withdraw(db, msg)
     db.commit()
     db.refresh(msg)
     return msg

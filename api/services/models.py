@@ -9,6 +9,7 @@ from fastapi import HTTPException
 from sqlalchemy.orm import Session
 
 from csra.settings import get_settings
+from csra.specs import RETRIEVAL
 from db.models import Model
 from models_store.registry import find_model, jobs_using
 
@@ -31,6 +32,9 @@ def get_model_or_404(db: Session, ref: str) -> Model:
 def delete_model(db: Session, ref: str) -> None:
     """Remove the row and its store folder; refused (409) while an unfinished job uses the model."""
     model = get_model_or_404(db, ref)
+    if model.kind == RETRIEVAL:
+        raise HTTPException(status_code=409, detail="'retrieval' is built in (the nearest approved answer of the "
+                                                    "answer memory); it cannot be deleted")
     busy = jobs_using(db, model)
     if busy:
         raise HTTPException(status_code=409,

@@ -15,7 +15,7 @@ from api.errors import unprocessable
 from api.schemas.training import SweepCreate
 from api.services import jobs
 from csra.settings import get_settings
-from csra.specs import TrainSpec
+from csra.specs import RETRIEVAL, TrainSpec
 from db.jobs import JobKind
 from db.models import Dataset, DatasetExample, DatasetStatus, Job, Model
 from models_store.naming import validate_model_name
@@ -49,6 +49,9 @@ def validate_train_spec(db: Session, spec: TrainSpec) -> None:
     if has_train is None:
         raise HTTPException(status_code=422, detail=f"dataset {spec.dataset_id} has no rows in its train split")
     model = find_model(db, spec.base_model)
+    if model is not None and model.kind == RETRIEVAL:
+        raise HTTPException(status_code=422, detail="'retrieval' answers from the answer memory; it has no weights "
+                                                    "to fine-tune: pick a model from GET /models")
     settings = get_settings()
     if model is None and spec.base_model != settings.baseline_name:
         local = Path(spec.base_model).expanduser()

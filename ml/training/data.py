@@ -15,7 +15,8 @@ from typing import Any
 import torch
 from transformers.trainer_pt_utils import get_length_grouped_indices
 
-from ml.prompting import end_token_ids, example_prompt, has_chat_template
+from csra.specs import GROUNDING_TEMPLATE, Grounding
+from ml.prompting import end_token_ids, example_prompt, has_chat_template, truncate_tokens
 
 IGNORE = -100
 
@@ -65,8 +66,9 @@ class Batch:
 class ExampleEncoder:
     """Tokenizes rows into ``Example``s with explicit labels (see the module docstring)."""
 
-    def __init__(self, tokenizer: Any, arch: str, max_input_length: int, max_target_length: int) -> None:
-        self.tokenizer, self.arch = tokenizer, arch
+    def __init__(self, tokenizer: Any, arch: str, max_input_length: int, max_target_length: int,
+                 grounding: Grounding | None = None) -> None:
+        self.tokenizer, self.arch, self.grounding = tokenizer, arch, grounding
         self.max_input, self.max_target = max_input_length, max_target_length
         self.chat = has_chat_template(tokenizer)
         self.end_ids = end_token_ids(tokenizer, arch)
@@ -79,8 +81,16 @@ class ExampleEncoder:
         keep = max(self.max_target - len(self.end_ids), 1)
         return self._ids(text, False)[:keep] + self.end_ids
 
+    def _exemplars(self, row: dict[str, Any]) -> list[str]:
+        """A grounded example's exemplars (``row["exemplars"]``), each cut to the grounding's token budget."""
+        if self.grounding is None:
+            return []
+        return [truncate_tokens(self.tokenizer, x, self.grounding.max_exemplar_tokens)
+                for x in row.get("exemplars", [])[: self.grounding.k]]
+
     def encode(self, row: dict[str, Any]) -> Example:
-        prompt = example_prompt(self.tokenizer, row["instruction"], row["input"])
+        template = self.grounding.template if self.grounding else GROUNDING_TEMPLATE
+        prompt = example_prompt(self.tokenizer, row["instruction"], row["input"], self._exemplars(row), template)
         # Chat templates carry their own special tokens; plain prompts get the tokenizer's (BOS, T5's </s>).
         prompt_ids = self._ids(prompt, special=not self.chat or self.arch == "seq2seq")[-self.max_input:]
         reply_ids = self._reply_ids(str(row["output"]))

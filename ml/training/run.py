@@ -15,7 +15,7 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,6 +52,12 @@ from models_store.loading import LoadedModel, load_model_and_tokenizer
 logger = logging.getLogger(__name__)
 
 MAX_GRAD_NORM = 1.0  # transformers.Trainer's default
+# rows -> each row's exemplars (the approved answers to its nearest training messages, never its own)
+Grounder = Callable[[Sequence[dict[str, Any]]], list[list[str]]]
+
+
+def _with_exemplars(rows: Sequence[dict[str, Any]], ground: Grounder) -> list[dict[str, Any]]:
+    return [{**row, "exemplars": found} for row, found in zip(rows, ground(rows), strict=True)]
 
 
 @dataclass
@@ -86,7 +92,8 @@ class TrainingRun:
 
     def __init__(self, spec: TrainSpec, loaded: LoadedModel, train_rows: Sequence[dict],
                  val_rows: Sequence[dict], out_dir: Path, ctx: JobContext,
-                 yield_cpu: CpuYielder | None = None) -> None:
+                 yield_cpu: CpuYielder | None = None, ground: Grounder | None = None) -> None:
+        self.ground = ground
         self.spec, self.ctx, self.arch = spec, ctx, loaded.arch
         self.out_dir, self.ckpt_root = out_dir, out_dir / "checkpoints"
         self.tokenizer = loaded.tokenizer
@@ -119,11 +126,17 @@ class TrainingRun:
 
     def _encode(self, train_rows: Sequence[dict], val_rows: Sequence[dict]) -> None:
         spec = self.spec
-        encoder = ExampleEncoder(self.tokenizer, self.arch, spec.max_input_length, spec.max_target_length)
+        encoder = ExampleEncoder(self.tokenizer, self.arch, spec.max_input_length, spec.max_target_length,
+                                 spec.grounding)
         self.pad_id = self.tokenizer.pad_token_id
         # Drawn, never sliced: a split stored in intent order would otherwise lose whole intents.
         self.train_rows = stratified_sample(train_rows, spec.max_train_samples, spec.seed)
         self.val_rows = stratified_sample(val_rows, spec.max_eval_samples, spec.seed)
+        if spec.grounding is not None:  # the exemplars of the rows actually drawn
+            if self.ground is None:
+                raise JobError("a grounded run needs the answer memory of its train split")
+            self.train_rows = _with_exemplars(self.train_rows, self.ground)
+            self.val_rows = _with_exemplars(self.val_rows, self.ground)
         self.train = encoder.encode_all(self.train_rows)
         val = encoder.encode_all(self.val_rows)
         val.sort(key=lambda e: e.length)  # eval order does not matter: pad as little as possible
@@ -367,6 +380,7 @@ def run_training(
     ctx: JobContext,
     num_threads: int | None = None,
     yield_cpu: CpuYielder | None = None,
+    ground: Grounder | None = None,
 ) -> dict[str, Any]:
     """Fine-tune ``model_source`` (a resolved folder or HF id) on ``train_rows``; see the module docs.
 
@@ -383,7 +397,7 @@ def run_training(
         torch.set_num_threads(num_threads)
     try:
         run = TrainingRun(spec, _load_base(model_source, spec, train_rows), train_rows, val_rows, out_dir, ctx,
-                          yield_cpu)
+                          yield_cpu, ground)
         drawn, split = composition(run.train_rows), composition(train_rows)
         ctx.event("log", f"training {run.total_steps} steps ({run.steps_per_epoch}/epoch), precision "
                          f"{run.precision}, {len(run.train)} examples drawn from {len(train_rows)}, covering "

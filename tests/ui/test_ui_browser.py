@@ -185,3 +185,39 @@ def test_chat_reply_appears_and_exports_as_jsonl(page, ui_url, stack, tmp_path):
     expect(page.locator("#chat-meta")).to_contain_text("feedback", timeout=15_000)
     with httpx.Client(base_url=stack.url, timeout=10) as api:
         assert api.get(f"/chats/{chat_id}").json()["messages"][1]["feedback"] == "up"
+
+
+def test_an_approved_edit_is_among_the_similar_answers_next_time(page, ui_url, stack):
+    """The agent edits the suggested reply, approves it, asks the same again: the edit is a similar answer."""
+    from tests.integration.test_memory import ensure_memory
+
+    expect = sync_api.expect
+    question = "the box came crushed, can I get a new one?"
+    corrected = "So sorry it arrived crushed: we ship a replacement today, no need to return it."
+    with httpx.Client(base_url=stack.url, timeout=30) as api:
+        ensure_memory(api)
+    page.goto(ui_url)
+    expect(page.locator("#api-status")).to_contain_text("ok", timeout=30_000)
+    page.locator("#chat-model input").click()
+    page.get_by_role("option").filter(has_text="retrieval").first.click()
+    expect(page.locator("#chat-model input")).to_have_value(re.compile("retrieval"))
+
+    def ask() -> None:
+        page.locator("#chat-input textarea").fill(question)
+        page.locator("#chat-send").click()
+
+    ask()
+    expect(page.locator("#chat-intent")).to_contain_text("Intent:", timeout=120_000)
+    expect(page.locator("#chat-similar")).to_be_visible()
+    box = page.locator("#chat-corrected textarea")
+    expect(box).not_to_have_value("")  # the suggested reply, ready to edit
+    box.fill(corrected)
+    page.locator("#chat-up").click()
+    expect(page.locator("#chat-meta")).to_contain_text("in the answer memory", timeout=15_000)
+
+    ask()
+    expect(page.locator("#chatbot [data-testid='bot']")).to_have_count(2, timeout=120_000)
+    expect(page.locator("#chat-similar")).to_contain_text(corrected[:40], timeout=120_000)
+    # one click on it puts it in the reply box
+    page.locator("#chat-similar label").filter(has_text=corrected[:40]).first.click()
+    expect(box).to_have_value(corrected)

@@ -92,7 +92,40 @@ def chat_meta(chat: dict[str, Any] | None) -> str:
             bits.append("feedback " + ("👍" if m["feedback"] == "up" else "👎"))
         if m.get("corrected_reply"):
             bits.append("corrected")
-    return " · ".join(bits)
+        if m.get("memory_entry_id"):
+            bits.append("in the answer memory")
+    line = " · ".join(bits)
+    if m.get("slot_warnings"):
+        line += f"\n\n⚠️ **Placeholders outside the contract** (not in the profile nor in the approved answers it " \
+                f"was shown): {', '.join('`' + s + '`' for s in m['slot_warnings'])}"
+    return line
+
+
+def memory_panel(chat: dict[str, Any] | None) -> tuple[Any, ...]:
+    """The predicted intent and the approved answers to the most similar messages, for the last reply."""
+    m = last_reply(chat)
+    if m is None or m["status"] != "done":
+        return "", gr.Radio(choices=[], value=None, visible=False)
+    intent = (f"**Intent:** `{m['intent']}` ({(m.get('intent_confidence') or 0):.0%} of the similar answers agree)"
+              if m.get("intent") else "**Intent:** unknown (the answer memory is not built)")
+    choices = [(f"{s['similarity']:.2f} · {s.get('intent') or '?'} · {s['reply'][:160]}", i)
+               for i, s in enumerate(m.get("similar") or [])]
+    return intent, gr.Radio(choices=choices, value=None, visible=bool(choices))
+
+
+def suggested_text(chat: dict[str, Any] | None) -> str:
+    """The reply box starts from the reply itself: the agent edits it, then approves."""
+    m = last_reply(chat)
+    return m["content"] if m is not None and m["status"] == "done" else ""
+
+
+def pick_similar(chat: dict[str, Any] | None, index: int | None) -> Any:
+    """One click on a similar approved answer puts it in the reply box."""
+    m = last_reply(chat)
+    similar = (m or {}).get("similar") or []
+    if index is None or not 0 <= int(index) < len(similar):
+        return gr.skip()
+    return similar[int(index)]["reply"]
 
 
 def view(chat: dict[str, Any] | None, partial: dict[int, str] | None = None) -> tuple[Any, ...]:
@@ -212,13 +245,20 @@ def stop_reply(chat: dict[str, Any] | None) -> None:
 
 
 @api_errors
-def rate_reply(chat: dict[str, Any] | None, corrected: str, rating: str) -> tuple[Any, ...]:
+def rate_reply(chat: dict[str, Any] | None, edited: str, rating: str) -> tuple[Any, ...]:
+    """👍 approves the reply as it stands in the reply box (edited or not): it goes into the answer memory;
+    👎 with an edited text gives the right answer (also into the memory); 👎 alone takes an approval back."""
     m = last_reply(chat)
     if chat is None or m is None or m["status"] != "done":
         raise gr.Error("There is no finished reply to rate yet.")
+    text = (edited or "").strip()
+    corrected = text if text and text != m["content"].strip() else None
     c = client()
-    c.feedback(chat["id"], m["id"], rating, (corrected or "").strip() or None)
-    gr.Info("Thanks! Feedback saved." if rating == "up" else "Feedback saved.")
+    c.feedback(chat["id"], m["id"], rating, corrected)
+    if rating == "up" or corrected:
+        gr.Info("Approved: this answer is now in the answer memory." + (" (as you edited it)" if corrected else ""))
+    else:
+        gr.Info("Feedback saved.")
     return *view(c.chat(chat["id"])), ""
 
 
@@ -252,6 +292,8 @@ class ChatTab:
     meta: gr.Markdown
     ratings: dict[str, gr.Button]
     corrected: gr.Textbox
+    intent: gr.Markdown
+    similar: gr.Radio
     exports: dict[str, gr.Button]
     all_fmt: gr.Radio
     all_model: gr.Textbox
@@ -294,11 +336,15 @@ def _conversation() -> tuple[Any, ...]:
             "up": gr.Button("👍 Good reply", size="sm", elem_id="chat-up"),
             "down": gr.Button("👎 Bad reply", size="sm", elem_id="chat-down"),
         }
-        corrected = gr.Textbox(
-            placeholder="Optional: the reply it should have given (saved with your rating)",
-            show_label=False, lines=1, scale=3, elem_id="chat-corrected",
-        )
-    return chatbot, msg, send, stop, meta, ratings, corrected
+    corrected = gr.Textbox(
+        label="Reply box: edit the suggested reply, then 👍 approves it as written (into the answer memory)",
+        lines=3, elem_id="chat-corrected",
+    )
+    with gr.Accordion("Answer memory: intent and similar approved answers", open=True):
+        intent = gr.Markdown("", elem_id="chat-intent")
+        similar = gr.Radio(choices=[], label="Similar approved answers (click one to put it in the reply box)",
+                           visible=False, elem_id="chat-similar")
+    return chatbot, msg, send, stop, meta, ratings, corrected, intent, similar
 
 
 def _export_row() -> tuple[Any, ...]:
@@ -322,12 +368,13 @@ def build(demo: gr.Blocks) -> ChatTab:
             with gr.Column(scale=1, min_width=260):
                 chat_list, new, delete, refresh, model, settings = _sidebar()
             with gr.Column(scale=3):
-                chatbot, msg, send, stop, meta, ratings, corrected = _conversation()
+                chatbot, msg, send, stop, meta, ratings, corrected, intent, similar = _conversation()
                 exports, all_fmt, all_model, all_btn, file = _export_row()
     t = ChatTab(
         tab=tab, state=state, chat_list=chat_list, new=new, delete=delete, list_refresh=refresh, model=model,
         settings=settings, chatbot=chatbot, msg=msg, send=send, stop=stop, meta=meta, ratings=ratings,
-        corrected=corrected, exports=exports, all_fmt=all_fmt, all_model=all_model, all_btn=all_btn, file=file,
+        corrected=corrected, intent=intent, similar=similar, exports=exports, all_fmt=all_fmt, all_model=all_model,
+        all_btn=all_btn, file=file,
     )
     _wire_conversation(demo, t)
     _wire_feedback_and_exports(t)
@@ -358,6 +405,10 @@ def _wire_conversation(demo: gr.Blocks, t: ChatTab) -> None:
 def _wire_feedback_and_exports(t: ChatTab) -> None:
     for rating, btn in t.ratings.items():
         btn.click(bind(rate_reply, rating), [t.state, t.corrected], [*t.view, t.corrected], **on(t.meta))
+    # whenever the shown chat changes: the memory panel, and the reply box pre-filled with the reply
+    t.state.change(memory_panel, t.state, [t.intent, t.similar], **QUIET)
+    t.state.change(suggested_text, t.state, t.corrected, **QUIET)
+    t.similar.input(pick_similar, [t.state, t.similar], t.corrected, **QUIET)
     click_download = download_js("chat-download")
     for fmt, btn in t.exports.items():
         btn.click(bind(export_chat, fmt), t.state, t.file, **QUIET).success(None, None, None, js=click_download)

@@ -24,8 +24,10 @@ LEADERBOARD_METRICS = {  # overall metric -> column title
     "repetitive": "repetitive",
     "off_tone": "off tone",
     "unfinished": "unfinished",
+    "intent_match": "intent match",
+    "slots_outside_contract": "foreign slots",
 }
-CONFIG_KEYS = ("method", "epochs", "learning_rate", "batch_size", "max_train_samples")
+CONFIG_KEYS = ("method", "epochs", "learning_rate", "batch_size", "max_train_samples", "grounding")
 
 
 def leaderboard_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:

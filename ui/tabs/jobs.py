@@ -13,7 +13,7 @@ import pandas as pd
 from csra.client import ApiError
 from ui.common import QUIET, api_errors, client, on, secs
 
-JOB_KINDS = ["all", "import", "train", "evaluate", "generate", "sweep"]
+JOB_KINDS = ["all", "import", "train", "evaluate", "generate", "sweep", "memory"]
 JOB_STATUSES = ["all", "queued", "running", "succeeded", "failed", "cancelled"]
 COLUMNS = ["id", "kind", "status", "progress", "stage", "eta", "attempts", "created", "error"]
 

@@ -21,12 +21,16 @@ from sqlalchemy import delete, insert, select
 
 from csra.jobctx import JobCancelled, JobContext, JobError
 from csra.settings import get_settings
-from csra.specs import EvaluateSpec
+from csra.specs import RETRIEVAL, EvaluateSpec, Grounding
 from db.models import Evaluation, EvaluationExample, JobEvent, Model
 from db.session import session_scope
+from ml.importing.columns import UNKNOWN as UNKNOWN_INTENT
 from ml.sampling import composition, stratified_sample
 from models_store.registry import ensure_baseline_registered, find_model_row
+from workers.handlers.generation import load_profile
+from workers.handlers.memory import ensure_embedder
 from workers.handlers.training import background_yielder, load_split
+from workers.neighbours import CONTRACT_K, Neighbours, neighbours_for
 from workers.presence import publish_invariance
 
 logger = logging.getLogger(__name__)
@@ -117,9 +121,10 @@ def checkpoint_path(eval_id: int, model_name: str) -> Path:
 
 
 def _predict(row: dict[str, Any], examples: list[dict[str, Any]], spec: EvaluateSpec, ctx: JobContext,
-             done_before: int, total: int, checkpoint: Path | None = None
+             done_before: int, total: int, checkpoint: Path | None = None, neighbours: Neighbours | None = None,
              ) -> tuple[list[str], list[Any], float, dict[str, Any]]:
-    """Every example's prediction; with ``checkpoint``, resumes from and appends to that file.
+    """Every example's prediction; with ``checkpoint``, resumes from and appends to that file. A model
+    trained grounded is shown each example's nearest training answers, as in chat.
 
     Returns (prompts, results in example order, generation wall time in seconds, the model's
     batch-invariance self-check on this worker).
@@ -127,7 +132,6 @@ def _predict(row: dict[str, Any], examples: list[dict[str, Any]], spec: Evaluate
     from ml.inference.batches import generate_many
     from ml.inference.selfcheck import prepare_model
     from ml.inference.types import GenerationRequest
-    from ml.prompting import example_prompt
     from models_store.loading import load_model_and_tokenizer
 
     saved = _Checkpoint(checkpoint, [e["id"] for e in examples]) if checkpoint is not None else None
@@ -138,7 +142,7 @@ def _predict(row: dict[str, Any], examples: list[dict[str, Any]], spec: Evaluate
         if not invariance["batch_invariant"]:
             ctx.event("log", f"{row['name']}: batch invariance is OFF on this worker ({invariance['detail']}); "
                              "batched greedy replies may differ from one-at-a-time ones")
-        prompts = [example_prompt(loaded.tokenizer, e["instruction"], e["input"]) for e in examples]
+        prompts = _prompts(loaded.tokenizer, row, examples, neighbours)
         todo = [i for i in range(len(examples)) if saved is None or i not in saved.results]
         requests = [GenerationRequest(prompt=prompts[i], max_new_tokens=spec.max_new_tokens,
                                       temperature=spec.temperature, seed=spec.seed, num_beams=spec.num_beams)
@@ -178,14 +182,37 @@ def _predict(row: dict[str, Any], examples: list[dict[str, Any]], spec: Evaluate
         gc.collect()
 
 
-def _score(examples: list[dict[str, Any]], results: list[Any], wall: float
-           ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def _prompts(tokenizer: Any, row: dict[str, Any], examples: list[dict[str, Any]],
+             neighbours: Neighbours | None) -> list[str]:
+    from ml.prompting import example_prompt, truncate_tokens
+
+    grounding = Grounding.model_validate(row["grounding"]) if row.get("grounding") else None
+    if grounding is None:
+        return [example_prompt(tokenizer, e["instruction"], e["input"]) for e in examples]
+    if neighbours is None:
+        raise JobError(f"{row['name']} was trained grounded, but the answer memory of this dataset could not be "
+                       "prepared (see the job log)")
+    return [example_prompt(tokenizer, e["instruction"], e["input"],
+                           [truncate_tokens(tokenizer, x, grounding.max_exemplar_tokens)
+                            for x in neighbours.exemplars(i, grounding.k)], grounding.template)
+            for i, e in enumerate(examples)]
+
+
+def _score(examples: list[dict[str, Any]], results: list[Any], wall: float, neighbours: Neighbours | None,
+           contract_k: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     from ml.metrics import ExampleInput, aggregate, score_examples
 
     inputs = [ExampleInput(prediction=r.text, reference=e["output"], intent=e.get("intent") or "",
                            category=e.get("category") or "", hit_token_limit=r.finish_reason == "length")
               for e, r in zip(examples, results, strict=True)]
     scores = score_examples(inputs)
+    if neighbours is not None:  # judged against the dataset's approved answers: intent and placeholders
+        for s, e, judged in zip(scores, examples, neighbours.judge([r.text for r in results], contract_k),
+                                strict=True):
+            reply_intent, intent = judged.pop("reply_intent"), e.get("intent") or ""
+            # unknown intents (a dataset without them) are not judged
+            s["intent_match"] = (reply_intent == intent) if intent and intent != UNKNOWN_INTENT else None
+            s.update(judged)
     agg = aggregate(scores, inputs)
     latencies = [r.latency_ms for r in results]
     tokens = sum(r.completion_tokens for r in results)
@@ -261,9 +288,10 @@ def handle_evaluate(job_id: int, params: dict[str, Any], ctx: JobContext) -> dic
               sample=sample)
     errors: dict[str, str] = {}
     total = len(examples) * len(spec.model_ids)
+    neighbours = _neighbours(spec.dataset_id, examples, ctx)
     for i, ref in enumerate(spec.model_ids):
         try:
-            _evaluate_one(eval_id, ref, examples, spec, ctx, i * len(examples), total)
+            _evaluate_one(eval_id, ref, examples, spec, ctx, (i * len(examples), total), neighbours)
         except JobCancelled:
             _finish(eval_id, "cancelled")
             raise
@@ -281,8 +309,31 @@ def handle_evaluate(job_id: int, params: dict[str, Any], ctx: JobContext) -> dic
             "split_intents": sample["split_intents"], "errors": errors, "report_files": sorted(files)}
 
 
+def _neighbours(dataset_id: int, examples: list[dict[str, Any]], ctx: JobContext) -> Neighbours | None:
+    """The examples' nearest answers in the dataset's train split (None, logged, if it cannot be made)."""
+    try:
+        ctx.progress(0.0, "preparing the answer memory of the train split")
+        ensure_embedder()
+        return neighbours_for(dataset_id, load_split(dataset_id, "train"), examples, load_profile(), ctx)
+    except (JobCancelled, JobError):
+        raise
+    except Exception as e:  # the models are still evaluated, without intent and contract checks
+        logger.warning("evaluation without the answer memory", exc_info=True)
+        ctx.event("log", f"the answer memory could not be prepared ({type(e).__name__}: {e}): retrieval and "
+                         "grounded models fail; intent_match and slots_outside_contract are not measured")
+        return None
+
+
+def _retrieval(row: dict[str, Any], examples: list[dict[str, Any]], neighbours: Neighbours | None
+               ) -> tuple[list[str], list[Any], float, dict[str, Any] | None]:
+    if neighbours is None:
+        raise JobError("the retrieval responder needs the answer memory of the train split (see the job log)")
+    return [e["input"] for e in examples], neighbours.retrieved(), 0.0, None
+
+
 def _evaluate_one(eval_id: int, ref: str, examples: list[dict[str, Any]], spec: EvaluateSpec,
-                  ctx: JobContext, done_before: int, total: int) -> None:
+                  ctx: JobContext, progress: tuple[int, int], neighbours: Neighbours | None) -> None:
+    done_before, total = progress
     row = _resolve(ref)
     with session_scope() as s:
         ev = s.get(Evaluation, eval_id)
@@ -290,10 +341,16 @@ def _evaluate_one(eval_id: int, ref: str, examples: list[dict[str, Any]], spec: 
             return  # a retried job: this model is already done
     ctx.progress(done_before / total, f"{row['name']}: loading")
     checkpoint = checkpoint_path(eval_id, row["name"])
-    prompts, results, wall, invariance = _predict(row, examples, spec, ctx, done_before, total, checkpoint)
+    if row["kind"] == RETRIEVAL:
+        prompts, results, wall, invariance = _retrieval(row, examples, neighbours)
+    else:
+        prompts, results, wall, invariance = _predict(row, examples, spec, ctx, done_before, total, checkpoint,
+                                                      neighbours)
     ctx.progress((done_before + len(examples)) / total, f"{row['name']}: scoring")
-    scores, agg = _score(examples, results, wall)
+    contract_k = int((row.get("grounding") or {}).get("k") or CONTRACT_K)
+    scores, agg = _score(examples, results, wall, neighbours, contract_k)
     agg["batch_invariance"] = invariance
+    agg["grounding"] = row.get("grounding")  # a grounded model saw each example's nearest training answers
     _store(eval_id, row, examples, prompts, results, scores, agg)
     checkpoint.unlink(missing_ok=True)
     ctx.event("metric", f"{row['name']}: rouge_l {agg['overall'].get('rouge_l', 0):.3f}",

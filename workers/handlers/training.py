@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from sqlalchemy import select
@@ -43,6 +44,26 @@ def background_yielder() -> CpuYielder | None:
     return CpuYielder(InteractiveSignal(settings.interactive_signal_path), settings.train_yield_max_seconds)
 
 
+def grounder(dataset_id: int, train_rows: list[dict[str, Any]], k: int, ctx: JobContext
+             ) -> Callable[[Sequence[dict[str, Any]]], list[list[str]]]:
+    """Exemplars for grounded training: the answers to each row's nearest training messages, from the
+    train split only and never from the row's own leakage group (the same message, any copy of it)."""
+    from csra.memory import embedder
+    from workers.handlers.memory import ensure_embedder
+    from workers.neighbours import nearest, split_memory
+
+    ctx.progress(0.0, "finding each example's nearest approved answers")
+    ensure_embedder()
+    memory, _ = split_memory(dataset_id, train_rows, ctx)
+
+    def ground(rows: Sequence[dict[str, Any]]) -> list[list[str]]:
+        messages = [r["input"] for r in rows]
+        hits = nearest(memory, embedder().embed(messages), messages, k)
+        return [[h.entry.reply for h in found] for found in hits]
+
+    return ground
+
+
 def _already_registered(job_id: int) -> dict[str, Any] | None:
     """A retried job whose model was registered before the worker died: report it, don't retrain."""
     with session_scope() as s:
@@ -65,8 +86,9 @@ def handle_train(job_id: int, params: dict[str, Any], ctx: JobContext) -> dict[s
     ctx.progress(0.0, "loading base model")
     source, base_name = resolve_base(spec.base_model)
     settings = get_settings()
+    ground = grounder(spec.dataset_id, train_rows, spec.grounding.k, ctx) if spec.grounding else None
     result = run_training(spec, train_rows, val_rows, source, ctx.work_dir, ctx,
-                          num_threads=settings.torch_thread_count, yield_cpu=background_yielder())
+                          num_threads=settings.torch_thread_count, yield_cpu=background_yielder(), ground=ground)
     cancelled = bool(result.pop("cancelled", False))
     history = result.pop("history", [])
     name = spec.output_name or f"ft-{job_id}"

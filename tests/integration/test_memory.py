@@ -1,0 +1,195 @@
+"""The answer memory against the real stack: rebuild, search, the retrieval responder, approvals."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import httpx
+import pytest
+
+from tests.integration.helpers import wait_job
+
+INTENTS = {
+    "cancel_order": ("I want to cancel order {n}", "Order {{{{Order Number}}}} is cancelled; reference C{n}."),
+    "track_refund": ("where is the refund for purchase {n}", "Refunds reach your account in 5 days; ticket R{n}."),
+    "change_password": ("how can I reset my password {n}", "Use the reset link on {{{{Website URL}}}}; case P{n}."),
+}
+
+
+def import_intents_dataset(api: httpx.Client) -> int:
+    """A small dataset with intents (60 rows, three intents), imported through the API."""
+    rows = [(m.format(n=n), r.format(n=n), intent) for intent, (m, r) in INTENTS.items() for n in range(20)]
+    body = "customer,agent,label\n" + "\n".join(f'"{m}","{r}",{i}' for m, r, i in rows)
+    options = {"column_mapping": {"input": "customer", "output": "agent", "intent": "label"}}
+    r = api.post("/datasets", files={"file": ("memory.csv", body.encode())}, data={"options": json.dumps(options)})
+    assert r.status_code == 202, r.text
+    assert wait_job(api, r.json()["job"]["id"])["status"] == "succeeded"
+    return int(r.json()["dataset"]["id"])
+
+
+def ensure_memory(api: httpx.Client) -> None:
+    """The answer memory holds something (the small dataset's answers) for tests that only use it."""
+    if api.get("/memory").json()["entries"] == 0:
+        _rebuild(api, import_intents_dataset(api))
+
+
+@pytest.fixture(scope="module")
+def memory_dataset(stack) -> int:
+    return import_intents_dataset(httpx.Client(base_url=stack.url, timeout=30))
+
+
+def _rebuild(api: httpx.Client, dataset_id: int) -> dict:
+    job = api.post("/memory/rebuild", json={"dataset_id": dataset_id})
+    assert job.status_code == 202, job.text
+    done = wait_job(api, job.json()["id"], timeout=240)
+    assert done["status"] == "succeeded", done["error"]
+    return done
+
+
+def test_memory_is_built_searched_and_answers_as_a_responder(api, memory_dataset):
+    if api.get("/memory").json()["entries"] == 0:  # nothing built yet: a clear 409 that says how
+        r = api.get("/memory/search", params={"q": "cancel my order"})
+        assert r.status_code == 409 and "POST /memory/rebuild" in r.json()["detail"], r.text
+
+    done = _rebuild(api, memory_dataset)
+    train_rows = api.get(f"/datasets/{memory_dataset}").json()["stats"]["split_rows"]["train"]
+    assert done["result"]["entries"] == train_rows > 30
+    stats = api.get("/memory").json()
+    assert stats["embedder_ready"] and memory_dataset in stats["datasets"] and stats["by_source"]["dataset"] >= 30
+
+    found = api.get("/memory/search", params={"q": "please cancel my order 7", "k": 3}).json()
+    assert found["intent"] == "cancel_order" and found["intent_confidence"] > 0.5
+    assert len(found["data"]) == 3 and all(h["source"] == "dataset" for h in found["data"])
+    top = found["data"][0]
+    assert top["intent"] == "cancel_order" and 0.5 < top["similarity"] <= 1.0001 and "cancelled" in top["reply"]
+    assert [h["similarity"] for h in found["data"]] == sorted((h["similarity"] for h in found["data"]),
+                                                              reverse=True)
+
+    # a rebuild replaces the dataset's answers (no duplicates), and the old ones stop being found
+    again = _rebuild(api, memory_dataset)
+    assert again["result"]["replaced"] == train_rows
+    assert api.get("/memory").json()["by_source"]["dataset"] == stats["by_source"]["dataset"]
+
+    # the retrieval responder: the nearest approved answer, no model
+    r = api.post("/jobs/generate", json={"model_id": "retrieval", "message": "I need to reset my password"})
+    assert r.status_code == 202, r.text
+    reply = wait_job(api, r.json()["id"])
+    assert reply["status"] == "succeeded", reply["error"]
+    result = reply["result"]
+    assert result["finish_reason"] == "retrieval" and "reset link" in result["raw_text"]
+    assert result["intent"] == "change_password" and len(result["similar"]) == 3
+    assert result["slot_warnings"] == []
+    assert "retrieval" in [m["id"] for m in api.get("/v1/models").json()["data"]]
+
+
+@pytest.mark.parametrize(("params", "needle"), [({"q": "   "}, "empty"), ({"q": "hi", "k": 0}, "k"),
+                                                ({"q": "hi", "k": 51}, "k"), ({}, "q")])
+def test_bad_searches_are_422(api, params, needle):
+    r = api.get("/memory/search", params=params)
+    assert r.status_code == 422 and needle in json.dumps(r.json()["detail"]), r.text
+
+
+def test_bad_rebuilds_are_4xx_and_the_memory_stays(api, memory_dataset):
+    _rebuild(api, memory_dataset) if api.get("/memory").json()["entries"] == 0 else None
+    before = api.get("/memory").json()
+    assert api.post("/memory/rebuild", json={"dataset_id": 999999}).status_code == 422
+    assert api.post("/memory/rebuild", json={"dataset_id": "x"}).status_code == 422
+    assert api.post("/memory/rebuild", json={}).status_code == 422
+    assert api.get("/memory").json() == before
+    assert api.delete("/models/retrieval").status_code in (409, 422)
+    assert api.post("/jobs/train", json={"base_model": "retrieval", "dataset_id": memory_dataset}).status_code == 422
+
+
+def _search(api: httpx.Client, q: str) -> list[dict]:
+    return api.get("/memory/search", params={"q": q, "k": 3}).json()["data"]
+
+
+def test_an_approved_correction_is_found_at_once_and_can_be_removed(api, memory_dataset, stack, db_env):
+    if api.get("/memory").json()["entries"] == 0:
+        _rebuild(api, memory_dataset)
+    question = "my parcel arrived broken, what now?"
+    cid = api.post("/chats", json={"settings": {"model_id": "retrieval"}}).json()["id"]
+    sent = api.post(f"/chats/{cid}/messages", json={"content": question}).json()
+    assert wait_job(api, sent["job"]["id"])["status"] == "succeeded"
+    reply = api.get(f"/chats/{cid}").json()["messages"][1]
+    assert reply["intent"] in INTENTS and reply["intent_confidence"] is not None
+    assert len(reply["similar"]) == 3 and reply["similar"][0]["similarity"] >= reply["similar"][1]["similarity"]
+
+    corrected = "Sorry about the damage: send a photo to {{Customer Support Email}} and we replace it."
+    fb = api.post(f"/chats/{cid}/messages/{reply['id']}/feedback",
+                  json={"rating": "down", "corrected_reply": corrected})
+    assert fb.status_code == 200, fb.text
+    entry_id = fb.json()["memory_entry_id"]
+    assert entry_id is not None
+    started = time.monotonic()
+    hits = _search(api, question)
+    assert hits[0]["id"] == entry_id and hits[0]["reply"] == corrected and hits[0]["source"] == "chat"
+    assert time.monotonic() - started < 5
+
+    # the generate worker sees it too (its copy of the memory syncs from the database)
+    again = api.post(f"/chats/{cid}/messages", json={"content": question}).json()
+    assert wait_job(api, again["job"]["id"])["status"] == "succeeded"
+    second = api.get(f"/chats/{cid}").json()["messages"][3]
+    assert second["raw_content"] == corrected and second["similar"][0]["entry_id"] == entry_id
+
+    listed = api.get("/memory/entries", params={"source": "chat"}).json()
+    assert entry_id in [e["id"] for e in listed["data"]]
+    assert api.delete(f"/memory/entries/{entry_id}").status_code == 204
+    twice = api.delete(f"/memory/entries/{entry_id}")
+    assert twice.status_code == 404 and "already removed" in twice.json()["detail"]
+    assert api.delete("/memory/entries/99999999").status_code == 404
+    assert entry_id not in [h["id"] for h in _search(api, question)]
+    assert api.get(f"/chats/{cid}").json()["messages"][1]["memory_entry_id"] is None
+
+    # a reply that failed cannot be approved as it is (only corrected)
+    from db.models import ChatMessage
+    from db.session import session_scope
+
+    with session_scope() as s:
+        s.get(ChatMessage, second["id"]).status = "failed"
+    up = api.post(f"/chats/{cid}/messages/{second['id']}/feedback", json={"rating": "up"})
+    assert up.status_code == 409 and "failed" in up.json()["detail"], up.text
+    assert api.get("/memory").json()["by_source"].get("chat", 0) == 0
+
+
+def test_a_grounded_model_is_trained_served_and_evaluated_on_its_exemplars(api, memory_dataset):
+    grounding = {"k": 2, "max_exemplar_tokens": 24}
+    too_short = api.post("/jobs/train", json={"dataset_id": memory_dataset, "grounding": grounding,
+                                              "max_input_length": 64})
+    assert too_short.status_code == 422 and "max_input_length" in json.dumps(too_short.json()["detail"])
+    bad = api.post("/jobs/train", json={"dataset_id": memory_dataset, "grounding": {"template": "no marker"}})
+    assert bad.status_code == 422 and "{exemplars}" in json.dumps(bad.json()["detail"])
+
+    job = api.post("/jobs/train", json={"dataset_id": memory_dataset, "epochs": 1, "batch_size": 8,
+                                        "max_input_length": 256, "grounding": grounding,
+                                        "output_name": "tiny-grounded"})
+    assert job.status_code == 202, job.text
+    trained = wait_job(api, job.json()["id"], timeout=300)
+    assert trained["status"] == "succeeded", trained["error"]
+    model = api.get("/models/tiny-grounded").json()
+    assert model["training_config"]["grounding"]["k"] == 2
+
+    # chat and /v1 ground it the same way: the memory's answers are in its prompt
+    if api.get("/memory").json()["entries"] == 0:
+        _rebuild(api, memory_dataset)
+    gen = api.post("/jobs/generate", json={"model_id": "tiny-grounded", "message": "cancel order 3 please",
+                                           "max_new_tokens": 4})
+    done = wait_job(api, gen.json()["id"])
+    assert done["status"] == "succeeded", done["error"]
+    assert done["result"]["grounded"] is True and done["result"]["intent"] == "cancel_order"
+
+    ev = api.post("/jobs/evaluate", json={"model_ids": ["retrieval", "tiny-grounded"], "dataset_id": memory_dataset,
+                                          "max_new_tokens": 4})
+    assert ev.status_code == 202, ev.text
+    finished = wait_job(api, ev.json()["id"], timeout=300)
+    assert finished["status"] == "succeeded", finished["error"]
+    metrics = api.get(f"/evaluations/{finished['result']['evaluation_id']}").json()["metrics"]
+    # the nearest training answer of each test message: right intent, its own words (no foreign slots)
+    assert metrics["retrieval"]["overall"]["intent_match"] == 1.0
+    assert metrics["retrieval"]["overall"]["slots_outside_contract"] == 0.0
+    assert metrics["retrieval"]["overall"]["rouge_l"] > 0.3
+    assert metrics["tiny-grounded"]["overall"]["intent_match"] is not None
+    assert metrics["tiny-grounded"]["grounding"]["k"] == 2 and metrics["retrieval"]["grounding"] is None
+    board = api.get("/leaderboard", params={"dataset_id": memory_dataset}).json()["data"]
+    assert "retrieval" in {row["model"] for row in board}

@@ -1,0 +1,128 @@
+"""The answer memory's parts: the ONNX embedder, the vector index, intent votes, the placeholder contract."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from csra.profile import Profile
+from ml.memory.grounding import allowed_slots, outside_contract, slots_in
+from ml.memory.index import VectorIndex
+from ml.memory.memory import AnswerMemory, Entry, vote
+from tests.fixtures_models import tiny_causal  # noqa: F401
+
+
+@pytest.fixture(scope="session")
+def exported(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The shipped MiniLM exported to ONNX (checked against sentence-transformers by the export itself)."""
+    from ml.memory.export import export_embedder
+    from ml.metrics import embedding_model_dir
+
+    return export_embedder(embedding_model_dir(), tmp_path_factory.mktemp("embedder") / "embedder")
+
+
+def unit(rows: list[list[float]]) -> np.ndarray:
+    a = np.asarray(rows, dtype=np.float32)
+    return a / np.linalg.norm(a, axis=1, keepdims=True)
+
+
+def test_the_onnx_embedder_matches_sentence_transformers(exported: Path) -> None:
+    from ml.memory.embedder import Embedder
+    from ml.metrics import get_encoder
+
+    texts = ["I want to cancel my order", "how do I get my money back", "reset password", ""]
+    got = Embedder(exported).embed(texts)
+    want = get_encoder().encode(texts, normalize_embeddings=True, convert_to_numpy=True)
+    assert got.shape == (4, 384) and np.abs(got - want).max() < 1e-4
+    assert np.allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
+    assert export_is_idempotent(exported)
+
+
+def export_is_idempotent(folder: Path) -> bool:
+    from ml.memory.export import export_embedder
+
+    before = (folder / "model.onnx").stat().st_mtime_ns
+    export_embedder(Path("/nonexistent"), folder)  # already there: the source is not even read
+    return (folder / "model.onnx").stat().st_mtime_ns == before
+
+
+def test_a_missing_export_is_a_clear_error(tmp_path: Path) -> None:
+    from ml.memory.embedder import Embedder, EmbedderMissing
+
+    with pytest.raises(EmbedderMissing, match="no exported embedding model"):
+        Embedder(tmp_path)
+
+
+def test_index_adds_removes_and_ranks_by_cosine() -> None:
+    index = VectorIndex(ndim=3)
+    index.add([10, 20, 30], unit([[1, 0, 0], [0.9, 0.1, 0], [0, 0, 1]]))
+    found = index.search(unit([[1, 0, 0]])[0], 2, exact=True)
+    assert [k for k, _ in found] == [10, 20] and found[0][1] == pytest.approx(1.0, abs=1e-5)
+    index.remove(10)
+    index.remove(10)  # twice: nothing happens
+    assert [k for k, _ in index.search(unit([[1, 0, 0]])[0], 2)] == [20, 30]
+    assert VectorIndex(ndim=3).search(unit([[1, 0, 0]])[0], 3) == []
+
+
+def _memory() -> AnswerMemory:
+    memory = AnswerMemory(exact=True, ndim=3)
+    entries = [Entry(1, "cancel my order", "I'll cancel order {{Order Number}}.", "cancel_order", group="g1"),
+               Entry(2, "please cancel the order", "Cancelled; see {{Website URL}}.", "cancel_order", group="g2"),
+               Entry(3, "where is my refund", "Refunds take 5 days.", "track_refund", group="g3")]
+    vecs = unit([[1, 0, 0], [0.95, 0.05, 0], [0, 1, 0]])
+    memory.add(entries, vecs, vecs)
+    return memory
+
+
+def test_similar_answers_skip_the_same_leakage_group_and_vote_an_intent() -> None:
+    memory = _memory()
+    query = unit([[1, 0.02, 0]])[0]
+    assert [h.entry.id for h in memory.similar(query, 2)] == [1, 2]
+    assert [h.entry.id for h in memory.similar(query, 2, exclude_group="g1")] == [2, 3]  # never itself
+    guess = memory.intent_of_message(query, k=3)
+    assert guess is not None and guess.intent == "cancel_order" and 0.5 < guess.confidence <= 1.0
+    memory.remove(1)
+    assert [h.entry.id for h in memory.similar(query, 3)] == [2, 3]
+    assert vote([]) is None
+
+
+def test_the_placeholder_contract() -> None:
+    profile = Profile(custom_slots={"Order Number": "#42"})
+    allowed = allowed_slots(profile, ["Visit {{Online Order Interaction}} to proceed."])
+    assert outside_contract("Call {{Customer Support Phone Number}} about {{ order number }}.", allowed) == []
+    assert outside_contract("See {{Online Order Interaction}} and {{Refund Policy}}", allowed) == \
+        ["{{Refund Policy}}"]
+    assert slots_in("a {{ Refund  Policy }} b") == {"refund policy": "{{ Refund  Policy }}"}
+
+
+def test_grounded_prompts_carry_the_exemplars_and_keep_the_system_rules(tiny_causal: Path) -> None:  # noqa: F811
+    from csra.specs import DEFAULT_INSTRUCTION
+    from ml.prompting import conversation_prompt, example_prompt, grounded_system, system_message, truncate_tokens
+    from models_store.loading import load_model_and_tokenizer
+
+    tok = load_model_and_tokenizer(tiny_causal).tokenizer
+    prompt = example_prompt(tok, DEFAULT_INSTRUCTION, "cancel my order", ["Answer one.", "Answer two."])
+    assert "[1] Answer one." in prompt and "[2] Answer two." in prompt and prompt.index("[1]") < prompt.index("cancel")
+    assert "[1]" not in example_prompt(tok, DEFAULT_INSTRUCTION, "cancel my order")
+    long = " ".join(["word"] * 300)
+    assert len(tok(truncate_tokens(tok, long, 20), add_special_tokens=False)["input_ids"]) <= 24
+    system = grounded_system(system_message(DEFAULT_INSTRUCTION, "friendly", True), ["Exemplar."])
+    turns = [{"role": "user", "content": f"question {i} " * 30} for i in range(6)]
+    turns = [t for pair in zip(turns, [{"role": "assistant", "content": "answer " * 30}] * 6, strict=True)
+             for t in pair][:-1]
+    fitted = conversation_prompt(tok, system, turns, max_tokens=300)
+    assert "warm, friendly tone" in fitted and "[1] Exemplar." in fitted  # the rules stay
+    assert "question 5" in fitted and "question 0" not in fitted  # the oldest turns go first
+
+
+
+@pytest.mark.parametrize("first,second", [("usearch.index", "onnxruntime"), ("onnxruntime", "usearch.index")])
+def test_the_vector_index_and_onnx_runtime_load_in_either_order(first: str, second: str) -> None:
+    """usearch 2.26.6 then onnxruntime 1.31 segfaulted the process: the pinned pair must not."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", f"import {first}; import {second}"], capture_output=True, timeout=120)
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
