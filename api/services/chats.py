@@ -127,6 +127,8 @@ def feedback(db: Session, chat_id: int, message_id: int, body: Feedback, owner: 
     if msg.role != "assistant":
         raise HTTPException(status_code=422, detail="feedback is for assistant replies, not user messages")
     corrected = (body.corrected_reply or "").strip() or None
+    if body.corrected_reply is None:  # not sent: an earlier correction stands (👍 after 👎-with-a-fix approves the fix)
+        corrected = msg.corrected_reply
     approved = corrected or (msg.raw_content or msg.content if body.rating == "up" else None)
     if approved and msg.status != "done" and not corrected:
         raise HTTPException(status_code=409, detail=f"this reply is {msg.status}: only a finished reply can be "

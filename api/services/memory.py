@@ -20,7 +20,8 @@ def search(db: Session, query: str, k: int) -> MemorySearch:
         raise HTTPException(status_code=422, detail="the search query is empty")
     memory = serving_memory().searchable()
     hits = memory.similar(embedder().embed([query])[0], k)
-    rows = {r.id: r for r in db.scalars(select(MemoryEntry).where(MemoryEntry.id.in_([h.entry.id for h in hits])))}
+    rows = {r.id: r for r in db.scalars(select(MemoryEntry).where(MemoryEntry.id.in_([h.entry.id for h in hits]),
+                                                                  MemoryEntry.removed_at.is_(None)))}
     guess = vote(hits[:5])
     data = [MemoryHit.model_validate({**_public(rows[h.entry.id]), "similarity": round(h.similarity, 4)})
             for h in hits if h.entry.id in rows]
@@ -39,6 +40,12 @@ def rebuild(db: Session, dataset_id: int, owner: str | None) -> Job:
         raise HTTPException(status_code=422, detail=f"dataset {dataset_id} does not exist")
     if ds.status != DatasetStatus.READY:
         raise HTTPException(status_code=422, detail=f"dataset {dataset_id} is {ds.status}, not ready")
+    # two rebuilds of one dataset would swap each other's half-written answers in and out
+    running = db.scalar(select(Job.id).where(Job.kind == JobKind.MEMORY, Job.dataset_id == dataset_id,
+                                             Job.status.in_(("queued", "running"))))
+    if running is not None:
+        raise HTTPException(status_code=409, detail=f"the memory of dataset {dataset_id} is already being rebuilt "
+                                                    f"by job {running}; wait for it (GET /jobs/{running})")
     return jobs.submit(db, JobKind.MEMORY, {"dataset_id": dataset_id}, owner=owner, dataset_id=dataset_id)
 
 

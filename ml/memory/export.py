@@ -54,9 +54,16 @@ def export_embedder(source: Path, target: Path) -> Path:
                           output_names=["last_hidden_state"], dynamic_axes=dynamic, dynamo=False, opset_version=17)
     shutil.copy(source / TOKENIZER_FILE, tmp / TOKENIZER_FILE)
     _check(source, tmp)
-    if target.exists():
-        shutil.rmtree(target)
-    os.replace(tmp, target)
+    if (target / ONNX_FILE).is_file():  # another process finished first: keep its export
+        shutil.rmtree(tmp, ignore_errors=True)
+        return target
+    shutil.rmtree(target, ignore_errors=True)  # a half-made folder
+    try:
+        os.replace(tmp, target)
+    except OSError:  # another process's export landed in between
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (target / ONNX_FILE).is_file():
+            raise
     logger.info("exported the embedding model to %s", target)
     return target
 

@@ -75,14 +75,19 @@ class AnswerMemory:
         self.replies.remove(entry_id)
 
     def _hits(self, index: VectorIndex, vector: np.ndarray, k: int, exclude_group: str | None) -> list[Hit]:
-        # a few more than asked: entries of the excluded leakage group (or just removed) are skipped
-        found = index.search(vector, k + 8, exact=self.exact) if k else []
-        hits = []
-        for key, sim in found:
-            entry = self.entries.get(key)
-            if entry is not None and (exclude_group is None or entry.group != exclude_group):
-                hits.append(Hit(entry, sim))
-        return hits[:k]
+        # more than asked: entries of the excluded leakage group (a message can have many rows) or just
+        # removed ones are skipped; widened until k are left or the index is exhausted
+        if not k:
+            return []
+        fetch = k + 8
+        while True:
+            found = index.search(vector, fetch, exact=self.exact)
+            hits = [Hit(entry, sim) for key, sim in found
+                    if (entry := self.entries.get(key)) is not None
+                    and (exclude_group is None or entry.group != exclude_group)]
+            if len(hits) >= k or len(found) < fetch:
+                return hits[:k]
+            fetch *= 4
 
     def similar(self, message_vec: np.ndarray, k: int, exclude_group: str | None = None) -> list[Hit]:
         """The answers to the ``k`` most similar customer messages, best first."""

@@ -97,6 +97,12 @@ def test_bad_rebuilds_are_4xx_and_the_memory_stays(api, memory_dataset):
     assert api.post("/memory/rebuild", json={"dataset_id": "x"}).status_code == 422
     assert api.post("/memory/rebuild", json={}).status_code == 422
     assert api.get("/memory").json() == before
+    # one rebuild of a dataset at a time: a second one while the first runs is a 409 naming it
+    first = api.post("/memory/rebuild", json={"dataset_id": memory_dataset})
+    second = api.post("/memory/rebuild", json={"dataset_id": memory_dataset})
+    assert first.status_code == 202, first.text
+    assert second.status_code == 409 and f"job {first.json()['id']}" in second.json()["detail"], second.text
+    assert wait_job(api, first.json()["id"], timeout=240)["status"] == "succeeded"
     assert api.delete("/models/retrieval").status_code in (409, 422)
     assert api.post("/jobs/train", json={"base_model": "retrieval", "dataset_id": memory_dataset}).status_code == 422
 
@@ -132,6 +138,12 @@ def test_an_approved_correction_is_found_at_once_and_can_be_removed(api, memory_
     assert wait_job(api, again["job"]["id"])["status"] == "succeeded"
     second = api.get(f"/chats/{cid}").json()["messages"][3]
     assert second["raw_content"] == corrected and second["similar"][0]["entry_id"] == entry_id
+
+    # a later 👍 without text approves the correction, not the reply it replaced
+    up = api.post(f"/chats/{cid}/messages/{reply['id']}/feedback", json={"rating": "up"})
+    assert up.status_code == 200 and up.json()["memory_entry_id"] not in (None, entry_id), up.text
+    assert _search(api, question)[0]["reply"] == corrected
+    entry_id = up.json()["memory_entry_id"]
 
     listed = api.get("/memory/entries", params={"source": "chat"}).json()
     assert entry_id in [e["id"] for e in listed["data"]]

@@ -88,6 +88,16 @@ def test_similar_answers_skip_the_same_leakage_group_and_vote_an_intent() -> Non
     assert vote([]) is None
 
 
+def test_a_message_with_many_copies_still_gets_k_neighbours_from_other_groups() -> None:
+    memory = AnswerMemory(exact=True, ndim=3)
+    copies = [Entry(i, "cancel", f"reply {i}", "cancel_order", group="cancel") for i in range(30)]
+    others = [Entry(100 + i, f"other {i}", f"other reply {i}", "track_refund", group=f"o{i}") for i in range(3)]
+    vecs = unit([[1, 0, 0]] * 30 + [[0.5, 0.5, 0], [0.4, 0.6, 0], [0.3, 0.7, 0]])
+    memory.add(copies + others, vecs, vecs)
+    hits = memory.similar(unit([[1, 0, 0]])[0], 3, exclude_group="cancel")
+    assert [h.entry.id for h in hits] == [100, 101, 102]
+
+
 def test_the_placeholder_contract() -> None:
     profile = Profile(custom_slots={"Order Number": "#42"})
     allowed = allowed_slots(profile, ["Visit {{Online Order Interaction}} to proceed."])

@@ -116,7 +116,7 @@ def memory_panel(chat: dict[str, Any] | None) -> tuple[Any, ...]:
 def suggested_text(chat: dict[str, Any] | None) -> str:
     """The reply box starts from the reply itself: the agent edits it, then approves."""
     m = last_reply(chat)
-    return m["content"] if m is not None and m["status"] == "done" else ""
+    return (m.get("raw_content") or m["content"]) if m is not None and m["status"] == "done" else ""
 
 
 def pick_similar(chat: dict[str, Any] | None, index: int | None) -> Any:
@@ -252,7 +252,8 @@ def rate_reply(chat: dict[str, Any] | None, edited: str, rating: str) -> tuple[A
     if chat is None or m is None or m["status"] != "done":
         raise gr.Error("There is no finished reply to rate yet.")
     text = (edited or "").strip()
-    corrected = text if text and text != m["content"].strip() else None
+    own = (m.get("raw_content") or m["content"]).strip()
+    corrected = text if text and text not in (own, m["content"].strip()) else None
     c = client()
     c.feedback(chat["id"], m["id"], rating, corrected)
     if rating == "up" or corrected:

@@ -341,7 +341,7 @@ def _evaluate_one(eval_id: int, ref: str, examples: list[dict[str, Any]], spec: 
             return  # a retried job: this model is already done
     ctx.progress(done_before / total, f"{row['name']}: loading")
     checkpoint = checkpoint_path(eval_id, row["name"])
-    if row["kind"] == RETRIEVAL:
+    if row.get("kind") == RETRIEVAL:
         prompts, results, wall, invariance = _retrieval(row, examples, neighbours)
     else:
         prompts, results, wall, invariance = _predict(row, examples, spec, ctx, done_before, total, checkpoint,

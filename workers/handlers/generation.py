@@ -223,12 +223,12 @@ def handle_generation(job_id: int, params: dict[str, Any], ctx: JobContext) -> d
         publish_start(get_redis(), job_id, ctx.attempt)
     grounding_k = int((row.get("grounding") or {}).get("k", 0))
     context = memory_context(spec.conversation()[-1]["content"], grounding_k)
-    if row["kind"] == RETRIEVAL:
+    if row.get("kind") == RETRIEVAL:
         result = _retrieved(job_id, row, context)
     else:
         result = _generated(job_id, row, spec, ctx, context)
     profile = load_profile()
-    exemplars = [h.entry.reply for h in context.hits[: max(grounding_k, MEMORY_SHOWN)]] if context else []
+    exemplars = [h.entry.reply for h in context.hits[: grounding_k or MEMORY_SHOWN]] if context else []
     result["text"] = fill_placeholders(result["raw_text"], profile)
     result["slot_warnings"] = outside_contract(result["raw_text"], allowed_slots(profile, exemplars))
     if context is not None:

@@ -6,6 +6,7 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
 from sqlalchemy import select
 
 from csra.jobctx import JobContext, JobError
@@ -54,11 +55,15 @@ def grounder(dataset_id: int, train_rows: list[dict[str, Any]], k: int, ctx: Job
 
     ctx.progress(0.0, "finding each example's nearest approved answers")
     ensure_embedder()
-    memory, _ = split_memory(dataset_id, train_rows, ctx)
+    memory, vectors = split_memory(dataset_id, train_rows, ctx)
+    known = {r["id"]: v for r, v in zip(train_rows, vectors, strict=True)}  # not embedded twice
 
     def ground(rows: Sequence[dict[str, Any]]) -> list[list[str]]:
         messages = [r["input"] for r in rows]
-        hits = nearest(memory, embedder().embed(messages), messages, k)
+        missing = [i for i, r in enumerate(rows) if r["id"] not in known]  # validation rows
+        fresh = dict(zip(missing, embedder().embed([messages[i] for i in missing]), strict=True)) if missing else {}
+        stacked = np.stack([fresh[i] if i in fresh else known[r["id"]] for i, r in enumerate(rows)])
+        hits = nearest(memory, stacked, messages, k)
         return [[h.entry.reply for h in found] for found in hits]
 
     return ground
