@@ -221,21 +221,21 @@ def run_csra(folder: Path, rows: list, val_rows: list, args: argparse.Namespace,
 
 def memory_grounder(pool: list[dict[str, str]]) -> Grounder:
     """Exemplars as training finds them: the memory's embedder and index over ``pool``, never a row's own group."""
-    from ml.importing.clean import message_key
+    from csra.memory import group_keys
     from ml.memory.embedder import Embedder
     from ml.memory.export import export_embedder
     from ml.memory.memory import AnswerMemory, Entry
     from ml.metrics import embedding_model_dir
 
     embedder = Embedder(export_embedder(embedding_model_dir(), Path(tempfile.mkdtemp()) / "embedder"))
-    keys = message_key(pd.Series([r["input"] for r in pool], dtype="str")).tolist()
+    keys = group_keys([r["input"] for r in pool])
     memory = AnswerMemory(exact=True)
     entries = [Entry(i, r["input"], r["output"], r["intent"], group=k)
                for i, (r, k) in enumerate(zip(pool, keys, strict=True))]
     memory.add(entries, embedder.embed([r["input"] for r in pool]), embedder.embed_replies([r["output"] for r in pool]))
 
     def ground(rows: Any) -> list[list[str]]:
-        own = message_key(pd.Series([r["input"] for r in rows], dtype="str")).tolist()
+        own = group_keys([r["input"] for r in rows])
         vectors = embedder.embed([r["input"] for r in rows])
         hits = [memory.similar(v, 8, exclude_group=k) for v, k in zip(vectors, own, strict=True)]
         return [[h.entry.reply for h in found] for found in hits]

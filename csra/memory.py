@@ -121,15 +121,15 @@ def serving_memory() -> ServingMemory:
     return ServingMemory()
 
 
+def group_keys(messages: list[str]) -> list[str]:
+    """The leakage groups of customer messages (the importer's key: the same message, any copy of it)."""
+    return [str(k) for k in message_key(pd.Series(messages, dtype="str"))] if messages else []
+
+
 def group_key(message: str) -> str:
-    """The leakage group of a customer message (the importer's key: the same message, any copy of it)."""
-    return str(message_key(pd.Series([message], dtype="str")).iloc[0])
+    return group_keys([message])[0]
 
 
-def embed_one(text: str) -> np.ndarray:
-    return embedder().embed([text])[0]
-
-
-__all__ = ["DIM", "MemoryNotBuilt", "ServingMemory", "add_entries", "embed_one", "embedder", "group_key",
+__all__ = ["DIM", "MemoryNotBuilt", "ServingMemory", "add_entries", "embedder", "group_key", "group_keys",
            "serving_memory",
            "vote"]

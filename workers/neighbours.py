@@ -15,16 +15,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import pandas as pd
 from sqlalchemy import select
 
 from csra.jobctx import JobContext
-from csra.memory import embedder, from_blob
+from csra.memory import embedder, from_blob, group_keys
 from csra.profile import Profile
 from csra.settings import get_settings
 from db.models import Dataset, MemoryEntry
 from db.session import session_scope
-from ml.importing.clean import message_key
 from ml.inference.types import GenerationResult
 from ml.memory.embedder import DIM
 from ml.memory.grounding import allowed_slots, outside_contract
@@ -35,10 +33,6 @@ logger = logging.getLogger(__name__)
 
 TOP = 8  # neighbours kept per example: enough for any grounding k and the placeholder contract
 CONTRACT_K = 3  # the exemplars whose placeholders are allowed (and the agent sees) by default
-
-
-def group_keys(messages: list[str]) -> list[str]:
-    return message_key(pd.Series(messages, dtype="str")).tolist() if messages else []
 
 
 REPLY_SAMPLE = 2000  # training replies that judge a reply's intent: stratified by intent, about 75 per intent

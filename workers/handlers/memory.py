@@ -12,17 +12,15 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import pandas as pd
 from sqlalchemy import delete, update
 
 from csra.jobctx import JobContext
-from csra.memory import add_entries, embedder
+from csra.memory import add_entries, embedder, group_keys
 from csra.settings import get_settings
 from db.base import utcnow
 from db.models import MEMORY_PENDING as PENDING
 from db.models import MemoryEntry
 from db.session import session_scope
-from ml.importing.clean import message_key
 from workers.handlers.training import load_split
 
 logger = logging.getLogger(__name__)
@@ -44,7 +42,7 @@ def handle_memory_rebuild(job_id: int, params: dict[str, Any], ctx: JobContext) 
     ctx.progress(0.01, "preparing the embedding model")
     ensure_embedder()
     rows = load_split(dataset_id, "train")
-    keys = message_key(pd.Series([r["input"] for r in rows], dtype="str")).tolist() if rows else []
+    keys = group_keys([r["input"] for r in rows])
     with session_scope() as s:  # leftovers of a rebuild that did not finish
         s.execute(delete(MemoryEntry).where(MemoryEntry.dataset_id == dataset_id, MemoryEntry.removed_at == PENDING))
     model = embedder()
