@@ -24,7 +24,7 @@ from db.models import MemoryEntry
 from db.session import session_scope
 from ml.importing.clean import message_key
 from ml.memory.embedder import DIM, Embedder, EmbedderMissing
-from ml.memory.memory import AnswerMemory, Entry, vote
+from ml.memory.memory import INTENT_VOTERS, AnswerMemory, Entry, vote
 
 # Every use looks at the database first (three indexed queries, about a millisecond): an approval is
 # then part of the very next reply, in any process. A throttle here once made the next reply miss it.
@@ -130,6 +130,6 @@ def group_key(message: str) -> str:
     return group_keys([message])[0]
 
 
-__all__ = ["DIM", "MemoryNotBuilt", "ServingMemory", "add_entries", "embedder", "group_key", "group_keys",
+__all__ = ["DIM", "INTENT_VOTERS", "MemoryNotBuilt", "ServingMemory", "add_entries", "embedder", "group_key", "group_keys",
            "serving_memory",
            "vote"]

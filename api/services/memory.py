@@ -8,7 +8,7 @@ from sqlalchemy.orm import Session
 
 from api.schemas.memory import MemoryHit, MemorySearch, MemoryStats
 from api.services import jobs
-from csra.memory import MemoryNotBuilt, add_entries, embedder, group_key, serving_memory, vote
+from csra.memory import INTENT_VOTERS, MemoryNotBuilt, add_entries, embedder, group_key, serving_memory, vote
 from db.base import utcnow
 from db.jobs import JobKind
 from db.models import ChatMessage, Dataset, DatasetStatus, Job, MemoryEntry
@@ -22,7 +22,7 @@ def search(db: Session, query: str, k: int) -> MemorySearch:
     hits = memory.similar(embedder().embed([query])[0], k)
     rows = {r.id: r for r in db.scalars(select(MemoryEntry).where(MemoryEntry.id.in_([h.entry.id for h in hits]),
                                                                   MemoryEntry.removed_at.is_(None)))}
-    guess = vote(hits[:5])
+    guess = vote(hits[:INTENT_VOTERS])
     data = [MemoryHit.model_validate({**_public(rows[h.entry.id]), "similarity": round(h.similarity, 4)})
             for h in hits if h.entry.id in rows]
     return MemorySearch(query=query, intent=guess.intent if guess else None,

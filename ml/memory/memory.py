@@ -18,6 +18,8 @@ import numpy as np
 from ml.memory.embedder import DIM
 from ml.memory.index import VectorIndex
 
+INTENT_VOTERS = 5  # the nearest answers whose intents vote for a message's (or a reply's) intent
+
 
 @dataclass(frozen=True)
 class Entry:
@@ -96,10 +98,10 @@ class AnswerMemory:
     def similar_replies(self, reply_vec: np.ndarray, k: int) -> list[Hit]:
         return self._hits(self.replies, reply_vec, k, None)
 
-    def intent_of_message(self, message_vec: np.ndarray, k: int = 5) -> IntentGuess | None:
+    def intent_of_message(self, message_vec: np.ndarray, k: int = INTENT_VOTERS) -> IntentGuess | None:
         return vote(self.similar(message_vec, k))
 
-    def intent_of_reply(self, reply_vec: np.ndarray, k: int = 5) -> IntentGuess | None:
+    def intent_of_reply(self, reply_vec: np.ndarray, k: int = INTENT_VOTERS) -> IntentGuess | None:
         return vote(self.similar_replies(reply_vec, k))
 
 

@@ -34,7 +34,7 @@ from csra.streams import publish_start, publish_text
 from db.models import Setting
 from db.session import session_scope
 from ml.memory.grounding import allowed_slots, outside_contract
-from ml.memory.memory import Hit, vote
+from ml.memory.memory import INTENT_VOTERS, Hit, vote
 from models_store.registry import find_model_row
 from workers.presence import publish_invariance
 
@@ -45,7 +45,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 MEMORY_SHOWN = 3  # similar approved answers shown to the agent
-INTENT_VOTERS = 5
 CHECK_INTERVAL = 0.3  # how often a waiting job checks for cancel and its time limit
 STOP_WAIT_SECONDS = 5.0
 _lock = threading.Lock()
