@@ -130,6 +130,5 @@ def group_key(message: str) -> str:
     return group_keys([message])[0]
 
 
-__all__ = ["DIM", "INTENT_VOTERS", "MemoryNotBuilt", "ServingMemory", "add_entries", "embedder", "group_key", "group_keys",
-           "serving_memory",
-           "vote"]
+__all__ = ["DIM", "INTENT_VOTERS", "MemoryNotBuilt", "ServingMemory", "add_entries", "embedder", "group_key",
+           "group_keys", "serving_memory", "vote"]
