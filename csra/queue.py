@@ -8,10 +8,12 @@ name and never imports ``workers`` (nor torch). Workers load ``workers.tasks`` t
 from __future__ import annotations
 
 from functools import lru_cache
+from urllib.parse import urlsplit
 
 from celery import Celery
 from kombu import Queue
 
+from csra import broker
 from csra.settings import get_settings
 from db.jobs import QUEUE_OF, JobKind
 
@@ -34,6 +36,8 @@ REAPER_TASK = "csra.maintenance.reap_stale_jobs"
 def get_celery() -> Celery:
     settings = get_settings()
     app = Celery("csra", broker=settings.effective_redis_url, include=["workers.tasks"])
+    if urlsplit(settings.effective_redis_url).scheme in broker.SCHEMES:
+        app.conf.broker_transport = f"{broker.__name__}:Transport"  # survives a Redis restart mid-job
     app.conf.update(
         task_queues=[Queue(q, routing_key=q) for q in QUEUES],
         task_default_queue="default",

@@ -126,6 +126,23 @@ def test_redis_down_answers_503_and_creates_nothing(stack, api, bitext_path):
     assert wait_job(api, created["job"]["id"])["status"] == "succeeded"
 
 
+def test_redis_restart_while_a_job_runs_keeps_worker_and_job(stack, api, big_csv, bitext_path):
+    """A Redis restart mid-job: the worker reconnects (it does not die) and the running job finishes once."""
+    created = import_path(api, str(big_csv))
+    job_id = created["job"]["id"]
+    wait_job(api, job_id, until={"running"}, timeout=60)
+    worker = stack.procs["worker-default"]
+    stack.redis.stop()
+    time.sleep(2)
+    stack.redis.start()
+    job = wait_job(api, job_id, timeout=180)
+    assert job["status"] == "succeeded" and job["attempts"] == 1, job
+    assert worker.poll() is None, stack.logs()  # the same worker process, still alive
+    stack.wait_ready(("default", "train"))
+    again = import_path(api, str(bitext_path))  # and it still takes new work
+    assert wait_job(api, again["job"]["id"])["status"] == "succeeded"
+
+
 def test_message_lost_in_a_redis_restart_is_re_enqueued(stack, api, bitext_path):
     name = _pause_default(stack, api)
     created = import_path(api, str(bitext_path))
