@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -172,6 +174,11 @@ def _print_dataset(ds: dict[str, Any]) -> None:
         out.print(f"[red]{ds['error']}[/red]")
     if ds.get("stats"):
         out.print_json(json.dumps({k: v for k, v in ds["stats"].items() if not isinstance(v, dict)}))
+    tokens = (ds.get("stats") or {}).get("tokens")
+    if tokens:
+        for split, t in tokens["splits"].items():
+            out.print(f"{split}: {t['rows']:,} rows, {t['prompt_tokens']:,} prompt + {t['reply_tokens']:,} reply "
+                      f"tokens ({tokens['tokenizer']}'s tokenizer, before truncation)")
 
 
 @app.command()
@@ -214,6 +221,22 @@ def cancel(job_id: int) -> None:
     except ApiError as e:
         raise _fail(e) from None
     console.print(f"job {job_id}: {j['status']} (cancel requested)")
+
+
+def _estimate_first(submit: Callable[[dict[str, Any]], dict[str, Any]], body: dict[str, Any], yes: bool,
+                    what: str) -> None:
+    """Print the API's dry-run estimate; ask before a run it flags (``confirm``) unless ``--yes``."""
+    estimate = submit({**body, "dry_run": True})
+    console.print(f"estimate: {estimate['summary']}", markup=False)
+    if not estimate.get("confirm") or yes:
+        return
+    if not sys.stdin.isatty():
+        console.print(f"[red]not started:[/red] this {what} needs a confirmation (see the estimate); "
+                      "pass --yes to start it without asking")
+        raise typer.Exit(code=1)
+    if not typer.confirm(f"start this {what}?", default=False, err=True):
+        console.print("not started")
+        raise typer.Exit(code=1)
 
 
 def _follow(c: Client, job_id: int, cancel_on_interrupt: bool = False) -> dict[str, Any]:
@@ -292,8 +315,9 @@ def train(
     output_name: Optional[str] = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="any other parameter, KEY=JSON")] = None,
     cancel_on_interrupt: Annotated[bool, typer.Option(help="Ctrl-C cancels the job instead of detaching")] = False,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="start without asking, however long the estimate")] = False,
 ) -> None:
-    """Submit a fine-tuning job and follow it with a live progress bar (loss included)."""
+    """Estimate a fine-tuning run, then submit it and follow it with a live progress bar (loss included)."""
     body: dict[str, Any] = {"dataset_id": dataset, "base_model": base_model, "epochs": epochs,
                             "learning_rate": learning_rate, "batch_size": batch_size, "method": method}
     if max_train_samples:
@@ -308,6 +332,7 @@ def train(
             body[key] = value
     try:
         with Client() as c:
+            _estimate_first(c.train, body, yes, "training run")
             job = c.train(body)
             console.print(f"training job {job['id']} queued")
             final = _follow(c, job["id"], cancel_on_interrupt=cancel_on_interrupt)
@@ -324,12 +349,14 @@ def sweep(
     config: Annotated[Path, typer.Argument(help="a sweep file, e.g. configs/original_sweep.json")],
     dataset: Annotated[int, typer.Option(help="dataset id")],
     base_model: str = "baseline",
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="start without asking, however long the estimate")] = False,
 ) -> None:
-    """Run a sweep (one training job per config, then an evaluation) and print its leaderboard."""
+    """Estimate a sweep, then run it (one training job per config, then an evaluation); print its leaderboard."""
     spec = {k: v for k, v in json.loads(config.read_text()).items() if not k.startswith("_")}
     spec.update(dataset_id=dataset, base_model=base_model)
     try:
         with Client() as c:
+            _estimate_first(c.sweep, spec, yes, "sweep")
             job = c.sweep(spec)
             console.print(f"sweep job {job['id']} queued")
             final = _follow(c, job["id"])
@@ -356,12 +383,14 @@ def evaluate(
     max_samples: Annotated[Optional[int], typer.Option(help="stratified by intent")] = 300,
     max_new_tokens: int = 256,
     num_beams: int = 1,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="start without asking, however long the estimate")] = False,
 ) -> None:
-    """Evaluate models on a held-out split with a progress bar; print the leaderboard."""
+    """Estimate an evaluation, then run it with a progress bar; print the leaderboard."""
     body = {"model_ids": [m.strip() for m in models.split(",") if m.strip()], "dataset_id": dataset, "split": split,
             "max_samples": max_samples, "max_new_tokens": max_new_tokens, "num_beams": num_beams}
     try:
         with Client() as c:
+            _estimate_first(c.evaluate, body, yes, "evaluation")
             job = c.evaluate(body)
             console.print(f"evaluation job {job['id']} queued")
             final = _follow(c, job["id"])

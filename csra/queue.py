@@ -8,6 +8,7 @@ name and never imports ``workers`` (nor torch). Workers load ``workers.tasks`` t
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import Any
 from urllib.parse import urlsplit
 
 from celery import Celery
@@ -30,6 +31,8 @@ TASK_NAMES: dict[str, str] = {
     JobKind.MEMORY: "csra.jobs.memory_rebuild",
 }
 REAPER_TASK = "csra.maintenance.reap_stale_jobs"
+# not a job: measures training throughput for an estimate (``dry_run``) on the train queue's device
+CALIBRATE_TASK = "csra.maintenance.calibrate_training"
 
 
 @lru_cache(maxsize=1)
@@ -87,6 +90,11 @@ def time_limits(kind: str) -> tuple[float, float]:
     limit, _ = settings.time_limit(kind)
     grace = settings.time_limit_grace_seconds
     return limit + grace / 2, limit + grace
+
+
+def send_calibration(params: dict[str, Any]) -> None:
+    """Ask a train worker to measure ``params``' (a TrainSpec's) throughput; expires if nobody takes it soon."""
+    get_celery().send_task(CALIBRATE_TASK, args=[params], queue="train", routing_key="train", expires=600)
 
 
 def send_job(job_id: int, kind: str) -> None:

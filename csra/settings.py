@@ -84,6 +84,13 @@ class Settings(BaseSettings):
     train_yields_to_chat: bool = Field(
         True, description="training and evaluation pause while the generate worker on this machine answers chats"
     )
+    confirm_train_above_seconds: float = Field(
+        3600, ge=0, description="the Train tab and `csra train` ask before starting a run estimated to take longer"
+    )
+    estimate_wait_seconds: float = Field(
+        30, ge=0, le=300, description="how long a dry run waits for a train worker's calibration when this "
+        "deployment has never measured the run's base model and method"
+    )
     train_yield_max_seconds: float = Field(
         30.0, gt=0, description="longest pause; then training runs a tenth of it before yielding again"
     )

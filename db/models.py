@@ -93,6 +93,9 @@ class DatasetExample(Base):
     intent: Mapped[str] = mapped_column(String(100), default="")
     category: Mapped[str] = mapped_column(String(100), default="")
     flags: Mapped[str] = mapped_column(String(50), default="")
+    # counted at import with the default base model's tokenizer, before truncation (training estimates)
+    prompt_tokens: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    reply_tokens: Mapped[int | None] = mapped_column(Integer, nullable=True)
 
     dataset: Mapped[Dataset] = relationship(back_populates="examples")
 
@@ -230,6 +233,28 @@ class MemoryEntry(Base):
     reply_vec: Mapped[bytes] = mapped_column(LargeBinary)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     removed_at: Mapped[datetime | None] = mapped_column(nullable=True)
+
+
+class ThroughputMeasurement(Base):
+    """Training tokens per second a train worker measured: by a finished run, or a short calibration.
+
+    Training estimates (``dry_run``) divide a run's tokens by the latest measurement for its base model
+    and method; the device and precision travel with it so an estimate says what it assumed.
+    """
+
+    __tablename__ = "throughput_measurements"
+    __table_args__ = (Index("ix_throughput_lookup", "method", "measured_at"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    base_model: Mapped[str] = mapped_column(Text)  # the registered name (or HF id / folder) trained from
+    method: Mapped[str] = mapped_column(String(16))  # full | lora
+    precision: Mapped[str] = mapped_column(String(16))  # the resolved one: fp32 | bf16 | fp16
+    device: Mapped[str] = mapped_column(String(32))  # cpu | cuda | ...
+    tokens_per_second: Mapped[float] = mapped_column(Float)
+    source: Mapped[str] = mapped_column(String(16))  # job | calibration
+    job_id: Mapped[int | None] = mapped_column(ForeignKey("jobs.id", ondelete="SET NULL"), nullable=True)
+    worker: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    measured_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
 class Setting(Base):

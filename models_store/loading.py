@@ -221,6 +221,17 @@ def load_model_and_tokenizer(
     return LoadedModel(model=model, tokenizer=tokenizer, arch=arch)
 
 
+def load_tokenizer(source: str | Path, offline: bool = True) -> tuple[Any, Arch]:
+    """A model's tokenizer and architecture without its weights (token counts for estimates)."""
+    local = _check_local_folder(source)
+    config = _load_config(source, local, offline)
+    arch: Arch = "seq2seq" if getattr(config, "is_encoder_decoder", False) else "causal"
+    try:
+        return AutoTokenizer.from_pretrained(str(source), local_files_only=offline), arch
+    except Exception as exc:  # tokenizer files and hub errors share no base class
+        raise JobError(f"could not load the tokenizer of {source}: {exc}") from exc
+
+
 # --------------------------------------------------------------------------- describing
 
 

@@ -12,7 +12,7 @@ from celery import Task
 from celery.exceptions import TimeLimitExceeded
 from celery.signals import worker_process_init
 
-from csra.queue import REAPER_TASK, TASK_NAMES, get_celery, time_limits
+from csra.queue import CALIBRATE_TASK, REAPER_TASK, TASK_NAMES, get_celery, time_limits
 from csra.settings import get_settings
 from db.jobs import JobKind
 from workers import runner
@@ -82,6 +82,13 @@ def reap_stale_jobs() -> dict[str, Any]:
     from workers.reaper import reap_stale_jobs as reap
 
     return reap()
+
+
+@app.task(name=CALIBRATE_TASK, acks_late=False)
+def calibrate_training(params: dict[str, Any]) -> dict[str, Any]:
+    from workers.handlers.calibration import calibrate
+
+    return calibrate(params)
 
 
 @worker_process_init.connect

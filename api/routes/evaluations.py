@@ -6,16 +6,17 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from fastapi import APIRouter, HTTPException, Query
+from fastapi import APIRouter, HTTPException, Query, Response
 from fastapi.responses import FileResponse, RedirectResponse
 from sqlalchemy import select
 
 from api.deps import DbSession, Owner
+from api.schemas.estimates import EvaluateEstimate
 from api.schemas.evaluations import EvaluationPublic, EvaluationsPublic
 from api.schemas.jobs import JobPublic
+from api.schemas.training import EvaluateRequest
 from api.services import evaluations
 from csra.settings import get_settings
-from csra.specs import EvaluateSpec
 from db.models import Evaluation, Job
 
 router = APIRouter(tags=["evaluation"])
@@ -24,10 +25,15 @@ PATTERN_HELP = f"only examples showing an error pattern: {', '.join(evaluations.
 FILE_RE = re.compile(r"^[a-z_]+\.(png|md|html)$")
 
 
-@router.post("/jobs/evaluate", status_code=202, response_model=JobPublic, tags=["jobs"])
-def create_evaluate_job(spec: EvaluateSpec, db: DbSession, owner: Owner) -> Job:
-    """Evaluate one or more models on a dataset's held-out split (queue ``train``)."""
-    return evaluations.submit_evaluation(db, spec, owner)
+@router.post("/jobs/evaluate", status_code=202, response_model=JobPublic | EvaluateEstimate, tags=["jobs"],
+             responses={200: {"model": EvaluateEstimate, "description": "dry_run: the estimate; no job was created"}})
+def create_evaluate_job(body: EvaluateRequest, db: DbSession, owner: Owner, response: Response
+                        ) -> Job | EvaluateEstimate:
+    """Evaluate one or more models on a dataset's held-out split (queue ``train``); ``dry_run``: estimate it."""
+    if body.dry_run:
+        response.status_code = 200
+        return evaluations.estimate_evaluation(db, body.spec())
+    return evaluations.submit_evaluation(db, body.spec(), owner)
 
 
 @router.get("/evaluations", response_model=EvaluationsPublic)

@@ -1,4 +1,4 @@
-"""Hyper-parameter sweeps (the training job itself is ``csra.specs.TrainSpec``)."""
+"""Training, sweep and evaluation requests (the stored job parameters are ``csra.specs``' models)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,28 @@ import itertools
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from csra.specs import EvaluateSpec, TrainSpec
+
+DRY_RUN = "answer 200 with what the run would do and an estimate of its time, without creating a job"
+
+
+class TrainRequest(TrainSpec):
+    """``POST /jobs/train``: a training run, or with ``dry_run`` its estimate."""
+
+    dry_run: bool = Field(False, description=DRY_RUN)
+
+    def spec(self) -> TrainSpec:
+        return TrainSpec.model_validate(self.model_dump(exclude={"dry_run"}))
+
+
+class EvaluateRequest(EvaluateSpec):
+    """``POST /jobs/evaluate``: an evaluation, or with ``dry_run`` its estimate."""
+
+    dry_run: bool = Field(False, description=DRY_RUN)
+
+    def spec(self) -> EvaluateSpec:
+        return EvaluateSpec.model_validate(self.model_dump(exclude={"dry_run"}))
 
 
 class SweepCreate(BaseModel):
@@ -19,6 +41,7 @@ class SweepCreate(BaseModel):
     grid: dict[str, list[Any]] = Field(default_factory=dict, description="e.g. {'learning_rate': [5e-5, 1e-4]}")
     evaluate: bool = Field(True, description="evaluate every resulting model and the baseline at the end")
     eval_max_samples: int = Field(300, ge=1)
+    dry_run: bool = Field(False, description=DRY_RUN)
 
     @model_validator(mode="after")
     def _some(self) -> SweepCreate:

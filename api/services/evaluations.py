@@ -8,7 +8,8 @@ from fastapi import HTTPException
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from api.services import jobs
+from api.schemas.estimates import EvaluateEstimate
+from api.services import estimates, jobs
 from csra.settings import get_settings
 from csra.specs import EvaluateSpec
 from db.jobs import JobKind
@@ -19,8 +20,8 @@ PATTERNS = ("too_verbose", "asks_needless_details", "repetitive", "off_tone", "u
             "placeholders_invented", "placeholders_broken")
 
 
-def submit_evaluation(db: Session, spec: EvaluateSpec, owner: str | None) -> Job:
-    """Evaluate one or more models on a dataset's held-out split (queue ``train``)."""
+def validate_evaluation(db: Session, spec: EvaluateSpec) -> list[str]:
+    """The checks before an evaluation (422 naming the problem); the models' resolved names."""
     ds = db.get(Dataset, spec.dataset_id)
     if ds is None:
         raise HTTPException(status_code=422, detail=f"dataset {spec.dataset_id} does not exist")
@@ -38,6 +39,16 @@ def submit_evaluation(db: Session, spec: EvaluateSpec, owner: str | None) -> Job
         names.append(model.name if model else ref)
     if len(set(names)) != len(names):
         raise HTTPException(status_code=422, detail=f"model_ids name the same model twice: {names}")
+    return names
+
+
+def estimate_evaluation(db: Session, spec: EvaluateSpec) -> EvaluateEstimate:
+    return estimates.estimate_evaluation(db, spec, validate_evaluation(db, spec))
+
+
+def submit_evaluation(db: Session, spec: EvaluateSpec, owner: str | None) -> Job:
+    """Evaluate one or more models on a dataset's held-out split (queue ``train``)."""
+    names = validate_evaluation(db, spec)
     params = {**spec.model_dump(mode="json"), "model_ids": names}
     return jobs.submit(db, JobKind.EVALUATE, params, owner=owner, dataset_id=spec.dataset_id)
 

@@ -12,8 +12,9 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from api.errors import unprocessable
+from api.schemas.estimates import SweepEstimate, TrainEstimate
 from api.schemas.training import SweepCreate
-from api.services import jobs
+from api.services import estimates, jobs
 from csra.settings import get_settings
 from csra.specs import RETRIEVAL, TrainSpec
 from db.jobs import JobKind
@@ -80,13 +81,22 @@ def validate_train_spec(db: Session, spec: TrainSpec) -> None:
             raise HTTPException(status_code=409, detail=f"a model named {spec.output_name!r} already exists")
 
 
+def estimate_training(db: Session, spec: TrainSpec) -> TrainEstimate:
+    validate_train_spec(db, spec)  # the same 422s as a real submission
+    return estimates.estimate_training(db, spec)
+
+
+def estimate_sweep(db: Session, body: SweepCreate) -> SweepEstimate:
+    return estimates.estimate_sweep(db, sweep_specs(db, body))
+
+
 def submit_training(db: Session, spec: TrainSpec, owner: str | None) -> Job:
     validate_train_spec(db, spec)
     return jobs.submit(db, JobKind.TRAIN, spec.model_dump(mode="json"), owner=owner, dataset_id=spec.dataset_id)
 
 
-def submit_sweep(db: Session, body: SweepCreate, owner: str | None) -> Job:
-    """One child training job per config (run one after another on ``train``), then a leaderboard."""
+def sweep_specs(db: Session, body: SweepCreate) -> list[TrainSpec]:
+    """The sweep's configs as validated training specs (422 naming the config that is wrong)."""
     configs = body.expand()
     if len(configs) > MAX_SWEEP:
         raise HTTPException(status_code=422, detail=f"a sweep has at most {MAX_SWEEP} configs, got {len(configs)}")
@@ -100,6 +110,12 @@ def submit_sweep(db: Session, body: SweepCreate, owner: str | None) -> Job:
             raise HTTPException(status_code=422, detail=f"config {i}: output_name {spec.output_name!r} repeats")
         validate_train_spec(db, spec)
         specs.append(spec)
+    return specs
+
+
+def submit_sweep(db: Session, body: SweepCreate, owner: str | None) -> Job:
+    """One child training job per config (run one after another on ``train``), then a leaderboard."""
+    specs = sweep_specs(db, body)
     params: dict[str, Any] = {
         "dataset_id": body.dataset_id, "base_model": body.base_model,
         "configs": [s.model_dump(mode="json") for s in specs],

@@ -355,7 +355,7 @@ class TrainingRun:
             "final_train_loss": st.last_train_loss, "steps": st.step,
             "epochs": round(st.step / self.steps_per_epoch, 4), "tokens_seen": st.tokens_seen,
             "wall_seconds": wall, "tokens_per_second": self._run_tokens / wall if wall > 0 else 0.0,
-            "precision": self.precision, "resumed_from_step": self.resumed_from_step,
+            "precision": self.precision, "device": self.device.type, "resumed_from_step": self.resumed_from_step,
             "best_step": st.best_step, "early_stopped": self.stopped_early, "cancelled": cancelled,
             "train_rows": len(self.train_rows), "train_intents": len(composition(self.train_rows)),
             "yielded_to_chat_seconds": round(self.yield_cpu.waited, 1) if self.yield_cpu else 0.0,

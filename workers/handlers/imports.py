@@ -35,6 +35,40 @@ def resolve_source(source: str, work_dir: Path) -> Path:
     return path
 
 
+def count_tokens(rows: list[dict[str, Any]], ctx: JobContext) -> dict[str, Any] | None:
+    """Each row's prompt and reply tokens (set on the rows) and their sums per split, counted with the
+    default base model's tokenizer; None (and a log line) when it is not available.
+
+    What training estimates divide by a measured throughput; a base model with another tokenizer is
+    estimated with these counts too (the estimate names the tokenizer it counted with).
+    """
+    from ml.training.tokens import example_token_counts
+    from models_store.loading import load_tokenizer
+    from models_store.registry import find_model_row
+
+    name = get_settings().baseline_name
+    base = find_model_row(name)
+    if base is None:
+        ctx.event("log", f"token counts skipped: the default base model {name!r} is not registered "
+                         "(csra models init); training estimates for this dataset will have no token counts")
+        return None
+    ctx.progress(0.85, f"counting tokens ({name}'s tokenizer)")
+    try:
+        tokenizer, arch = load_tokenizer(base["path"])
+        counts = example_token_counts(tokenizer, arch, rows)
+    except (JobError, ValueError, OSError) as exc:
+        ctx.event("log", f"token counts skipped: {exc}")
+        return None
+    splits: dict[str, dict[str, int]] = {}
+    for row, (prompt, reply) in zip(rows, counts, strict=True):
+        row["prompt_tokens"], row["reply_tokens"] = prompt, reply
+        split = splits.setdefault(row["split"], {"rows": 0, "prompt_tokens": 0, "reply_tokens": 0})
+        split["rows"] += 1
+        split["prompt_tokens"] += prompt
+        split["reply_tokens"] += reply
+    return {"tokenizer": name, "splits": splits}
+
+
 def handle_import(job_id: int, params: dict[str, Any], ctx: JobContext) -> dict[str, Any]:
     dataset_id = int(params["dataset_id"])
     with session_scope() as s:
@@ -61,6 +95,9 @@ def _import(dataset_id: int, source: str, spec: ImportSpec, ctx: JobContext) -> 
     ctx.progress(0.9, f"storing {len(result.rows)} examples")
     cols = ("split", "instruction", "input", "output", "intent", "category", "flags")
     rows = [{"dataset_id": dataset_id, **{c: str(r.get(c) or "") for c in cols}} for r in result.rows]
+    tokens = count_tokens(rows, ctx)
+    if tokens is not None:
+        result.stats["tokens"] = tokens
     with session_scope() as s:  # what an interrupted earlier attempt stored
         s.execute(delete(DatasetExample).where(DatasetExample.dataset_id == dataset_id))
     # In chunks, each its own short transaction: one huge insert would hold SQLite's write lock for

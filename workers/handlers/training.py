@@ -16,6 +16,7 @@ from db.models import Dataset, DatasetExample, DatasetStatus, Model
 from db.session import session_scope
 from ml.cpu_share import CpuYielder, InteractiveSignal
 from models_store.registry import register_model, resolve_base
+from workers.handlers.calibration import record_throughput
 
 logger = logging.getLogger(__name__)
 
@@ -104,6 +105,8 @@ def handle_train(job_id: int, params: dict[str, Any], ctx: JobContext) -> dict[s
         dataset_id=spec.dataset_id, training_config=spec.model_dump(mode="json"), metrics=metrics,
     )
     ctx.event("log", f"registered model {name!r} (id {model['id']})")
+    record_throughput(base_name, spec.method, str(result.get("precision")), str(result.get("device", "cpu")),
+                      float(result.get("tokens_per_second") or 0.0), "job", job_id=job_id)
     out = {**result, "model_id": model["id"], "model_name": name, "history_points": len(history)}
     out.pop("model_dir", None)
     if cancelled:
