@@ -428,6 +428,11 @@ def _print_leaderboard(ev: dict[str, Any]) -> None:
     out.print(table)
 
 
+from csra.terminal_chat import chat as chat_command  # noqa: E402  (the command lives in its own module)
+
+app.command("chat")(chat_command)
+
+
 def main() -> None:
     app()
 
