@@ -1,5 +1,5 @@
 """The ``csra`` command: run the stack (``up``, ``api``, ``worker``, ``ui``, ``migrate``) and
-talk to a running API (``datasets``, ``train``, ``jobs``, ``job``, ``models``)."""
+talk to a running API (``datasets``, ``train``, ``sweep``, ``eval``, ``jobs``, ``job``, ``models``, ``chat``)."""
 
 from __future__ import annotations
 

@@ -19,6 +19,8 @@ import httpx
 
 from csra.settings import get_settings
 
+DRY_RUN_TIMEOUT = 330.0  # seconds: the longest calibration wait a deployment may set, and a margin
+
 
 class ApiError(Exception):
     """A call that failed: ``status`` is the HTTP status (0: no answer), ``detail`` readable text."""
@@ -193,14 +195,21 @@ class Client:
         raise ApiError(0, f"the stream of job {job_id} ended before the job did (GET /jobs/{job_id} has its state)")
 
     # ------------------------------------------------------------------ submitting work
+    def _submit(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        """A job submission; a dry run may wait for the train worker's calibration (CSRA_ESTIMATE_WAIT_SECONDS,
+        at most 300 s), so it is given longer than other calls."""
+        timeout = DRY_RUN_TIMEOUT if body.get("dry_run") else httpx.USE_CLIENT_DEFAULT
+        result: dict[str, Any] = self.request("POST", path, json=body, timeout=timeout)
+        return result
+
     def train(self, body: dict[str, Any]) -> dict[str, Any]:
-        return self.post("/jobs/train", body)
+        return self._submit("/jobs/train", body)
 
     def sweep(self, body: dict[str, Any]) -> dict[str, Any]:
-        return self.post("/jobs/sweep", body)
+        return self._submit("/jobs/sweep", body)
 
     def evaluate(self, body: dict[str, Any]) -> dict[str, Any]:
-        return self.post("/jobs/evaluate", body)
+        return self._submit("/jobs/evaluate", body)
 
     def generate(self, body: dict[str, Any]) -> dict[str, Any]:
         return self.post("/jobs/generate", body)

@@ -92,9 +92,14 @@ def time_limits(kind: str) -> tuple[float, float]:
     return limit + grace / 2, limit + grace
 
 
-def send_calibration(params: dict[str, Any]) -> None:
-    """Ask a train worker to measure ``params``' (a TrainSpec's) throughput; expires if nobody takes it soon."""
-    get_celery().send_task(CALIBRATE_TASK, args=[params], queue="train", routing_key="train", expires=600)
+def send_calibration(params: dict[str, Any], pending_key: str) -> None:
+    """Ask a train worker to measure ``params``' (a TrainSpec's) throughput; expires if nobody takes it soon.
+
+    ``pending_key``: the Redis key that stops a second request from queueing the same calibration; the
+    worker deletes it when it is done, whatever the outcome, so a failed calibration can be asked again.
+    """
+    get_celery().send_task(CALIBRATE_TASK, args=[params, pending_key], queue="train", routing_key="train",
+                           expires=600)
 
 
 def send_job(job_id: int, kind: str) -> None:

@@ -251,6 +251,8 @@ class ThroughputMeasurement(Base):
     precision: Mapped[str] = mapped_column(String(16))  # the resolved one: fp32 | bf16 | fp16
     device: Mapped[str] = mapped_column(String(32))  # cpu | cuda | ...
     tokens_per_second: Mapped[float] = mapped_column(Float)
+    # a calibration's optimizer update per step (a run's own tokens/s already includes it: 0 there)
+    step_seconds: Mapped[float] = mapped_column(Float, default=0.0)
     source: Mapped[str] = mapped_column(String(16))  # job | calibration
     job_id: Mapped[int | None] = mapped_column(ForeignKey("jobs.id", ondelete="SET NULL"), nullable=True)
     worker: Mapped[str | None] = mapped_column(String(200), nullable=True)

@@ -26,6 +26,7 @@ CSS = """
 .csra-job {padding: 6px 2px}
 .csra-err {color: var(--error-text-color, #b91c1c); margin-top: 4px; white-space: pre-wrap}
 .csra-status {font-size: var(--text-sm)}
+.csra-estimate {font-size: var(--text-sm); margin-top: 4px}
 """
 
 
@@ -72,8 +73,16 @@ def refresh_datasets(train_ds: Any, eval_ds: Any) -> tuple[Any, ...]:
     )
 
 
-def jobs_timer_off() -> gr.Timer:
+def timer_off() -> gr.Timer:
     return gr.Timer(active=False)
+
+
+def open_in_train(job_id: float | None) -> tuple[Any, ...]:
+    """The Jobs tab's "Follow in the Train tab": that tab, its timer on, the Jobs tab's off, the job followed."""
+    if not job_id:
+        raise gr.Error("Pick a training job in the table first.")
+    view = train.show_job(int(job_id))
+    return gr.Tabs(selected="train"), gr.Timer(active=True), gr.Timer(active=False), *view
 
 
 def build() -> gr.Blocks:
@@ -82,12 +91,13 @@ def build() -> gr.Blocks:
     ) as demo:
         gr.Markdown(f"# {TITLE}", elem_id="title")
         header = gr.HTML("", elem_id="api-status")
-        chat_tab = chat.build(demo)
-        compare_tab = compare.build(demo)
-        train_tab = train.build(demo)
-        eval_tab = evaluate.build(demo)
-        jobs_tab = jobs.build(demo)
-        profile_tab = profile.build(demo)
+        with gr.Tabs(elem_id="tabs") as tabs:
+            chat_tab = chat.build(demo)
+            compare_tab = compare.build(demo)
+            train_tab = train.build(demo)
+            eval_tab = evaluate.build(demo)
+            jobs_tab = jobs.build(demo)
+            profile_tab = profile.build(demo)
 
         models = [chat_tab.model, compare_tab.model_a, compare_tab.model_b, train_tab.base, eval_tab.models]
         datasets = [train_tab.dataset, eval_tab.dataset]
@@ -96,13 +106,18 @@ def build() -> gr.Blocks:
         demo.load(refresh_datasets, datasets, datasets, **QUIET)
         train_tab.datasets_refresh.click(refresh_datasets, datasets, datasets, **on(train_tab.dataset))
         # the model and dataset lists follow the store (a model trained meanwhile shows up); the jobs
-        # list refreshes itself only while its tab is open
+        # list and the Train tab's job list refresh themselves only while their tab is open
         for tab in (chat_tab.tab, compare_tab.tab, train_tab.tab, eval_tab.tab):
             tab.select(refresh_models, models, models, **QUIET)
         for tab in (train_tab.tab, eval_tab.tab):
             tab.select(refresh_datasets, datasets, datasets, **QUIET)
         for tab in (chat_tab.tab, compare_tab.tab, train_tab.tab, eval_tab.tab, profile_tab):
-            tab.select(jobs_timer_off, None, jobs_tab.timer, **QUIET)
+            tab.select(timer_off, None, jobs_tab.timer, **QUIET)
+        for tab in (chat_tab.tab, compare_tab.tab, eval_tab.tab, jobs_tab.tab, profile_tab):
+            tab.select(timer_off, None, train_tab.timer, **QUIET)
+        jobs_tab.to_train.click(
+            open_in_train, jobs_tab.job_id, [tabs, train_tab.timer, jobs_tab.timer, *train_tab.view], **QUIET
+        )
     return demo
 
 

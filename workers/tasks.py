@@ -85,10 +85,16 @@ def reap_stale_jobs() -> dict[str, Any]:
 
 
 @app.task(name=CALIBRATE_TASK, acks_late=False)
-def calibrate_training(params: dict[str, Any]) -> dict[str, Any]:
+def calibrate_training(params: dict[str, Any], pending_key: str = "") -> dict[str, Any]:
     from workers.handlers.calibration import calibrate
 
-    return calibrate(params)
+    try:
+        return calibrate(params)
+    finally:
+        if pending_key:
+            from csra.redis_conn import get_redis
+
+            get_redis().delete(pending_key)
 
 
 @worker_process_init.connect

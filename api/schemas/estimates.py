@@ -18,6 +18,8 @@ class SplitTokens(BaseModel):
 
 class Throughput(BaseModel):
     tokens_per_second: float
+    step_seconds: float = Field(description="per optimizer step on top of the tokens (a calibration times the "
+                                            "update apart; a finished run's tokens/s already includes it: 0)")
     source: str = Field(description="'job N' (a finished run here) or 'calibration' (a short measured run)")
     device: str
     precision: str

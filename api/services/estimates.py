@@ -83,11 +83,16 @@ def _measured(db: Session, base: str, spec: TrainSpec) -> Throughput | None:
     q = select(m).where(m.base_model == base, m.method == spec.method)
     if spec.precision != "auto":
         q = q.where(m.precision == spec.precision)
-    row = db.scalar(q.order_by(m.measured_at.desc(), m.id.desc()).limit(1))
+    newest = (m.measured_at.desc(), m.id.desc())
+    row = None
+    if spec.precision == "auto":  # auto runs in bf16 wherever bf16 was ever measured: prefer that speed
+        row = db.scalar(q.where(m.precision != "fp32").order_by(*newest).limit(1))
+    row = row or db.scalar(q.order_by(*newest).limit(1))
     if row is None:
         return None
     source = f"job {row.job_id}" if row.source == "job" and row.job_id else row.source
-    return Throughput(tokens_per_second=row.tokens_per_second, source=source, device=row.device,
+    return Throughput(tokens_per_second=row.tokens_per_second, step_seconds=row.step_seconds, source=source,
+                      device=row.device,
                       precision=row.precision, worker=row.worker, measured_at=row.measured_at)
 
 
@@ -100,8 +105,8 @@ def _calibrate(db: Session, base: str, spec: TrainSpec) -> tuple[Throughput | No
                           "or `csra up`)")
         key = "csra:calibrating:" + hashlib.sha1(f"{base}|{spec.method}|{spec.precision}".encode()).hexdigest()
         wait = get_settings().estimate_wait_seconds
-        if client.set(key, "1", nx=True, ex=int(wait) + 600):
-            send_calibration(spec.model_dump(mode="json"))
+        if client.set(key, "1", nx=True, ex=600):  # the worker deletes it when done; 600 s: the task's expiry
+            send_calibration(spec.model_dump(mode="json"), key)
     except (redis.RedisError, OSError):
         return None, "Redis is unreachable, so the train worker cannot be asked for a time estimate"
     deadline = time.monotonic() + wait
@@ -151,7 +156,9 @@ def estimate_training(db: Session, spec: TrainSpec, calibrate: bool = True) -> T
     if tokens is None:
         note = (f"dataset {spec.dataset_id} has no token counts (imported before csra counted them, or without the "
                 "default base model): import it again for an estimate")
-    seconds = tokens / throughput.tokens_per_second if tokens is not None and throughput is not None else None
+    seconds = None
+    if tokens is not None and throughput is not None:
+        seconds = tokens / throughput.tokens_per_second + steps * throughput.step_seconds
     ds = db.get(Dataset, spec.dataset_id)
     tokenizer = ((ds.stats or {}).get("tokens") or {}).get("tokenizer") if ds is not None else None
     summary = f"{train.rows_used:,} rows"

@@ -26,6 +26,7 @@ def upgrade() -> None:
     sa.Column('precision', sa.String(length=16), nullable=False),
     sa.Column('device', sa.String(length=32), nullable=False),
     sa.Column('tokens_per_second', sa.Float(), nullable=False),
+    sa.Column('step_seconds', sa.Float(), nullable=False),
     sa.Column('source', sa.String(length=16), nullable=False),
     sa.Column('job_id', sa.Integer(), nullable=True),
     sa.Column('worker', sa.String(length=200), nullable=True),

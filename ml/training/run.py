@@ -113,6 +113,7 @@ class TrainingRun:
         self.stopped_early = False
         self._epoch_cache: dict[int, list[list[int]]] = {}
         self._started, self._start_step, self._run_tokens = time.perf_counter(), 0, 0
+        self.optimizer_seconds = 0.0
 
     # ----------------------------------------------------------------- setup
 
@@ -184,7 +185,9 @@ class TrainingRun:
                 loss = self.loss_fn(batch.to(self.device)) / n_targets
             (self.scaler.scale(loss) if self.scaler else loss).backward()
             loss_total += loss.item()
+        started = time.perf_counter()
         self._optimizer_step()
+        self.optimizer_seconds = time.perf_counter() - started  # calibrations time it apart from the tokens
         return loss_total, sum(b.real_tokens for b in batches)
 
     def _optimizer_step(self) -> None:

@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -59,9 +60,16 @@ def ui_url(stack: Stack) -> Iterator[str]:
         if init.returncode != 0:
             pytest.skip(f"`csra models init --tiny` failed, no model to chat with: {init.stderr[-500:]}")
 
+    with serve_ui(stack, stack.url) as url:
+        yield url
+
+
+@contextmanager
+def serve_ui(stack: Stack, api_url: str, name: str = "ui") -> Iterator[str]:
+    """`csra ui` against the API at ``api_url``, until the block ends; its log is ``<name>.log``."""
     port = free_port()
-    env.update(CSRA_UI_PORT=str(port), CSRA_API_URL=stack.url, GRADIO_ANALYTICS_ENABLED="False")
-    log = (stack.root / "ui.log").open("ab")
+    env = dict(stack.env, CSRA_UI_PORT=str(port), CSRA_API_URL=api_url, GRADIO_ANALYTICS_ENABLED="False")
+    log = (stack.root / f"{name}.log").open("ab")
     proc = subprocess.Popen(
         [sys.executable, "-m", "csra.cli", "ui"],
         env=env,
@@ -74,7 +82,7 @@ def ui_url(stack: Stack) -> Iterator[str]:
     def up() -> bool:
         if proc.poll() is not None:
             raise RuntimeError(
-                f"`csra ui` exited with {proc.returncode}:\n{(stack.root / 'ui.log').read_text()}"
+                f"`csra ui` exited with {proc.returncode}:\n{(stack.root / f'{name}.log').read_text()}"
             )
         try:
             return httpx.get(f"{url}/config", timeout=2).status_code == 200

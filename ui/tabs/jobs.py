@@ -62,11 +62,13 @@ def jobs_show(job_id: float | None) -> dict[str, Any]:
     return client().job(int(job_id))
 
 
-def pick_job(evt: gr.SelectData, table: pd.DataFrame) -> Any:
+def pick_job(evt: gr.SelectData, table: pd.DataFrame) -> tuple[Any, Any]:
+    """The clicked row's job id, and the "Follow in the Train tab" button for a training job only."""
     try:
-        return int(table.iloc[evt.index[0]]["id"])
+        row = table.iloc[evt.index[0]]
+        return int(row["id"]), gr.Button(visible=row["kind"] == "train")
     except (IndexError, KeyError, TypeError, ValueError):
-        return gr.skip()
+        return gr.skip(), gr.skip()
 
 
 def timer_on(active: bool) -> gr.Timer:
@@ -77,6 +79,8 @@ def timer_on(active: bool) -> gr.Timer:
 class JobsTab:
     tab: gr.Tab
     timer: gr.Timer  # on only while the tab is open: other tabs switch it off when selected
+    job_id: gr.Number  # the job picked in the table (or typed)
+    to_train: gr.Button  # follow the picked training job in the Train tab (wired by ui.app)
 
 
 def build(demo: gr.Blocks) -> JobsTab:
@@ -94,6 +98,7 @@ def build(demo: gr.Blocks) -> JobsTab:
             job_id = gr.Number(None, label="Job id (click a row)", precision=0, minimum=0)
             show = gr.Button("Show details")
             cancel = gr.Button("Cancel job", variant="stop", elem_id="jobs-cancel")
+            to_train = gr.Button("Follow in the Train tab", visible=False, elem_id="jobs-to-train")
         detail = gr.JSON(None, label="Job")
 
     listing = ([kind, status], [table, note])
@@ -103,7 +108,7 @@ def build(demo: gr.Blocks) -> JobsTab:
     for trigger in (refresh.click, kind.change, status.change, timer.tick):
         trigger(refresh_jobs, *listing, **QUIET)
     auto.change(timer_on, auto, timer, **QUIET)
-    table.select(pick_job, table, job_id, **QUIET)
+    table.select(pick_job, table, [job_id, to_train], **QUIET)
     show.click(jobs_show, job_id, detail, **on(detail))
     cancel.click(jobs_cancel, [job_id, kind, status], [table, note, detail], **on(detail))
-    return JobsTab(tab, timer)
+    return JobsTab(tab, timer, job_id, to_train)

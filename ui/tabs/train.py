@@ -1,10 +1,16 @@
-"""The Train tab: import a dataset, start a fine-tuning job, follow its progress and loss curve.
+"""The Train tab: import a dataset, estimate and start a fine-tuning job, follow every training job.
 
-Progress is polled with a ``gr.Timer`` while a job is followed (the job row is the source of truth).
+The job list holds every training job, whoever started it (this tab, the API, ``csra train``, the
+OpenAI fine-tuning surface, a sweep), newest first. A ``gr.Timer`` refreshes it, and the followed
+job's progress and loss curve, while the tab is open (the job rows are the source of truth); while
+nothing is selected the newest running job is followed. As the form changes the API's dry run
+(``POST /jobs/train`` with ``dry_run``) gives the estimate shown under Start; a run the API says
+needs confirmation starts only after a second, explicit click.
 """
 
 from __future__ import annotations
 
+import html
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,9 +19,13 @@ import gradio as gr
 import pandas as pd
 
 from csra.client import ApiError
-from ui.common import QUIET, api_errors, cancel_job, client, dropdown, job_html, num, on
+from ui.common import QUIET, api_errors, cancel_job, client, job_html, num, on, secs
 
 LOSS_COLORS = {"train loss": "#2563eb", "validation loss": "#f97316"}
+LIST_LIMIT = 50  # the newest training jobs listed (a followed older one is kept in the list)
+POLL_SECONDS = 2.0
+WAITING = ("queued", "waiting")
+ESTIMATE_FIELDS = ("summary", "confirm", "estimated_seconds", "note")
 
 
 def loss_frame(events: list[dict[str, Any]]) -> pd.DataFrame | None:
@@ -35,21 +45,118 @@ def loss_frame(events: list[dict[str, Any]]) -> pd.DataFrame | None:
     return pd.DataFrame(rows, columns=["step", "loss", "series"]) if rows else None
 
 
-def _train_jobs_dropdown(selected: int | None) -> gr.Dropdown:
-    jobs = client().jobs(kind="train", limit=30)
-    return dropdown([(f"#{j['id']} {j['params'].get('output_name') or ''} ({j['status']})", j["id"]) for j in jobs],
-                    selected)
+# ---------------------------------------------------------------------------- the job list
+def job_label(job: dict[str, Any]) -> str:
+    """``#12 tiny-ft (baseline, full) · sweep #9 · ● running 45%``: a finished job ends in its status."""
+    p = job.get("params") or {}
+    name = (job.get("result") or {}).get("model_name") or p.get("output_name") or ""
+    label = f"#{job['id']} {name}".rstrip()
+    how = ", ".join(str(v) for v in (p.get("base_model"), p.get("method")) if v)
+    if how:
+        label += f" ({how})"
+    if job.get("parent_id"):
+        label += f" · sweep #{job['parent_id']}"
+    status = job["status"]
+    if status == "running":
+        mark = f"● running {int(100 * float(job.get('progress') or 0))}%"
+        mark += " · cancelling" if job.get("cancel_requested") else ""
+    elif status in WAITING:
+        mark = f"○ {status}"
+    else:
+        mark = status
+    return f"{label} · {mark}"
 
 
-def load_train_jobs() -> Any:
+def train_job_choices(jobs: list[dict[str, Any]], followed: dict[str, Any] | None = None) -> list[tuple[str, int]]:
+    """Every training job as (label, id), newest first; ``followed`` stays in even when past the listing."""
+    rows = {j["id"]: j for j in jobs}
+    if followed is not None:
+        rows[followed["id"]] = followed
+    return [(job_label(j), j["id"]) for j in sorted(rows.values(), key=lambda j: j["id"], reverse=True)]
+
+
+def newest_active(jobs: list[dict[str, Any]]) -> int | None:
+    """The job to follow when none is selected: the newest running one, else the newest waiting one."""
+    for statuses in (("running",), WAITING):
+        ids = [j["id"] for j in jobs if j["status"] in statuses]
+        if ids:
+            return max(ids)
+    return None
+
+
+def _view(job: dict[str, Any] | None, shown: dict[str, Any] | None) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """(status line, loss plot, result) of ``job``, ``gr.skip()`` for what ``shown`` already shows; the new ``shown``.
+
+    A finished job already shown costs no further request.
+    """
+    if job is None:
+        fresh: dict[str, Any] = {"id": None}
+        return ((gr.skip(),) * 3 if shown == fresh else (job_html(None), None, None)), fresh
+    old = shown if shown and shown.get("id") == job["id"] else {}
+    status, done = job_html(job), bool(job["finished"])
+    if old.get("done") and old.get("status") == status:
+        return (gr.skip(),) * 3, old
+    frame = loss_frame(client().job_events(job["id"], kind="metric"))
+    new = {"id": job["id"], "status": status, "points": 0 if frame is None else len(frame), "done": done}
+    return (
+        status if old.get("status") != status else gr.skip(),
+        frame if old.get("points") != new["points"] else gr.skip(),
+        (job.get("result") if done else None) if old.get("done") != done else gr.skip(),
+    ), new
+
+
+def train_refresh(job_id: int | None, shown: dict[str, Any] | None, listed: list[Any] | None) -> tuple[Any, ...]:
+    """Timer tick, tab open, page load: job, list, status, plot, result, shown, listed.
+
+    The list's value is only set when nothing was selected (then the newest running job is followed),
+    so a tick never undoes what the person picks meanwhile. Failures are shown in the status line.
+    """
     try:
-        return _train_jobs_dropdown(None)
-    except ApiError:
-        return gr.skip()
+        jobs = client().jobs(kind="train", limit=LIST_LIMIT)
+        auto = newest_active(jobs) if job_id is None else None
+        target = auto if job_id is None else int(job_id)
+        job = None
+        if target is not None:
+            job = next((j for j in jobs if j["id"] == target), None) or client().job(target)
+        view, shown = _view(job, shown)
+    except ApiError as e:
+        note = job_html(None, f"⚠️ {e.detail}")
+        if (shown or {}).get("error") == note:
+            return (gr.skip(),) * 7
+        return gr.skip(), gr.skip(), note, gr.skip(), gr.skip(), {"error": note}, gr.skip()
+    choices = train_job_choices(jobs, job)
+    if auto is not None:
+        follow: Any = gr.Dropdown(choices=choices, value=auto)
+    else:
+        follow = gr.Dropdown(choices=choices) if choices != listed else gr.skip()
+    return auto if auto is not None else gr.skip(), follow, *view, shown, choices
+
+
+def _follow(job: dict[str, Any]) -> tuple[Any, ...]:
+    """Follow ``job`` from now on: the same outputs as a refresh, all of them sent."""
+    view, shown = _view(job, None)
+    choices = train_job_choices(client().jobs(kind="train", limit=LIST_LIMIT), job)
+    return job["id"], gr.Dropdown(choices=choices, value=job["id"]), *view, shown, choices
 
 
 @api_errors
-def train_start(
+def show_job(job_id: int | None) -> tuple[Any, ...]:
+    """Follow ``job_id``, picked in the list or opened from the Jobs tab."""
+    if job_id is None:
+        view, shown = _view(None, None)
+        return None, gr.skip(), *view, shown, gr.skip()
+    job = client().job(int(job_id))
+    if job["kind"] != "train":
+        raise gr.Error(f"Job #{job['id']} is a {job['kind']} job; the Train tab follows training jobs.")
+    return _follow(job)
+
+
+def timer_on() -> gr.Timer:
+    return gr.Timer(active=True)
+
+
+# ---------------------------------------------------------------------------- estimate and start
+def train_body(
     dataset_id: int | None,
     base_model: str | None,
     method: str,
@@ -66,7 +173,8 @@ def train_start(
     seed: float,
     keep_best: bool,
     log_every: float,
-) -> tuple[Any, ...]:
+) -> dict[str, Any]:
+    """The ``POST /jobs/train`` body of the form (``gr.Error`` for a missing field)."""
     if dataset_id is None:
         raise gr.Error("Pick a dataset (import one in 'Import a dataset' above if the list is empty).")
     body: dict[str, Any] = {
@@ -89,39 +197,92 @@ def train_start(
         body["max_train_samples"] = int(max_train)
     if (output_name or "").strip():
         body["output_name"] = output_name.strip()
+    return body
+
+
+def dry_run(body: dict[str, Any]) -> dict[str, Any]:
+    """The API's estimate for ``body`` (summary, confirm, estimated_seconds, note); nothing is started."""
+    answer = client().train({**body, "dry_run": True})
+    if not answer.get("dry_run"):  # an API from before dry runs would have queued a real job
+        raise ApiError(0, f"the API does not support dry runs (it answered job #{answer.get('id')})")
+    return {k: answer.get(k) for k in ESTIMATE_FIELDS}
+
+
+def needs_confirmation(estimate: dict[str, Any] | None) -> bool:
+    """The API asks for confirmation (above the deployment's threshold, or no time estimate)."""
+    return bool(estimate and estimate.get("confirm"))
+
+
+def confirm_label(estimate: dict[str, Any]) -> str:
+    seconds = estimate.get("estimated_seconds")
+    return f"Start anyway (about {secs(seconds)})" if seconds is not None else "Start anyway (time unknown)"
+
+
+def estimate_html(estimate: dict[str, Any] | None, *, asking: bool = False, error: str = "") -> str:
+    """The estimate under Start; ``asking``: Start was clicked and waits for the confirmation."""
+    if error:
+        return f"<div class='csra-estimate csra-err'>{html.escape(error)}</div>"
+    if not estimate:
+        return ""
+    parts = [f"<b>Estimate:</b> {html.escape(str(estimate.get('summary') or 'none'))}"]
+    if estimate.get("note"):
+        parts.append(f"<i>{html.escape(str(estimate['note']))}</i>")
+    if asking:
+        parts.append("<b>This run needs a confirmation: click “Start anyway” to start it.</b>")
+    elif needs_confirmation(estimate):
+        parts.append("Start will ask for a confirmation.")
+    return f"<div class='csra-estimate'>{'<br>'.join(parts)}</div>"
+
+
+def train_estimate(*params: Any) -> tuple[Any, ...]:
+    """A form change: est, estimate line, pending, confirm button. Errors stay inline (no popup while typing)."""
+    hidden = gr.Button(visible=False)
+    if params[0] is None:  # no dataset picked (yet): nothing to estimate, nothing wrong either
+        return None, "", None, hidden
+    try:
+        body = train_body(*params)
+        estimate = dry_run(body)
+    except gr.Error as e:
+        return None, estimate_html(None, error=str(e.message)), None, hidden
+    except ApiError as e:
+        return None, estimate_html(None, error=f"No estimate: {e.detail}"), None, hidden
+    return {"body": body, "estimate": estimate}, estimate_html(estimate), None, hidden
+
+
+def reset_confirmation() -> tuple[Any, ...]:
+    """A change that needs no new estimate still takes a given confirmation back: pending, confirm button."""
+    return None, gr.Button(visible=False)
+
+
+def _start(body: dict[str, Any]) -> tuple[Any, ...]:
+    """Start the job and follow it: the refresh outputs, then pending and the confirm button."""
     job = client().train(body)
     gr.Info(f"Training job #{job['id']} queued.")
-    return job["id"], _train_jobs_dropdown(job["id"]), job_html(job), None, None, gr.Timer(active=True)
-
-
-def _train_view(job_id: int) -> tuple[bool, tuple[Any, ...]]:
-    """(finished?, (status line, loss plot, result, timer))."""
-    c = client()
-    job = c.job(job_id)
-    events = c.job_events(job_id, kind="metric")
-    done = bool(job["finished"])
-    return done, (job_html(job), loss_frame(events), job.get("result") if done else None, gr.Timer(active=not done))
+    return *_follow(job), None, gr.Button(visible=False)
 
 
 @api_errors
-def train_follow(job_id: int | None) -> tuple[Any, ...]:
-    if job_id is None:
-        return None, job_html(None), None, None, gr.Timer(active=False)
-    return job_id, *_train_view(int(job_id))[1]
+def train_start(est: dict[str, Any] | None, *params: Any) -> tuple[Any, ...]:
+    """Start: the run starts unless its estimate asks for a confirmation; then the confirm button shows."""
+    body = train_body(*params)
+    estimate = est["estimate"] if est and est.get("body") == body else dry_run(body)
+    if needs_confirmation(estimate):
+        asking = gr.Button(value=confirm_label(estimate), visible=True)
+        return (*(gr.skip(),) * 7, {"body": body, "estimate": estimate}, asking, estimate_html(estimate, asking=True))
+    return *_start(body), estimate_html(estimate)
 
 
-def train_poll(job_id: int | None) -> tuple[Any, ...]:
-    """status, loss plot, result, timer, job list (refreshed once the job ends)."""
-    if job_id is None:
-        return gr.skip(), gr.skip(), gr.skip(), gr.Timer(active=False), gr.skip()
-    try:
-        done, view = _train_view(int(job_id))
-        return *view, _train_jobs_dropdown(int(job_id)) if done else gr.skip()
-    except ApiError as e:
-        gr.Warning(f"Stopped following the training job: {e.detail}")
-        return job_html(None, f"⚠️ {e.detail}"), gr.skip(), gr.skip(), gr.Timer(active=False), gr.skip()
+@api_errors
+def train_confirm(pending: dict[str, Any] | None, *params: Any) -> tuple[Any, ...]:
+    """Start anyway: only the very run that was estimated; a form changed since needs a new Start."""
+    body = train_body(*params)
+    if pending is None or body != pending["body"]:
+        gr.Warning("The form changed after the estimate: click Start training again to see the new one.")
+        return (*(gr.skip(),) * 7, None, gr.Button(visible=False), gr.skip())
+    return *_start(body), estimate_html(pending["estimate"])
 
 
+# ---------------------------------------------------------------------------- import
 @api_errors
 def import_dataset(path: str | None, name: str) -> tuple[Any, ...]:
     if not path:
@@ -132,12 +293,15 @@ def import_dataset(path: str | None, name: str) -> tuple[Any, ...]:
     return job_html(job), None
 
 
+# ---------------------------------------------------------------------------- layout
 @dataclass
 class TrainTab:
     tab: gr.Tab
     dataset: gr.Dropdown
     datasets_refresh: gr.Button
     base: gr.Dropdown
+    timer: gr.Timer  # on only while the tab is open: other tabs switch it off when selected
+    view: list[Any]  # show_job's outputs: job, list, status, plot, result, shown, listed
 
 
 def _import_box() -> None:
@@ -151,8 +315,9 @@ def _import_box() -> None:
     btn.click(import_dataset, [file, name], [status, file], **on(status))
 
 
-def _form() -> tuple[list[Any], gr.Button, gr.Button, gr.Button]:
-    """The job's parameters (in train_start's order), the dataset refresh, start and cancel buttons."""
+def _form() -> tuple[list[Any], gr.Button, gr.Button, gr.Button, gr.HTML]:
+    """The job's parameters (in train_body's order), the dataset refresh, start and confirm buttons,
+    the estimate line."""
     with gr.Row():
         dataset = gr.Dropdown([], value=None, label="Dataset", elem_id="train-dataset", scale=3)
         refresh = gr.Button("↻", size="sm", min_width=40, scale=0)
@@ -161,7 +326,7 @@ def _form() -> tuple[list[Any], gr.Button, gr.Button, gr.Button]:
     with gr.Row():
         epochs = gr.Number(2, label="Epochs", minimum=1, elem_id="train-epochs")
         lr = gr.Number(5e-5, label="Learning rate", minimum=0)
-        batch = gr.Number(8, label="Batch size", precision=0, minimum=1)
+        batch = gr.Number(8, label="Batch size", precision=0, minimum=1, elem_id="train-batch")
     with gr.Row():
         max_train = gr.Number(0, label="Max train samples (0: all)", precision=0, minimum=0, elem_id="train-max")
         out_name = gr.Textbox(label="Output model name (empty: ft-<job id>)", elem_id="train-out")
@@ -174,42 +339,75 @@ def _form() -> tuple[list[Any], gr.Button, gr.Button, gr.Button]:
             max_in = gr.Number(192, label="Max input tokens", precision=0, minimum=8)
             max_out = gr.Number(192, label="Max target tokens", precision=0, minimum=8)
             seed = gr.Number(42, label="Seed", precision=0)
-            log_every = gr.Number(10, label="Log the loss every N steps", precision=0, minimum=1)
+            log_every = gr.Number(10, label="Log the loss every N steps", precision=0, minimum=1,
+                                  elem_id="train-log-every")
         keep_best = gr.Checkbox(False, label="On cancel, keep the best checkpoint so far")
     with gr.Row():
         start = gr.Button("Start training", variant="primary", elem_id="train-start")
-        cancel = gr.Button("Cancel", variant="stop", elem_id="train-cancel")
+        confirm = gr.Button("Start anyway", variant="stop", visible=False, elem_id="train-confirm")
+    estimate = gr.HTML("", elem_id="train-estimate")
     params = [dataset, base, method, epochs, lr, batch, max_train, out_name, lora_r, lora_alpha, max_in, max_out,
               warmup, seed, keep_best, log_every]
-    return params, refresh, start, cancel
+    return params, refresh, start, confirm, estimate
 
 
-def _progress() -> tuple[gr.Dropdown, gr.HTML, gr.LinePlot, gr.JSON]:
-    follow = gr.Dropdown([], value=None, label="Training job", info="follow a run", elem_id="train-job")
+def _progress() -> tuple[gr.Dropdown, gr.Button, gr.HTML, gr.LinePlot, gr.JSON]:
+    with gr.Row(equal_height=True):
+        follow = gr.Dropdown(
+            [], value=None, label="Training job", elem_id="train-job", scale=4,
+            info="every training job, newest first (● running, ○ queued); the newest running one is followed",
+        )
+        cancel = gr.Button("Cancel", variant="stop", elem_id="train-cancel", scale=1, min_width=90)
     status = gr.HTML(job_html(None), elem_id="train-status")
     plot = gr.LinePlot(
         None, color_map=LOSS_COLORS, x="step", y="loss", color="series", title="Loss", height=320,
         elem_id="loss-plot",
     )
-    return follow, status, plot, gr.JSON(None, label="Result")
+    return follow, cancel, status, plot, gr.JSON(None, label="Result")
+
+
+def _wire_estimate(params: list[Any], est: gr.State, estimate: gr.HTML, pending: gr.State, confirm: gr.Button) -> None:
+    """Every form change asks for a new estimate; typing a name only takes a given confirmation back,
+    the estimate follows when the field is left.
+
+    One listener for all the fields, so ``always_last`` holds across them: two fields changed in a row
+    give one estimate of the form as it ends up, never an older one that happened to finish last."""
+    triggers: list[Any] = []
+    for field in params:
+        if isinstance(field, gr.Textbox):
+            field.input(reset_confirmation, None, [pending, confirm], **QUIET)
+            triggers += [field.blur, field.submit]
+        else:
+            triggers.append(field.change)
+    gr.on(triggers, train_estimate, params, [est, estimate, pending, confirm], trigger_mode="always_last", **QUIET)
 
 
 def build(demo: gr.Blocks) -> TrainTab:
     """The tab inside the current ``gr.Blocks``, with its events."""
     with gr.Tab("Train", id="train") as tab:
-        job = gr.State(None)
-        timer = gr.Timer(1.0, active=False)
+        job = gr.State(None)  # the followed job's id
+        shown = gr.State(None)  # what the status, plot and result show (to skip unchanged updates)
+        listed = gr.State(None)  # the list's choices as last sent
+        est = gr.State(None)  # {"body", "estimate"}: the last dry run and the form it was made for
+        pending = gr.State(None)  # {"body", "estimate"}: the run Start asked to confirm
+        timer = gr.Timer(POLL_SECONDS, active=False)
         _import_box()
         with gr.Row():
             with gr.Column(scale=2):
-                params, refresh, start, cancel = _form()
+                params, refresh, start, confirm, estimate = _form()
             with gr.Column(scale=3):
-                follow, status, plot, result = _progress()
+                follow, cancel, status, plot, result = _progress()
 
-    demo.load(load_train_jobs, None, follow, **QUIET)
-    view = [status, plot, result, timer]
-    start.click(train_start, params, [job, follow, *view], **on(status))
-    follow.input(train_follow, follow, [job, *view], **on(status))
-    timer.tick(train_poll, job, [*view, follow], **QUIET)
+    view = [job, follow, status, plot, result, shown, listed]
+    polled = ([job, shown, listed], view)
+    demo.load(train_refresh, *polled, **QUIET)
+    tab.select(timer_on, None, timer, **QUIET)
+    tab.select(train_refresh, *polled, **QUIET)
+    timer.tick(train_refresh, *polled, **QUIET)
+    follow.input(show_job, follow, view, **on(status))
     cancel.click(cancel_job, job, status, **on(status))
-    return TrainTab(tab, dataset=params[0], datasets_refresh=refresh, base=params[1])
+    _wire_estimate(params, est, estimate, pending, confirm)
+    started = [*view, pending, confirm, estimate]
+    start.click(train_start, [est, *params], started, **on(estimate))
+    confirm.click(train_confirm, [pending, *params], started, **on(estimate))
+    return TrainTab(tab, dataset=params[0], datasets_refresh=refresh, base=params[1], timer=timer, view=view)

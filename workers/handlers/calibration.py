@@ -20,13 +20,13 @@ logger = logging.getLogger(__name__)
 
 
 def record_throughput(base_model: str, method: str, precision: str, device: str, tokens_per_second: float,
-                      source: str, job_id: int | None = None, worker: str | None = None) -> None:
+                      source: str, job_id: int | None = None, step_seconds: float = 0.0) -> None:
     if tokens_per_second <= 0:
         return
     with session_scope() as s:
         s.add(ThroughputMeasurement(base_model=base_model, method=method, precision=precision, device=device,
-                                    tokens_per_second=tokens_per_second, source=source, job_id=job_id,
-                                    worker=worker or socket.gethostname()))
+                                    tokens_per_second=tokens_per_second, step_seconds=step_seconds,
+                                    source=source, job_id=job_id, worker=socket.gethostname()))
 
 
 def calibrate(params: dict[str, Any]) -> dict[str, Any]:
@@ -40,7 +40,8 @@ def calibrate(params: dict[str, Any]) -> dict[str, Any]:
     source, base_name = resolve_base(spec.base_model)
     found = measure_throughput(spec, rows, source, num_threads=get_settings().torch_thread_count)
     record_throughput(base_name, spec.method, found.precision, found.device, found.tokens_per_second,
-                      "calibration")
-    logger.info("calibrated %s (%s, %s on %s): %.0f tokens/s over %d tokens", base_name, spec.method,
-                found.precision, found.device, found.tokens_per_second, found.tokens)
+                      "calibration", step_seconds=found.step_seconds)
+    logger.info("calibrated %s (%s, %s on %s): %.0f tokens/s and %.2f s per optimizer update, over %d tokens",
+                base_name, spec.method, found.precision, found.device, found.tokens_per_second, found.step_seconds,
+                found.tokens)
     return {"base_model": base_name, "tokens_per_second": found.tokens_per_second}
