@@ -30,7 +30,10 @@ async def require_key(request: Request) -> str | None:
         return None
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip(), settings.api_key):
+    # compared as bytes (the header as sent: HTTP headers are latin-1); compare_digest refuses a str with
+    # non-ASCII characters with a TypeError, which would be a 500 instead of a 401
+    given, expected = token.strip().encode("latin-1", "replace"), settings.api_key.encode("utf-8")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given, expected):
         raise HTTPException(
             status_code=401,
             detail="missing or wrong API key: send 'Authorization: Bearer <CSRA_API_KEY>'",

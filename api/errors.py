@@ -16,5 +16,6 @@ def errors_detail(errors: list[Any]) -> list[dict[str, Any]]:
 def unprocessable(e: ValidationError, prefix: str = "") -> HTTPException:
     detail: Any = errors_detail(e.errors())
     if prefix:
-        detail = f"{prefix}: " + "; ".join(f"{'.'.join(map(str, d['loc']))}: {d['msg']}" for d in detail)
+        detail = f"{prefix}: " + "; ".join(
+            f"{'.'.join(map(str, d['loc']))}: {d['msg']}" if d["loc"] else d["msg"] for d in detail)
     return HTTPException(status_code=422, detail=detail)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
@@ -11,6 +13,7 @@ from fastapi.responses import JSONResponse
 import csra
 from api.deps import require_key
 from api.errors import errors_detail
+from api.guards import RequestGuard
 from api.routes import (
     chats,
     datasets,
@@ -24,8 +27,10 @@ from api.routes import (
     profile,
     training,
 )
+from api.schemas.common import errors
 from csra.enqueue import QueueUnavailable
 from csra.memory import MemoryNotBuilt
+from csra.settings import get_settings
 
 logger = logging.getLogger(__name__)
 
@@ -46,8 +51,27 @@ async def _queue_down(request: Request, exc: QueueUnavailable) -> JSONResponse:
     return JSONResponse(status_code=503, content={"detail": str(exc)})
 
 
+async def _too_large_number(request: Request, exc: OverflowError) -> JSONResponse:
+    """A number past what the database stores (an id or offset over 2**63-1) that no schema bound caught."""
+    return JSONResponse(status_code=422, content={"detail": f"a number in the request is too large ({exc})"})
+
+
 async def _memory_not_built(request: Request, exc: MemoryNotBuilt) -> JSONResponse:
     return JSONResponse(status_code=409, content={"detail": str(exc)})
+
+
+@asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """Refuse to start on a non-loopback address with no API key (uvicorn exits with this message)."""
+    problem = get_settings().open_bind_problem()
+    if problem:
+        logger.error(problem)
+        raise RuntimeError(problem)
+    yield
+
+
+# what any protected route may answer besides its own success (the guards, auth, validation, queue)
+COMMON_ERRORS = errors(400, 401, 403, 404, 409, 413, 415, 422, 503)
 
 
 def create_app() -> FastAPI:
@@ -55,15 +79,18 @@ def create_app() -> FastAPI:
         title="csra",
         version=csra.__version__,
         description="Customer Support Response Assistant: datasets, fine-tuning, evaluation and chat jobs.",
+        lifespan=_lifespan,
     )
     app.include_router(health.router)
     protected = [Depends(require_key)]
     for module in (datasets, generation, jobs, training, evaluations, models, chats, memory, profile,
                    openai_compat):
-        app.include_router(module.router, dependencies=protected)
+        app.include_router(module.router, dependencies=protected, responses=COMMON_ERRORS)
+    app.add_middleware(RequestGuard)
     app.add_exception_handler(RequestValidationError, _validation)  # type: ignore[arg-type]
     app.add_exception_handler(QueueUnavailable, _queue_down)  # type: ignore[arg-type]
     app.add_exception_handler(MemoryNotBuilt, _memory_not_built)  # type: ignore[arg-type]
+    app.add_exception_handler(OverflowError, _too_large_number)  # type: ignore[arg-type]
     app.add_exception_handler(Exception, _unhandled)
     _ = HTTPException  # HTTPException bodies are FastAPI's default {"detail": ...}
     return app

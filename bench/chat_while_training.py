@@ -35,6 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.generate import MESSAGES  # noqa: E402
+from csra.client import Client  # noqa: E402
 from tests.stack import free_port, wait_until  # noqa: E402
 
 
@@ -67,7 +68,8 @@ def burst(url: str, n: int, tokens: int) -> list[float]:
 
 
 def steps_done(c: httpx.Client, job_id: int) -> int:
-    metrics = c.get(f"/jobs/{job_id}/events", params={"kind": "metric", "limit": 10000}).json()["data"]
+    with Client(base_url=str(c.base_url)) as api:  # pages through the events (at most 500 a call)
+        metrics = api.job_events(job_id, kind="metric")
     return max((e["data"]["step"] for e in metrics if e.get("data") and "loss" in e["data"]), default=0)
 
 

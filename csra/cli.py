@@ -103,6 +103,10 @@ def api(
     import uvicorn
 
     settings = get_settings()
+    problem = settings.open_bind_problem(host)
+    if problem:
+        console.print(f"error: {problem}", markup=False)  # markup off: the message quotes code
+        raise typer.Exit(code=2)
     uvicorn.run("api.main:app", host=host or settings.api_host, port=port or settings.api_port,
                 workers=workers, log_level="info", access_log=False)
 

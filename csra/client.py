@@ -20,6 +20,7 @@ import httpx
 from csra.settings import get_settings
 
 DRY_RUN_TIMEOUT = 330.0  # seconds: the longest calibration wait a deployment may set, and a margin
+EVENTS_PAGE = 500  # the most events GET /jobs/{id}/events answers in one call
 
 
 class ApiError(Exception):
@@ -164,7 +165,16 @@ class Client:
     def job_events(
         self, job_id: int, kind: str | None = None, after: int = 0, limit: int = 10000
     ) -> list[dict[str, Any]]:
-        return self.get(f"/jobs/{int(job_id)}/events", kind=kind, after=after or None, limit=limit)["data"]
+        """Up to ``limit`` events after ``after``, fetched in pages (the API answers at most 500 a call)."""
+        events: list[dict[str, Any]] = []
+        while len(events) < limit:
+            page = self.get(f"/jobs/{int(job_id)}/events", kind=kind, after=after or None,
+                            limit=min(EVENTS_PAGE, limit - len(events)))["data"]
+            events += page
+            if len(page) < EVENTS_PAGE:
+                break
+            after = page[-1]["id"]
+        return events
 
     def cancel_job(self, job_id: int) -> dict[str, Any]:
         return self.post(f"/jobs/{int(job_id)}/cancel")

@@ -6,6 +6,7 @@ reads ``os.environ`` for csra settings.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from functools import lru_cache
 from pathlib import Path
@@ -43,10 +44,13 @@ class Settings(BaseSettings):
         30.0, gt=0, description="a queued job whose message is nowhere in Redis this long is re-sent"
     )
 
-    max_upload_mb: float = Field(200.0, gt=0)
+    max_upload_mb: float = Field(200.0, gt=0, description="largest dataset upload (POST /datasets multipart)")
+    max_request_kb: int = Field(1024, ge=1, description="largest request body of every other call (JSON)")
     import_roots: list[Path] = Field(
         default_factory=list,
-        description="extra server-side folders a dataset `source` path may come from",
+        description="extra server-side folders a dataset `source` path may come from (besides the data dir's "
+        "`imports` folder and the Bitext copy's folder); a path inside the data dir is refused unless it is "
+        "in the `imports` folder",
     )
     bitext_path: Path = Field(
         Path("../shared/data/bitext/bitext_customer_support.csv"),
@@ -126,8 +130,38 @@ class Settings(BaseSettings):
         return self.redis_url or f"redis://127.0.0.1:{self.redis_port}/0"
 
     @property
+    def imports_dir(self) -> Path:
+        """Where files to import by path go on the server (``source: "<data dir>/imports/x.csv"``)."""
+        return self.data_dir / "imports"
+
+    @property
     def allowed_import_roots(self) -> list[Path]:
-        return [self.data_dir, self.bitext_path.parent, *self.import_roots]
+        """Folders a typed ``source`` path may come from: never the data dir itself (database, Redis
+        data, other users' uploads), only its ``imports`` folder."""
+        return [self.imports_dir, self.bitext_path.parent, *self.import_roots]
+
+    def importable(self, path: Path) -> bool:
+        """Whether a resolved path typed as a dataset ``source`` may be read: under an allowed root,
+        and inside the data dir only within its ``imports`` folder (even when a root contains it)."""
+        if not any(path.is_relative_to(root) for root in self.allowed_import_roots):
+            return False
+        return not path.is_relative_to(self.data_dir) or path.is_relative_to(self.imports_dir)
+
+    def open_bind_problem(self, host: str | None = None) -> str | None:
+        """Why the API must not listen on ``host`` (default ``api_host``), or None: a non-loopback
+        address with no API key would let anyone who reaches the port import, train and delete."""
+        host = (host or self.api_host).strip("[]")
+        if self.api_key or host == "localhost":
+            return None
+        try:
+            if ipaddress.ip_address(host).is_loopback:
+                return None
+        except ValueError:
+            pass
+        return (f"refusing to serve the API on {host} without an API key: anyone who can reach the port could "
+                "import files, train and delete models. Set CSRA_API_KEY (e.g. CSRA_API_KEY=$(python -c "
+                "'import secrets; print(secrets.token_urlsafe(32))')) and give the same key to the UI and CLI, "
+                "or listen on 127.0.0.1 (CSRA_API_HOST)")
 
     @property
     def store_dir(self) -> Path:

@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session
 
 from csra.jobctx import JobError
 from csra.settings import get_settings
+from db.ids import parse_id
 from db.jobs import TERMINAL
 from db.models import Job, Model
 from db.session import session_scope
@@ -29,8 +30,9 @@ logger = logging.getLogger(__name__)
 def find_model(session: Session, ref: str | int) -> Model | None:
     """A registered model by numeric id or by name."""
     ref = str(ref)
-    if ref.isdigit():
-        return session.get(Model, int(ref))
+    model_id = parse_id(ref)
+    if model_id is not None:
+        return session.get(Model, model_id)
     return session.scalar(select(Model).where(Model.name == ref))
 
 

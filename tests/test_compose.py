@@ -8,6 +8,7 @@ and ``docker-compose config`` validates the file where docker-compose is install
 from __future__ import annotations
 
 import fnmatch
+import os
 import shlex
 import shutil
 import subprocess
@@ -149,7 +150,8 @@ def test_csra_services_share_data_redis_and_migrations(compose: dict[str, Any]) 
         assert _mounts(svc).get("/data") == DATA_VOLUME, f"{name} must mount {DATA_VOLUME} at /data"
         assert env.get("CSRA_REDIS_URL") == REDIS_URL, f"{name}: CSRA_REDIS_URL must be {REDIS_URL}"
         assert env.get("CSRA_DATA_DIR") == "/data"
-        assert env.get("CSRA_API_KEY") == "${CSRA_API_KEY:-}", f"{name}: pass CSRA_API_KEY through"
+        assert str(env.get("CSRA_API_KEY", "")).startswith("${CSRA_API_KEY:?"), \
+            f"{name}: pass CSRA_API_KEY through, required (the API listens on all interfaces)"
         if name == "migrate":
             assert svc.get("restart") == "no", "migrate is one-shot"
             continue
@@ -171,9 +173,15 @@ def test_api_and_ui_listen_on_all_interfaces(compose: dict[str, Any]) -> None:
 def test_docker_compose_config_accepts_the_file() -> None:
     # `make system` installs Debian's docker-compose, so this check always runs in `make test` and CI
     assert shutil.which("docker-compose"), "docker-compose is not installed: run `make system`"
-    result = subprocess.run(["docker-compose", "-f", str(COMPOSE), "config", "-q"], cwd=REPO,
-                            capture_output=True, text=True, timeout=60)
+    def config(**env: str) -> subprocess.CompletedProcess[str]:
+        clean = {k: v for k, v in os.environ.items() if k != "CSRA_API_KEY"}
+        return subprocess.run(["docker-compose", "-f", str(COMPOSE), "config", "-q"], cwd=REPO,
+                              capture_output=True, text=True, timeout=60, env={**clean, **env})
+
+    result = config(CSRA_API_KEY="a-key")
     assert result.returncode == 0, result.stderr
+    refused = config()  # no key: compose itself says what to set, before any container starts
+    assert refused.returncode != 0 and "CSRA_API_KEY" in refused.stderr
 
 
 # --------------------------------------------------------------------------- Dockerfile

@@ -13,12 +13,14 @@ turn, a dataset); only after that commit are token streams ended and waiting par
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
+import psutil
 from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy import CursorResult, update
 
@@ -183,6 +185,25 @@ def fail_past_hard_limit(job_id: int, kind: str, seconds: float) -> None:
         job = s.get(Job, job_id)
         if job is None or job.status != jobs.JobStatus.RUNNING:
             return
+        _kill_stuck_process(job.worker)
         jobs.finish(s, job, jobs.JobStatus.FAILED, error=msg, stage="failed: hard time limit")
         ended = [ended_tuple(job)]
     after_jobs_ended(ended)
+
+
+def _kill_stuck_process(worker: str | None) -> None:
+    """Kill the job's stuck pool process (``host:pid``) now, if it is one of this worker's.
+
+    Celery calls ``fail_past_hard_limit`` before it kills the process, and a process frozen inside a
+    write still holds SQLite's write lock: the failure could not be recorded (database is locked) and
+    the job stayed "running" until the reaper found its beat stale. Celery kills it next anyway.
+    """
+    pid_text = (worker or "").rpartition(":")[2]
+    if not pid_text.isdigit():
+        return
+    try:
+        proc = psutil.Process(int(pid_text))
+        if proc.ppid() == os.getpid():  # a pool process of this very worker, never another one's
+            proc.kill()  # its locks go with it; Celery still reaps it
+    except psutil.Error:
+        return

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from datetime import datetime
-
 from fastapi import APIRouter, Query, Response
 from fastapi.responses import StreamingResponse
 
 from api.deps import DbSession, Owner
+from api.params import IdPath, Limit, Offset, Since
 from api.schemas.chats import (
     ChatCreate,
     ChatPublic,
@@ -20,7 +19,7 @@ from api.schemas.chats import (
     MessagePublic,
 )
 from api.services import chats
-from api.services.exports import export_lines, export_response
+from api.services.exports import EXPORT_RESPONSES, export_lines, export_response
 from db.models import ChatMessage, ChatSession
 
 router = APIRouter(prefix="/chats", tags=["chats"])
@@ -32,22 +31,21 @@ def create_chat(body: ChatCreate, db: DbSession, owner: Owner) -> ChatSession:
 
 
 @router.patch("/{chat_id}", response_model=ChatPublic)
-def update_chat(chat_id: int, body: ChatUpdate, db: DbSession, owner: Owner) -> ChatSession:
+def update_chat(chat_id: IdPath, body: ChatUpdate, db: DbSession, owner: Owner) -> ChatSession:
     """Rename a chat or replace its default model and settings (later turns use them)."""
     return chats.update_chat(db, chat_id, body, owner)
 
 
 @router.get("", response_model=ChatsPublic)
-def list_chats(db: DbSession, owner: Owner, limit: int = Query(50, ge=1, le=500),
-               offset: int = Query(0, ge=0)) -> ChatsPublic:
+def list_chats(db: DbSession, owner: Owner, limit: Limit = 50, offset: Offset = 0) -> ChatsPublic:
     rows, count = chats.list_chats(db, owner, limit, offset)
     return ChatsPublic(data=[ChatPublic(id=c.id, title=c.title, settings=c.settings, created_at=c.created_at,
                                         updated_at=c.updated_at) for c in rows], count=count)
 
 
-@router.get("/export")
+@router.get("/export", responses=EXPORT_RESPONSES)
 def export_chats(
-    db: DbSession, owner: Owner, format: ExportFormat = "jsonl", since: datetime | None = None,
+    db: DbSession, owner: Owner, format: ExportFormat = "jsonl", since: Since = None,
     model: str | None = Query(None, description="only chats with a reply from this model"),
 ) -> StreamingResponse:
     """Every visible chat, streamed page by page (10,000 chats never sit in memory at once)."""
@@ -55,30 +53,30 @@ def export_chats(
 
 
 @router.get("/{chat_id}", response_model=ChatPublic)
-def read_chat(chat_id: int, db: DbSession, owner: Owner) -> ChatSession:
+def read_chat(chat_id: IdPath, db: DbSession, owner: Owner) -> ChatSession:
     return chats.get_chat_or_404(db, chat_id, owner)
 
 
 @router.delete("/{chat_id}", status_code=204)
-def delete_chat(chat_id: int, db: DbSession, owner: Owner) -> Response:
+def delete_chat(chat_id: IdPath, db: DbSession, owner: Owner) -> Response:
     db.delete(chats.get_chat_or_404(db, chat_id, owner))
     db.commit()
     return Response(status_code=204)
 
 
 @router.post("/{chat_id}/messages", status_code=202, response_model=MessageAccepted)
-def post_message(chat_id: int, body: MessageCreate, db: DbSession, owner: Owner) -> MessageAccepted:
+def post_message(chat_id: IdPath, body: MessageCreate, db: DbSession, owner: Owner) -> MessageAccepted:
     """Store the user's turn, enqueue the reply; the assistant turn is filled in when the job ends."""
     return chats.post_message(db, chat_id, body, owner)
 
 
 @router.post("/{chat_id}/messages/{message_id}/feedback", response_model=MessagePublic)
-def message_feedback(chat_id: int, message_id: int, body: Feedback, db: DbSession, owner: Owner) -> ChatMessage:
+def message_feedback(chat_id: IdPath, message_id: IdPath, body: Feedback, db: DbSession, owner: Owner) -> ChatMessage:
     """Thumbs up/down and an optional corrected reply: raw material for later training."""
     return chats.feedback(db, chat_id, message_id, body, owner)
 
 
-@router.get("/{chat_id}/export")
-def export_chat(chat_id: int, db: DbSession, owner: Owner, format: ExportFormat = "jsonl") -> StreamingResponse:
+@router.get("/{chat_id}/export", responses=EXPORT_RESPONSES)
+def export_chat(chat_id: IdPath, db: DbSession, owner: Owner, format: ExportFormat = "jsonl") -> StreamingResponse:
     chats.get_chat_or_404(db, chat_id, owner)
     return export_response(export_lines(format, owner, chat_id=chat_id), format, f"chat-{chat_id}")

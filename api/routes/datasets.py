@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from fastapi import APIRouter, HTTPException, Query, Request
+from fastapi import APIRouter, HTTPException, Request
 from pydantic import ValidationError
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
@@ -13,7 +13,10 @@ from starlette.datastructures import UploadFile
 
 from api.deps import DbSession, Owner
 from api.errors import unprocessable
+from api.guards import upload_limit_bytes
+from api.params import IdPath, Limit, Offset
 from api.schemas.datasets import (
+    NAME_MAX,
     DatasetCreate,
     DatasetCreated,
     DatasetPublic,
@@ -26,6 +29,7 @@ from csra.settings import get_settings
 from db.models import Dataset, DatasetExample, DatasetStatus
 
 router = APIRouter(prefix="/datasets", tags=["datasets"])
+
 
 @router.post(
     "",
@@ -51,30 +55,27 @@ router = APIRouter(prefix="/datasets", tags=["datasets"])
     },
 )
 async def create_dataset(request: Request, owner: Owner) -> DatasetCreated:
-    """Import a dataset: JSON ``{name, source, options}`` or a multipart upload (``file``)."""
+    """Import a dataset: JSON ``{name, source, options}`` or a multipart upload (``file``).
+
+    The body size is capped before it is read (``max_body_size`` on this route: CSRA_MAX_UPLOAD_MB,
+    chunked uploads included); other content types were answered 415 by ``api.guards``."""
     settings = get_settings()
-    ctype = request.headers.get("content-type", "")
-    max_bytes = int(settings.max_upload_mb * (1 << 20))
-    if ctype.startswith("multipart/form-data"):
-        declared = int(request.headers.get("content-length") or 0)
-        if declared > max_bytes + (1 << 16):
-            raise HTTPException(
-                status_code=413,
-                detail=f"upload is over the limit of {settings.max_upload_mb:g} MB (CSRA_MAX_UPLOAD_MB)"
-            )
+    if request.headers.get("content-type", "").startswith("multipart/form-data"):
         form = await request.form()
         upload = form.get("file")
         if not isinstance(upload, UploadFile):
             raise HTTPException(status_code=422, detail="multipart upload needs a 'file' field")
         spec = datasets.parse_options(form.get("options"))
-        path = await datasets.save_upload(upload, max_bytes)
-        name = str(form.get("name") or path.stem)
-        return await run_in_threadpool(datasets.create, name, f"upload:{path}", spec, owner)
+        name = str(form.get("name") or "")
+        if len(name) > NAME_MAX:
+            raise HTTPException(status_code=422, detail=f"'name' is longer than {NAME_MAX} characters")
+        path = await datasets.save_upload(upload, upload_limit_bytes(settings.max_upload_mb))
+        return await run_in_threadpool(datasets.create, name or path.stem, f"upload:{path}", spec, owner)
     try:
         body = DatasetCreate.model_validate(await request.json())
     except ValidationError as e:
         raise unprocessable(e) from None
-    except ValueError:
+    except (ValueError, RecursionError):  # not JSON, or nested too deep for the parser
         raise HTTPException(
             status_code=422, detail="send JSON {name, source, options} or a multipart upload with a 'file' field"
         ) from None
@@ -84,7 +85,7 @@ async def create_dataset(request: Request, owner: Owner) -> DatasetCreated:
 
 @router.get("", response_model=DatasetsPublic)
 def list_datasets(
-    db: DbSession, owner: Owner, limit: int = Query(100, ge=1, le=1000), offset: int = Query(0, ge=0)
+    db: DbSession, owner: Owner, limit: Limit = 100, offset: Offset = 0
 ) -> DatasetsPublic:
     count = db.scalar(select(func.count(Dataset.id))) or 0
     rows = db.scalars(select(Dataset).order_by(Dataset.id.desc()).limit(limit).offset(offset)).all()
@@ -99,19 +100,19 @@ def get_dataset_or_404(db: Session, dataset_id: int) -> Dataset:
 
 
 @router.get("/{dataset_id}", response_model=DatasetPublic)
-def read_dataset(dataset_id: int, db: DbSession, owner: Owner) -> Dataset:
+def read_dataset(dataset_id: IdPath, db: DbSession, owner: Owner) -> Dataset:
     return get_dataset_or_404(db, dataset_id)
 
 
 @router.get("/{dataset_id}/examples", response_model=ExamplesPublic)
 def dataset_examples(
-    dataset_id: int,
+    dataset_id: IdPath,
     db: DbSession,
     owner: Owner,
     split: Literal["train", "validation", "test"] | None = None,
     intent: str | None = None,
-    limit: int = Query(50, ge=1, le=1000),
-    offset: int = Query(0, ge=0),
+    limit: Limit = 50,
+    offset: Offset = 0,
 ) -> ExamplesPublic:
     ds = get_dataset_or_404(db, dataset_id)
     if ds.status != DatasetStatus.READY:

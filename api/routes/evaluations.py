@@ -11,6 +11,7 @@ from fastapi.responses import FileResponse, RedirectResponse
 from sqlalchemy import select
 
 from api.deps import DbSession, Owner
+from api.params import IdPath, IdQuery, Limit, Offset
 from api.schemas.estimates import EvaluateEstimate
 from api.schemas.evaluations import EvaluationPublic, EvaluationsPublic
 from api.schemas.jobs import JobPublic
@@ -37,8 +38,8 @@ def create_evaluate_job(body: EvaluateRequest, db: DbSession, owner: Owner, resp
 
 
 @router.get("/evaluations", response_model=EvaluationsPublic)
-def list_evaluations(db: DbSession, owner: Owner, dataset_id: int | None = None,
-                     limit: int = Query(50, ge=1, le=500)) -> EvaluationsPublic:
+def list_evaluations(db: DbSession, owner: Owner, dataset_id: IdQuery | None = None,
+                     limit: Limit = 50) -> EvaluationsPublic:
     q = select(Evaluation)
     if dataset_id is not None:
         q = q.where(Evaluation.dataset_id == dataset_id)
@@ -47,16 +48,16 @@ def list_evaluations(db: DbSession, owner: Owner, dataset_id: int | None = None,
 
 
 @router.get("/evaluations/{evaluation_id}", response_model=EvaluationPublic)
-def read_evaluation(evaluation_id: int, db: DbSession, owner: Owner) -> Evaluation:
+def read_evaluation(evaluation_id: IdPath, db: DbSession, owner: Owner) -> Evaluation:
     return evaluations.get_evaluation_or_404(db, evaluation_id)
 
 
 @router.get("/evaluations/{evaluation_id}/examples")
 def evaluation_examples(
-    evaluation_id: int, db: DbSession, owner: Owner, model: str | None = None,
+    evaluation_id: IdPath, db: DbSession, owner: Owner, model: str | None = None,
     sort: Literal["worst", "best", "id"] = "worst",
     pattern: str | None = Query(None, description=PATTERN_HELP),
-    intent: str | None = None, limit: int = Query(20, ge=1, le=500), offset: int = Query(0, ge=0),
+    intent: str | None = None, limit: Limit = 20, offset: Offset = 0,
 ) -> dict[str, Any]:
     """Stored predictions with per-example scores; ``sort=worst`` orders by ROUGE-L ascending."""
     evaluations.get_evaluation_or_404(db, evaluation_id)
@@ -69,7 +70,7 @@ def evaluation_examples(
 
 
 @router.get("/leaderboard")
-def leaderboard(db: DbSession, owner: Owner, dataset_id: int,
+def leaderboard(db: DbSession, owner: Owner, dataset_id: IdQuery,
                 metric: str = Query("rouge_l", description="the overall metric to rank by")) -> dict[str, Any]:
     """Every model evaluated on this dataset (its latest evaluation), best first, with its training config."""
     return evaluations.leaderboard(db, dataset_id, metric)
@@ -80,14 +81,14 @@ def _report_dir(evaluation_id: int) -> Path:
 
 
 @router.get("/evaluations/{evaluation_id}/report")
-def evaluation_report(evaluation_id: int, db: DbSession, owner: Owner,
+def evaluation_report(evaluation_id: IdPath, db: DbSession, owner: Owner,
                       format: Literal["md", "html"] = "html") -> RedirectResponse:
     evaluations.get_evaluation_or_404(db, evaluation_id)
     return RedirectResponse(f"/evaluations/{evaluation_id}/report.{format}", status_code=307)
 
 
 @router.get("/evaluations/{evaluation_id}/{filename}")
-def evaluation_file(evaluation_id: int, filename: str, db: DbSession, owner: Owner) -> FileResponse:
+def evaluation_file(evaluation_id: IdPath, filename: str, db: DbSession, owner: Owner) -> FileResponse:
     """The report (``report.md``, ``report.html``) and its plots, from the data dir."""
     ev = evaluations.get_evaluation_or_404(db, evaluation_id)
     if not FILE_RE.match(filename):

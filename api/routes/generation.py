@@ -6,6 +6,7 @@ from fastapi import APIRouter, HTTPException
 from sse_starlette.sse import EventSourceResponse
 
 from api.deps import DbSession, Owner
+from api.params import IdPath
 from api.schemas.jobs import JobPublic
 from api.services.generation import submit_generation, token_events
 from api.services.jobs import get_job_or_404
@@ -23,7 +24,7 @@ def create_generate_job(request: GenerateRequest, db: DbSession, owner: Owner) -
 
 
 @router.get("/{job_id}/stream")
-def stream_job(job_id: int, db: DbSession, owner: Owner) -> EventSourceResponse:
+def stream_job(job_id: IdPath, db: DbSession, owner: Owner) -> EventSourceResponse:
     """Server-sent events: each generated piece of text as ``token``, then ``done`` with the job
     (``reset`` when a retried attempt starts the reply over)."""
     job = get_job_or_404(db, job_id, owner)

@@ -84,7 +84,8 @@ def _check() -> dict[str, Any]:
     }
 
 
-@router.get("/health")
+@router.get("/health", responses={503: {"description": "the database, Redis or a queue's workers are not ok "
+                                                      "(the body says which)"}})
 async def health() -> JSONResponse:
     body = await run_in_threadpool(_check)
     return JSONResponse(body, status_code=200 if body["status"] == "ok" else 503)

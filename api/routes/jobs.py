@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter
 
 from api.deps import DbSession, Owner
+from api.params import MAX_LIMIT, After, IdPath, IdQuery, Limit, Offset
 from api.schemas.jobs import JobEventPublic, JobEventsPublic, JobPublic, JobsPublic
 from api.services import jobs
 from db.models import Job
@@ -19,23 +20,22 @@ StatusQ = Literal["queued", "running", "waiting", "succeeded", "failed", "cancel
 
 @router.get("", response_model=JobsPublic)
 def list_jobs(db: DbSession, owner: Owner, kind: KindQ | None = None, status: StatusQ | None = None,
-              parent_id: int | None = None, limit: int = Query(50, ge=1, le=1000),
-              offset: int = Query(0, ge=0)) -> JobsPublic:
+              parent_id: IdQuery | None = None, limit: Limit = 50,
+              offset: Offset = 0) -> JobsPublic:
     rows, count = jobs.list_jobs(db, owner, kind, status, parent_id, limit, offset)
     return JobsPublic(data=[JobPublic.model_validate(j) for j in rows], count=count)
 
 
 @router.get("/{job_id}", response_model=JobPublic)
-def read_job(job_id: int, db: DbSession, owner: Owner) -> Job:
+def read_job(job_id: IdPath, db: DbSession, owner: Owner) -> Job:
     """The hot polling path: a primary-key read, in the thread pool like every database call."""
     return jobs.get_job_or_404(db, job_id, owner)
 
 
 @router.get("/{job_id}/events", response_model=JobEventsPublic)
 def job_events(
-    job_id: int, db: DbSession, owner: Owner,
-    after: int = Query(0, ge=0, description="only events with a larger id (for incremental polling)"),
-    kind: Literal["log", "metric", "status"] | None = None, limit: int = Query(1000, ge=1, le=10000),
+    job_id: IdPath, db: DbSession, owner: Owner, after: After = 0,
+    kind: Literal["log", "metric", "status"] | None = None, limit: Limit = MAX_LIMIT,
 ) -> JobEventsPublic:
     jobs.get_job_or_404(db, job_id, owner)
     rows = jobs.events(db, job_id, after, kind, limit)
@@ -43,6 +43,6 @@ def job_events(
 
 
 @router.post("/{job_id}/cancel", response_model=JobPublic)
-def cancel_job(job_id: int, db: DbSession, owner: Owner) -> Job:
+def cancel_job(job_id: IdPath, db: DbSession, owner: Owner) -> Job:
     """Cooperative cancel: a queued job never starts; a running one stops at its next step."""
     return jobs.cancel(db, job_id, owner)

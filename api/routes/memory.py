@@ -7,6 +7,7 @@ from typing import Literal
 from fastapi import APIRouter, Query, Response
 
 from api.deps import DbSession, Owner
+from api.params import IdPath, Limit, Offset
 from api.schemas.jobs import JobPublic
 from api.schemas.memory import MemoryEntries, MemoryEntryPublic, MemoryRebuild, MemorySearch, MemoryStats
 from api.services import memory
@@ -35,13 +36,13 @@ def search_memory(db: DbSession, owner: Owner, q: str = Query(..., max_length=40
 
 @router.get("/entries", response_model=MemoryEntries)
 def list_entries(db: DbSession, owner: Owner, source: Literal["dataset", "chat"] | None = None,
-                 limit: int = Query(50, ge=1, le=500), offset: int = Query(0, ge=0)) -> MemoryEntries:
+                 limit: Limit = 50, offset: Offset = 0) -> MemoryEntries:
     rows, count = memory.entries(db, source, limit, offset)
     return MemoryEntries(data=[MemoryEntryPublic.model_validate(r) for r in rows], count=count)
 
 
 @router.delete("/entries/{entry_id}", status_code=204)
-def remove_entry(entry_id: int, db: DbSession, owner: Owner) -> Response:
+def remove_entry(entry_id: IdPath, db: DbSession, owner: Owner) -> Response:
     """Remove an answer (a wrong approval); it stops being found within a second everywhere."""
     memory.remove(db, entry_id)
     return Response(status_code=204)

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Query, Response
+from fastapi import APIRouter, Response
 from sqlalchemy import func, select
 
 from api.deps import DbSession, Owner
+from api.params import Limit
 from api.schemas.models import ModelPublic, ModelsPublic
 from api.services.models import delete_model, get_model_or_404
 from db.models import Model
@@ -15,7 +16,7 @@ router = APIRouter(prefix="/models", tags=["models"])
 
 @router.get("", response_model=ModelsPublic)
 def list_models(db: DbSession, owner: Owner, kind: str | None = None,
-                limit: int = Query(200, ge=1, le=1000)) -> ModelsPublic:
+                limit: Limit = 200) -> ModelsPublic:
     q = select(Model)
     if kind:
         q = q.where(Model.kind == kind)

@@ -7,20 +7,24 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, HTTPException
+from fastapi import APIRouter, HTTPException, Query
+from pydantic import ValidationError
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 from sse_starlette.sse import EventSourceResponse
 from starlette.concurrency import run_in_threadpool
 
 from api.deps import DbSession, Owner
+from api.errors import unprocessable
+from api.params import Limit
 from api.schemas.openai import ChatCompletionRequest, FineTuneCreate
 from api.services import jobs
 from api.services.generation import submit_generation, token_events
 from api.services.training import submit_training
 from csra.specs import GenerateRequest, TrainSpec
+from db.ids import parse_id
 from db.models import Job, JobEvent, Model
 from db.session import get_sessionmaker
 
@@ -29,20 +33,35 @@ router = APIRouter(prefix="/v1", tags=["openai-compatible"])
 DEFAULT_LR = 5e-5  # learning_rate_multiplier 1.0 = csra's default learning rate
 
 
-def _text(content: str | list[dict[str, Any]] | None) -> str:
-    if isinstance(content, list):
-        return "".join(part.get("text", "") for part in content if part.get("type") == "text")
-    return content or ""
+def _text(content: str | list[dict[str, Any]] | None, where: str) -> str:
+    """A message's text: a string, or a list of ``{"type": "text", "text": ...}`` parts (csra reads no
+    images, audio or files: such a part is a 422 naming it, not silently dropped)."""
+    if not isinstance(content, list):
+        return content or ""
+    texts = []
+    for i, part in enumerate(content):
+        kind = part.get("type")
+        if kind != "text":
+            raise HTTPException(status_code=422, detail=f"{where}.content[{i}]: content part type {str(kind)[:40]!r} "
+                                                        "is not supported; csra reads only 'text' parts")
+        if not isinstance(part.get("text"), str):
+            raise HTTPException(status_code=422, detail=f"{where}.content[{i}]: 'text' must be a string")
+        texts.append(part["text"])
+    return "".join(texts)
 
 
 def _request(body: ChatCompletionRequest) -> GenerateRequest:
-    msgs = [{"role": "assistant" if m.role == "assistant" else "user", "content": _text(m.content)}
-            for m in body.messages if m.role not in ("system", "developer")]
+    msgs = [{"role": "assistant" if m.role == "assistant" else "user", "content": _text(m.content, f"messages[{i}]")}
+            for i, m in enumerate(body.messages) if m.role not in ("system", "developer")]
     if not msgs or msgs[-1]["role"] != "user":
         raise HTTPException(status_code=422, detail="messages must end with a user message")
-    return GenerateRequest(model_id=body.model, messages=msgs, temperature=body.temperature or 0.0,
-                        top_p=body.top_p or 1.0, max_new_tokens=body.max_completion_tokens or body.max_tokens or 256,
-                        seed=body.seed, tone=body.tone, ask_details_only_if_relevant=body.ask_details_only_if_relevant)
+    try:
+        return GenerateRequest(model_id=body.model, messages=msgs, temperature=body.temperature or 0.0,
+                               top_p=body.top_p or 1.0,
+                               max_new_tokens=body.max_completion_tokens or body.max_tokens or 256, seed=body.seed,
+                               tone=body.tone, ask_details_only_if_relevant=body.ask_details_only_if_relevant)
+    except ValidationError as e:  # e.g. a blank message: a 422 naming it, never a 500
+        raise unprocessable(e, "invalid chat completion request") from None
 
 
 @router.get("/models")
@@ -116,18 +135,29 @@ STATUS = {"queued": "queued", "running": "running", "succeeded": "succeeded", "f
 
 
 def _dataset_id(ref: str) -> int:
-    raw = ref.removeprefix("ds-").removeprefix("file-")
-    if not raw.isdigit():
-        raise HTTPException(status_code=422, detail=f"training_file {ref!r} must be a csra dataset id such as 'ds-3' "
-                                                    "(import the file with POST /datasets first)")
-    return int(raw)
+    dataset_id = parse_id(ref.removeprefix("ds-").removeprefix("file-"))
+    if dataset_id is None:
+        raise HTTPException(status_code=422, detail=f"training_file {ref[:80]!r} must be a csra dataset id such as "
+                                                    "'ds-3' (import the file with POST /datasets first)")
+    return dataset_id
 
 
 def _job_id(ref: str) -> int:
-    raw = ref.removeprefix("ftjob-")
-    if not raw.isdigit():
-        raise HTTPException(status_code=404, detail=f"fine-tuning job {ref!r} not found")
-    return int(raw)
+    job_id = parse_id(ref.removeprefix("ftjob-"))
+    if job_id is None:
+        raise HTTPException(status_code=404, detail=f"fine-tuning job {ref[:80]!r} not found")
+    return job_id
+
+
+def _after(after: str | None, prefix: str) -> int | None:
+    """A list's ``after`` cursor (``<prefix><id>``) as an id; 422 when it is not one."""
+    if after is None:
+        return None
+    value = parse_id(after.removeprefix(prefix))
+    if value is None:
+        raise HTTPException(status_code=422, detail=f"'after' must be an id such as '{prefix}12' "
+                                                    "(the last one of the previous page)")
+    return value
 
 
 def _ts(dt: Any) -> int | None:
@@ -178,12 +208,15 @@ def create_fine_tuning_job(body: FineTuneCreate, db: DbSession, owner: Owner) ->
 
 
 @router.get("/fine_tuning/jobs")
-def list_fine_tuning_jobs(db: DbSession, owner: Owner, limit: int = 20, after: str | None = None) -> dict[str, Any]:
+def list_fine_tuning_jobs(db: DbSession, owner: Owner, limit: Limit = 20,
+                          after: Annotated[str | None, Query(pattern=r"^(ftjob-)?[0-9]{1,18}$")] = None
+                          ) -> dict[str, Any]:
     q = select(Job).where(Job.kind == "train")
     if owner is not None:
         q = q.where((Job.owner == owner) | Job.owner.is_(None))
-    if after:
-        q = q.where(Job.id < _job_id(after))
+    after_id = _after(after, "ftjob-")
+    if after_id is not None:
+        q = q.where(Job.id < after_id)
     rows = db.scalars(q.order_by(Job.id.desc()).limit(limit + 1)).all()
     return {"object": "list", "data": [fine_tuning_job(j) for j in rows[:limit]], "has_more": len(rows) > limit}
 
@@ -200,12 +233,14 @@ def cancel_fine_tuning_job(ref: str, db: DbSession, owner: Owner) -> dict[str, A
 
 
 @router.get("/fine_tuning/jobs/{ref}/events")
-def fine_tuning_events(ref: str, db: DbSession, owner: Owner, limit: int = 20, after: str | None = None
+def fine_tuning_events(ref: str, db: DbSession, owner: Owner, limit: Limit = 20,
+                       after: Annotated[str | None, Query(pattern=r"^(ftevent-)?[0-9]{1,18}$")] = None
                        ) -> dict[str, Any]:
     job = _train_job(db, ref, owner)
     q = select(JobEvent).where(JobEvent.job_id == job.id)
-    if after:
-        q = q.where(JobEvent.id < int(after.removeprefix("ftevent-")))
+    after_id = _after(after, "ftevent-")
+    if after_id is not None:
+        q = q.where(JobEvent.id < after_id)
     rows = db.scalars(q.order_by(JobEvent.id.desc()).limit(limit + 1)).all()
     data = [{"id": f"ftevent-{e.id}", "object": "fine_tuning.job.event", "created_at": _ts(e.ts),
              "level": "error" if e.message.startswith("failed") else "info",

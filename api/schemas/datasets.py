@@ -5,21 +5,24 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_serializer
 
 from api.schemas.common import Public
 from api.schemas.jobs import JobPublic
 from csra.specs import ImportSpec
+
+NAME_MAX = 200
 
 
 class DatasetCreate(BaseModel):
     """Import from a server-side file or a Hugging Face dataset id."""
 
     model_config = ConfigDict(extra="forbid")
-    name: str = Field(..., min_length=1, max_length=200)
+    name: str = Field(..., min_length=1, max_length=NAME_MAX)
     source: str = Field(
         ...,
         min_length=1,
+        max_length=4096,
         description="a server-side path under an allowed import folder, or a Hugging Face dataset id "
         "(e.g. 'bitext/Bitext-customer-support-llm-chatbot-training-dataset'; prefix 'hf:' to force)",
     )
@@ -37,6 +40,12 @@ class DatasetPublic(Public):
     row_count: int
     created_at: datetime
     updated_at: datetime
+
+    @field_serializer("source")
+    def _source(self, source: str) -> str:
+        """An upload as ``upload:<file name>``: its server path (data dir, other users' folders) is not shown."""
+        scheme, _, value = source.partition(":")
+        return f"upload:{value.replace(chr(92), '/').rsplit('/', 1)[-1]}" if scheme == "upload" else source
 
 
 class DatasetsPublic(BaseModel):

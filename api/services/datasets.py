@@ -28,27 +28,53 @@ HF_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 ALLOWED_SUFFIXES = {".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet", ".pq": "parquet"}
 
 
+IMPORT_FOLDERS = ("the allowed import folders (the data dir's 'imports' folder, the Bitext copy's folder "
+                  "and CSRA_IMPORT_ROOTS)")
+MAX_NAME_CHARS = 120  # of an uploaded file's name as stored (file systems refuse names over 255 bytes)
+
+
 def resolve_source(source: str) -> str:
-    """A stored source string: ``file:<abs path>`` or ``hf:<id>``; 422/403 with a reason otherwise."""
-    settings = get_settings()
+    """A stored source string: ``file:<abs path>`` or ``hf:<id>``; 422/403 with a reason otherwise.
+
+    Errors quote the source as typed, never the resolved absolute path (it would show the server's
+    working dir, home and data dir to the caller)."""
     if source.startswith("hf:"):
         return source
-    candidate = Path(source).expanduser()
-    looks_like_path = candidate.is_absolute() or source.startswith((".", "~")) or candidate.suffix in ALLOWED_SUFFIXES
-    if not looks_like_path and HF_ID.match(source):
-        return f"hf:{source}"
-    path = candidate.resolve()
-    roots = settings.allowed_import_roots
-    if not any(path.is_relative_to(r) for r in roots):
-        allowed = ", ".join(str(r) for r in roots)
-        raise HTTPException(
-            status_code=403,
-            detail=f"{path} is outside the allowed import folders ({allowed}); "
-            "upload the file instead, or add its folder to CSRA_IMPORT_ROOTS",
-        )
-    if not path.is_file():
-        raise HTTPException(status_code=422, detail=f"no file at {path}")
+    shown = source if len(source) <= 200 else source[:200] + "..."
+    try:
+        candidate = Path(source).expanduser()
+        looks_like_path = (candidate.is_absolute() or source.startswith((".", "~"))
+                           or candidate.suffix in ALLOWED_SUFFIXES)
+        if not looks_like_path and HF_ID.match(source):
+            return f"hf:{source}"
+        path = candidate.resolve()
+        if not get_settings().importable(path):
+            raise HTTPException(
+                status_code=403,
+                detail=f"source {shown!r} is outside {IMPORT_FOLDERS}; "
+                "upload the file instead, or add its folder to CSRA_IMPORT_ROOTS",
+            )
+        is_file = path.is_file()
+    except (OSError, ValueError, RuntimeError) as e:  # NUL bytes, over-long names, symlink loops, no home
+        raise HTTPException(status_code=422, detail=f"source {shown!r} is not a usable path: "
+                                                    f"{getattr(e, 'strerror', None) or e}") from None
+    if not is_file:
+        raise HTTPException(status_code=422, detail=f"no file at {shown!r} (in {IMPORT_FOLDERS})")
     return f"file:{path}"
+
+
+def upload_name(raw: str | None) -> str:
+    """The uploaded file's own name, made safe to store: no folders, no NUL/control characters, and
+    at most MAX_NAME_CHARS characters (the suffix kept); 415 unless it is a .csv, .jsonl or .parquet."""
+    name = Path((raw or "upload").replace("\\", "/")).name
+    name = "".join(c for c in name if c.isprintable()).strip() or "upload"
+    stem, suffix = Path(name).stem, Path(name).suffix
+    if suffix.lower() not in ALLOWED_SUFFIXES:
+        raise HTTPException(
+            status_code=415,
+            detail=f"unsupported file type {name[:MAX_NAME_CHARS]!r}: upload a .csv, .jsonl or .parquet file",
+        )
+    return stem[: MAX_NAME_CHARS - len(suffix)] + suffix
 
 
 def create(name: str, source: str, spec: ImportSpec, owner: str | None) -> DatasetCreated:
@@ -68,12 +94,7 @@ def _create_in(db: Session, name: str, source: str, spec: ImportSpec, owner: str
 
 async def save_upload(upload: UploadFile, max_bytes: int) -> Path:
     """Stream the upload into the data dir, refusing empty files and files over the limit."""
-    filename = Path(upload.filename or "upload").name
-    if Path(filename).suffix.lower() not in ALLOWED_SUFFIXES:
-        raise HTTPException(
-            status_code=415,
-            detail=f"unsupported file type {filename!r}: upload a .csv, .jsonl or .parquet file",
-        )
+    filename = upload_name(upload.filename)
     folder = get_settings().uploads_dir / uuid.uuid4().hex
     folder.mkdir(parents=True, exist_ok=True)
     dest = folder / filename

@@ -21,6 +21,10 @@ from db.session import get_sessionmaker
 
 MEDIA = {"jsonl": "application/x-ndjson", "csv": "text/csv", "txt": "text/plain", "md": "text/markdown"}
 PAGE = 200
+EXPORT_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"description": "the chats as a file (Content-Disposition: attachment)",
+          "content": {f"{media}; charset=utf-8": {"schema": {"type": "string"}} for media in MEDIA.values()}},
+}
 
 
 def export_response(lines: Iterator[str], fmt: str, stem: str) -> StreamingResponse:

@@ -26,7 +26,9 @@ def make_client(tmp_path, monkeypatch) -> Iterator:
         migrate.upgrade()
         from api.main import create_app
 
-        client = TestClient(create_app())
+        # as a local client talks to it: from loopback, Host 127.0.0.1 (api.guards refuses changes from
+        # anywhere else while no API key is set)
+        client = TestClient(create_app(), base_url="http://127.0.0.1:8000", client=("127.0.0.1", 50000))
         clients.append(client)
         return client
 

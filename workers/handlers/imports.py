@@ -28,10 +28,13 @@ def resolve_source(source: str, work_dir: Path) -> Path:
     if scheme not in ("upload", "file"):
         raise JobError(f"unknown dataset source {source!r}")
     path = Path(value).resolve()
-    if not any(path.is_relative_to(root) for root in settings.allowed_import_roots):
-        raise JobError(f"{path} is outside the allowed import folders")
+    # an upload is read from the uploads folder only; a typed path from the import folders only (the
+    # API checked both when the job was created; checked again in case the stored row was altered)
+    allowed = path.is_relative_to(settings.uploads_dir) if scheme == "upload" else settings.importable(path)
+    if not allowed:
+        raise JobError(f"{path.name!r} is outside the allowed import folders (see CSRA_IMPORT_ROOTS)")
     if not path.is_file():
-        raise JobError(f"dataset file {path} does not exist (or is not a file)")
+        raise JobError(f"dataset file {path.name!r} does not exist (or is not a file)")
     return path
 
 
