@@ -54,6 +54,13 @@ def api(stack: Stack) -> Iterator[httpx.Client]:
         yield client
 
 
+@pytest.fixture(scope="module")
+def api_module(stack: Stack) -> Iterator[httpx.Client]:
+    """A client for a test module's module-scoped fixtures (a dataset imported once per module)."""
+    with httpx.Client(base_url=stack.url, timeout=120) as client:
+        yield client
+
+
 @pytest.fixture()
 def db_env(stack: Stack, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Point this test process's settings at the stack's database (for direct checks)."""

@@ -7,7 +7,6 @@ import subprocess
 import sys
 import time
 
-import httpx
 import pytest
 
 from tests.integration.helpers import import_path, wait_job
@@ -16,12 +15,6 @@ from tests.stack import wait_until
 # a run of the tiny model long enough (seconds) to report an ETA several times
 RUN = {"method": "lora", "precision": "fp32", "epochs": 1, "batch_size": 8, "max_train_samples": 2000,
        "max_eval_samples": 16, "logging_steps": 5, "lora_r": 4}
-
-
-@pytest.fixture(scope="module")
-def api_module(stack):
-    with httpx.Client(base_url=stack.url, timeout=120) as client:
-        yield client
 
 
 @pytest.fixture(scope="module")

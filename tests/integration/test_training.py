@@ -18,14 +18,6 @@ def dataset_id(api_module, bitext_path) -> int:
     return created["dataset"]["id"]
 
 
-@pytest.fixture(scope="module")
-def api_module(stack):
-    import httpx
-
-    with httpx.Client(base_url=stack.url, timeout=30) as client:
-        yield client
-
-
 def _train(api, **params) -> dict:
     r = api.post("/jobs/train", json=params)
     assert r.status_code == 202, r.text
