@@ -65,6 +65,18 @@ def _hostname(netloc: str) -> str | None:
         return None
 
 
+def rebinding_refusal(scope: Scope, headers: Headers) -> str | None:
+    """Why any request (reads too) with no API key configured is refused, or None: a ``Host`` that is not a
+    loopback name is a page of another site whose name was pointed at 127.0.0.1 (DNS rebinding), which
+    the browser would otherwise let read every chat and dataset as if it were its own."""
+    host = headers.get("host", "")
+    if _hostname(host) in LOOPBACK_NAMES:
+        return None
+    return (f"{scope['method']} refused: no API key is configured, so only this machine may call the API, and "
+            f"the Host header {host[:100]!r} is not 127.0.0.1, localhost or [::1]. Set CSRA_API_KEY on the server "
+            "and send 'Authorization: Bearer <key>'")
+
+
 def cross_site_refusal(scope: Scope, headers: Headers) -> str | None:
     """Why a state-changing request with no API key configured is refused, or None."""
     client = scope.get("client")
@@ -125,7 +137,9 @@ class RequestGuard:
         headers = Headers(scope=scope)
         method = scope["method"]
         refusal: tuple[int, str | None] = (0, None)
-        if method in STATE_CHANGING and not settings.api_key:
+        if not settings.api_key:
+            refusal = (403, rebinding_refusal(scope, headers))
+        if refusal[1] is None and method in STATE_CHANGING and not settings.api_key:
             refusal = (403, cross_site_refusal(scope, headers))
         if refusal[1] is None and method in WITH_BODY:
             refusal = (415, content_type_refusal(scope, headers))

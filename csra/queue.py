@@ -7,6 +7,7 @@ name and never imports ``workers`` (nor torch). Workers load ``workers.tasks`` t
 
 from __future__ import annotations
 
+import hashlib
 from functools import lru_cache
 from typing import Any
 from urllib.parse import urlsplit
@@ -90,6 +91,14 @@ def time_limits(kind: str) -> tuple[float, float]:
     limit, _ = settings.time_limit(kind)
     grace = settings.time_limit_grace_seconds
     return limit + grace / 2, limit + grace
+
+
+CALIBRATION_ERROR = ":error"  # suffix of the key a failed calibration leaves its error under, for a while
+
+
+def calibration_key(base_model: str, method: str, precision: str) -> str:
+    """The Redis key that marks a calibration as asked for (one at a time per base model, method, precision)."""
+    return "csra:calibrating:" + hashlib.sha1(f"{base_model}|{method}|{precision}".encode()).hexdigest()
 
 
 def send_calibration(params: dict[str, Any], pending_key: str) -> None:

@@ -136,8 +136,9 @@ def _parse_command(name: str, rest: str) -> Action:
 
 # ---------------------------------------------------------------------------- the chat, over the API
 def error_text(e: ApiError) -> str:
-    """An API error as one line; no answer at all also says how to start the API."""
-    return f"{e.detail} {START_HINT}" if e.status == 0 else e.detail
+    """An API error as one line; an API that cannot be reached at all also says how to start it (not a
+    stream cut short or a timeout: the API is up then)."""
+    return f"{e.detail} {START_HINT}" if e.status == 0 and "cannot reach" in e.detail else e.detail
 
 
 def follow_reply(

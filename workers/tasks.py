@@ -12,7 +12,7 @@ from celery import Task
 from celery.exceptions import TimeLimitExceeded
 from celery.signals import worker_process_init
 
-from csra.queue import CALIBRATE_TASK, REAPER_TASK, TASK_NAMES, get_celery, time_limits
+from csra.queue import CALIBRATE_TASK, CALIBRATION_ERROR, REAPER_TASK, TASK_NAMES, get_celery, time_limits
 from csra.settings import get_settings
 from db.jobs import JobKind
 from workers import runner
@@ -86,14 +86,17 @@ def reap_stale_jobs() -> dict[str, Any]:
 
 @app.task(name=CALIBRATE_TASK, acks_late=False)
 def calibrate_training(params: dict[str, Any], pending_key: str = "") -> dict[str, Any]:
+    from csra.redis_conn import get_redis
     from workers.handlers.calibration import calibrate
 
     try:
         return calibrate(params)
+    except Exception as exc:  # the estimate waiting on it says why at once (and for a minute, not again)
+        if pending_key:
+            get_redis().set(pending_key + CALIBRATION_ERROR, str(exc)[:300] or type(exc).__name__, ex=60)
+        raise
     finally:
         if pending_key:
-            from csra.redis_conn import get_redis
-
             get_redis().delete(pending_key)
 
 

@@ -57,10 +57,10 @@ router = APIRouter(prefix="/datasets", tags=["datasets"])
 async def create_dataset(request: Request, owner: Owner) -> DatasetCreated:
     """Import a dataset: JSON ``{name, source, options}`` or a multipart upload (``file``).
 
-    The body size is capped before it is read (``max_body_size`` on this route: CSRA_MAX_UPLOAD_MB,
-    chunked uploads included); other content types were answered 415 by ``api.guards``."""
+    The body size is capped as it arrives by ``api.guards`` (CSRA_MAX_UPLOAD_MB, chunked uploads
+    included), which also answered other content types 415."""
     settings = get_settings()
-    if request.headers.get("content-type", "").startswith("multipart/form-data"):
+    if request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
         form = await request.form()
         upload = form.get("file")
         if not isinstance(upload, UploadFile):

@@ -10,12 +10,12 @@ the estimate says so and gives no time rather than a guess.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import time
 from typing import Any
 
 import redis
+from kombu.exceptions import KombuError
 from sqlalchemy import ColumnElement, case, func, select
 from sqlalchemy.orm import QueryableAttribute, Session
 
@@ -28,7 +28,7 @@ from api.schemas.estimates import (
     TrainEstimate,
 )
 from csra.presence import live_workers
-from csra.queue import QUEUES, send_calibration
+from csra.queue import CALIBRATION_ERROR, QUEUES, calibration_key, send_calibration
 from csra.redis_conn import get_redis
 from csra.settings import get_settings
 from csra.specs import RETRIEVAL, EvaluateSpec, TrainSpec
@@ -96,6 +96,10 @@ def _measured(db: Session, base: str, spec: TrainSpec) -> Throughput | None:
                       precision=row.precision, worker=row.worker, measured_at=row.measured_at)
 
 
+def _text(value: bytes | str) -> str:
+    return value.decode(errors="replace") if isinstance(value, bytes) else value
+
+
 def _calibrate(db: Session, base: str, spec: TrainSpec) -> tuple[Throughput | None, str | None]:
     """Ask the train worker for a measurement and wait for it; (None, why) when it cannot come now."""
     try:
@@ -103,21 +107,31 @@ def _calibrate(db: Session, base: str, spec: TrainSpec) -> tuple[Throughput | No
         if not live_workers(client, QUEUES).get("train"):
             return None, ("no train worker is alive, so no time estimate: start one (`csra worker --queue train`, "
                           "or `csra up`)")
-        key = "csra:calibrating:" + hashlib.sha1(f"{base}|{spec.method}|{spec.precision}".encode()).hexdigest()
+        key = calibration_key(base, spec.method, spec.precision)
         wait = get_settings().estimate_wait_seconds
+        failed = client.get(key + CALIBRATION_ERROR)
+        if failed is not None:  # tried moments ago and failed: say why rather than load the model again
+            return None, f"the train worker could not calibrate {base} ({spec.method}): {_text(failed)}"
         if client.set(key, "1", nx=True, ex=600):  # the worker deletes it when done; 600 s: the task's expiry
-            send_calibration(spec.model_dump(mode="json"), key)
-    except (redis.RedisError, OSError):
+            try:
+                send_calibration(spec.model_dump(mode="json"), key)
+            except Exception:  # kombu's errors share no base class with redis-py's; no stale key either way
+                client.delete(key)
+                raise
+    except (redis.RedisError, OSError, KombuError):
         return None, "Redis is unreachable, so the train worker cannot be asked for a time estimate"
     deadline = time.monotonic() + wait
     while True:
         db.rollback()  # a fresh snapshot: the worker commits the measurement in another connection
         found = _measured(db, base, spec)
-        if found is not None or time.monotonic() >= deadline:
+        failed = None if found is not None else client.get(key + CALIBRATION_ERROR)
+        if found is not None or failed is not None or time.monotonic() >= deadline:
             break
         time.sleep(POLL_SECONDS)
     if found is not None:
         return found, None
+    if failed is not None:
+        return None, f"the train worker could not calibrate {base} ({spec.method}): {_text(failed)}"
     busy = db.scalar(select(Job.id).where(Job.queue == "train", Job.status == JobStatus.RUNNING).limit(1))
     behind = f" (it is busy with job {busy})" if busy else ""
     return None, (f"{base} ({spec.method}) has never been measured on this deployment and the train worker's "
@@ -151,7 +165,7 @@ def estimate_training(db: Session, spec: TrainSpec, calibrate: bool = True) -> T
         val_pass = val.prompt_tokens + (val.reply_tokens or 0)
         tokens = round(per_epoch * steps / max(steps_per_epoch, 1) + evaluations * val_pass * EVAL_COST)
     throughput, note = _measured(db, base, spec), None
-    if throughput is None and calibrate:
+    if throughput is None and calibrate and tokens is not None:  # no tokens: no time, whatever the speed
         throughput, note = _calibrate(db, base, spec)
     if tokens is None:
         note = (f"dataset {spec.dataset_id} has no token counts (imported before csra counted them, or without the "
@@ -178,7 +192,14 @@ def estimate_training(db: Session, spec: TrainSpec, calibrate: bool = True) -> T
 
 
 def estimate_sweep(db: Session, specs: list[TrainSpec]) -> SweepEstimate:
-    configs = [estimate_training(db, s) for s in specs]
+    """Each config's estimate; a calibration is asked for (and waited on) once per base model, method and
+    precision, not once per config."""
+    asked: set[tuple[str, str, str]] = set()
+    configs = []
+    for s in specs:
+        setting = (_base_name(db, s.base_model), s.method, s.precision)
+        configs.append(estimate_training(db, s, calibrate=setting not in asked))
+        asked.add(setting)
     known = [c.estimated_seconds for c in configs]
     total = sum(s for s in known if s is not None) if all(s is not None for s in known) else None
     summary = f"{len(configs)} training runs, {sum(c.steps for c in configs):,} steps"
@@ -188,11 +209,13 @@ def estimate_sweep(db: Session, specs: list[TrainSpec]) -> SweepEstimate:
     return SweepEstimate(configs=configs, estimated_seconds=total, summary=summary, confirm=confirm, note=note)
 
 
-def _examples_per_second(db: Session, name: str) -> tuple[float, int] | None:
-    """The speed of ``name``'s latest evaluation here (examples/s) and its id."""
+def _examples_per_second(db: Session, name: str, spec: EvaluateSpec) -> tuple[float, int] | None:
+    """The speed (examples/s) and id of ``name``'s latest evaluation here with the same generation settings
+    (reply length limit and beams decide the time far more than the rows)."""
     for ev in db.scalars(select(Evaluation).where(Evaluation.status == "succeeded")
                          .order_by(Evaluation.id.desc()).limit(50)):
-        eps = ((ev.metrics or {}).get(name) or {}).get("overall", {}).get("examples_per_second")
+        same = all((ev.params or {}).get(k) == getattr(spec, k) for k in ("max_new_tokens", "num_beams"))
+        eps = ((ev.metrics or {}).get(name) or {}).get("overall", {}).get("examples_per_second") if same else None
         if eps:
             return float(eps), ev.id
     return None
@@ -207,12 +230,13 @@ def estimate_evaluation(db: Session, spec: EvaluateSpec, names: list[str]) -> Ev
         if model is not None and model.kind == RETRIEVAL:
             models.append(ModelEstimate(model=name, estimated_seconds=0.0, source="no generation (retrieval)"))
             continue
-        speed = _examples_per_second(db, name)
+        speed = _examples_per_second(db, name, spec)
         models.append(ModelEstimate(model=name, estimated_seconds=split.rows_used / speed[0] if speed else None,
                                     source=f"evaluation {speed[1]}" if speed else None))
     unknown = [m.model for m in models if m.estimated_seconds is None]
     total = None if unknown else sum(m.estimated_seconds or 0.0 for m in models)
-    note = (f"no evaluation of {', '.join(unknown)} has finished on this deployment yet, so no time estimate for "
+    note = (f"no evaluation of {', '.join(unknown)} with max_new_tokens={spec.max_new_tokens} and "
+            f"num_beams={spec.num_beams} has finished on this deployment yet, so no time estimate for "
             "it" if unknown else None)
     summary = f"{split.rows_used:,} of {split.rows:,} {spec.split} rows x {len(names)} model(s)"
     summary += f": {duration(total)}" if total is not None else f"; {note}"

@@ -124,3 +124,15 @@ def test_without_a_train_worker_the_estimate_says_so(stack, api, dataset):
         stack.start_worker("train")
         stack.wait_ready(("train",))
     time.sleep(0.1)
+
+
+def test_a_failed_calibration_is_said_at_once(stack, api, dataset):
+    empty = stack.root / "empty-model"  # a folder with no model in it: the train worker cannot load it
+    empty.mkdir(exist_ok=True)
+    body = {"dataset_id": dataset["id"], "base_model": str(empty), "dry_run": True}
+    for _ in range(2):  # the second answer comes from the stored error, without loading anything again
+        started = time.monotonic()
+        est = api.post("/jobs/train", json=body, timeout=120).json()
+        assert est["estimated_seconds"] is None and est["confirm"], est
+        assert "could not calibrate" in est["note"], est
+        assert time.monotonic() - started < 25  # not the whole CSRA_ESTIMATE_WAIT_SECONDS (30)

@@ -47,20 +47,17 @@ def count_tokens(rows: list[dict[str, Any]], ctx: JobContext) -> dict[str, Any] 
     """
     from ml.training.tokens import example_token_counts
     from models_store.loading import load_tokenizer
-    from models_store.registry import find_model_row
+    from models_store.registry import ensure_baseline_registered
 
     name = get_settings().baseline_name
-    base = find_model_row(name)
-    if base is None:
-        ctx.event("log", f"token counts skipped: the default base model {name!r} is not registered "
-                         "(csra models init); training estimates for this dataset will have no token counts")
-        return None
     ctx.progress(0.85, f"counting tokens ({name}'s tokenizer)")
-    try:
-        tokenizer, arch = load_tokenizer(base["path"])
+    try:  # registered by `csra up` / `csra models init`; a deployment without them converts it once here
+        tokenizer, arch = load_tokenizer(ensure_baseline_registered()["path"])
         counts = example_token_counts(tokenizer, arch, rows)
     except (JobError, ValueError, OSError) as exc:
-        ctx.event("log", f"token counts skipped: {exc}")
+        logger.warning("token counts of %d rows skipped: %s", len(rows), exc)  # the job log shows no server path
+        ctx.event("log", f"token counts skipped: the tokenizer of the default base model {name!r} could not be "
+                         "used; training estimates for this dataset will have no token counts")
         return None
     splits: dict[str, dict[str, int]] = {}
     for row, (prompt, reply) in zip(rows, counts, strict=True):
