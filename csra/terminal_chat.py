@@ -5,9 +5,9 @@ Replies are streamed token by token from ``GET /jobs/{id}/stream``, as the UI's 
 a reply is done the chat is read again, and the stored turn (placeholders filled from the company profile,
 intent, similar approved answers) is what the notes under the reply describe.
 
-Three layers, so the loop can be tested without a terminal: :func:`parse_line` turns a typed line into an
-action (no I/O), :class:`TerminalChat` holds the chat and talks to the API, :func:`run_loop` reads lines
-and shows replies through a :class:`ChatIO` (the terminal, or a fake in tests).
+Three layers, so the loop can be tested without a terminal: ``csra.chat_commands.parse_line`` turns a
+typed line into an action (no I/O), :class:`TerminalChat` holds the chat and talks to the API, and
+:func:`run_loop` reads lines and shows replies through a :class:`ChatIO` (the terminal, or a fake in tests).
 
 Output: the replies go to stdout (``csra chat > replies.txt`` keeps just them); the prompt, notes and
 errors go to stderr.
@@ -26,112 +26,28 @@ from typing import Annotated, Any, Protocol
 import typer
 from rich.console import Console
 
+from csra.chat_commands import (
+    HELP,
+    Action,
+    Export,
+    Help,
+    Hint,
+    NewChat,
+    Quit,
+    Rate,
+    Say,
+    Similar,
+    parse_line,
+)
 from csra.client import ApiError, Client
 from csra.specs import Tone
 
-EXPORT_FORMATS = ("jsonl", "csv", "txt", "md")
-RATINGS = ("up", "down")
 PROMPT = "you> "
 CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")  # all but tab and newline
 # the chat settings a new chat copies (the fields of the API's ChatSettings)
 SETTING_KEYS = ("model_id", "tone", "temperature", "top_p", "max_new_tokens", "ask_details_only_if_relevant", "seed")
 START_HINT = "Start it with `make run` or `csra up` (CSRA_API_URL says where the CLI looks for it)."
 
-HELP = """\
-Type a customer message and press Enter; the reply is streamed as it is written.
-  /export jsonl|csv|txt|md [PATH]  save this chat (default: the API's file name, in the current folder)
-  /feedback up|down [corrected]    rate the last reply; up approves it, a corrected text gives the right answer
-  /similar                         the approved answers most similar to the last message
-  /new                             start a new chat with the same settings
-  /help                            this help
-  /quit                            leave (Ctrl-D too); Ctrl-C stops a reply being written
-A message that starts with "/" is sent by doubling the slash: //etc."""
-
-
-# ---------------------------------------------------------------------------- typed lines
-@dataclass(frozen=True)
-class Say:
-    text: str
-
-
-@dataclass(frozen=True)
-class Export:
-    fmt: str
-    path: Path | None = None
-
-
-@dataclass(frozen=True)
-class Rate:
-    rating: str
-    corrected: str | None = None
-
-
-@dataclass(frozen=True)
-class NewChat:
-    pass
-
-
-@dataclass(frozen=True)
-class Similar:
-    pass
-
-
-@dataclass(frozen=True)
-class Help:
-    pass
-
-
-@dataclass(frozen=True)
-class Quit:
-    pass
-
-
-@dataclass(frozen=True)
-class Hint:
-    """Bad input: the one line that says what to type instead."""
-
-    text: str
-
-
-@dataclass(frozen=True)
-class Blank:
-    pass
-
-
-Action = Say | Export | Rate | NewChat | Similar | Help | Quit | Hint | Blank
-
-
-def parse_line(line: str) -> Action:
-    """What a typed line asks for; a line that is not a command is a message."""
-    line = line.strip()
-    if not line:
-        return Blank()
-    if line.startswith("//"):
-        return Say(line[1:])
-    if not line.startswith("/"):
-        return Say(line)
-    name, _, rest = line[1:].partition(" ")
-    return _parse_command(name.lower(), rest.strip())
-
-
-def _parse_command(name: str, rest: str) -> Action:
-    if name == "export":
-        fmt, _, path = rest.partition(" ")
-        if fmt.lower() not in EXPORT_FORMATS:
-            return Hint(f"usage: /export {'|'.join(EXPORT_FORMATS)} [PATH]")
-        return Export(fmt.lower(), Path(path.strip()).expanduser() if path.strip() else None)
-    if name == "feedback":
-        rating, _, corrected = rest.partition(" ")
-        if rating.lower() not in RATINGS:
-            return Hint("usage: /feedback up|down [corrected reply]")
-        return Rate(rating.lower(), corrected.strip() or None)
-    simple: dict[str, Action] = {"new": NewChat(), "similar": Similar(), "help": Help(), "?": Help(),
-                                 "quit": Quit(), "exit": Quit(), "q": Quit()}
-    if name not in simple:
-        return Hint(f"unknown command /{name}; /help lists the commands")
-    if rest:
-        return Hint(f"/{name} takes no arguments")
-    return simple[name]
 
 
 # ---------------------------------------------------------------------------- the chat, over the API

@@ -20,26 +20,9 @@ from typing import Any
 import httpx
 import pytest
 
+from csra.chat_commands import Blank, Export, Help, Hint, NewChat, Quit, Rate, Say, Similar, parse_line
 from csra.client import ApiError, Client
-from csra.terminal_chat import (
-    PROMPT,
-    Blank,
-    Export,
-    Help,
-    Hint,
-    Line,
-    NewChat,
-    Quit,
-    Rate,
-    Say,
-    Similar,
-    StreamedReply,
-    TerminalChat,
-    error_text,
-    parse_line,
-    reply_notes,
-    run_loop,
-)
+from csra.terminal_chat import PROMPT, Line, StreamedReply, TerminalChat, error_text, reply_notes, run_loop
 
 REPO = Path(__file__).resolve().parents[2]
 
