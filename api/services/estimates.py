@@ -240,7 +240,9 @@ def estimate_evaluation(db: Session, spec: EvaluateSpec, names: list[str]) -> Ev
             "it" if unknown else None)
     summary = f"{split.rows_used:,} of {split.rows:,} {spec.split} rows x {len(names)} model(s)"
     summary += f": {duration(total)}" if total is not None else f"; {note}"
-    confirm = total is None or total > get_settings().confirm_train_above_seconds
+    # asked only above the threshold: no estimate is the rule for a model never evaluated here (every new
+    # fine-tune), and asking then would stop every script
+    confirm = total is not None and total > get_settings().confirm_train_above_seconds
     return EvaluateEstimate(split=spec.split, rows=split.rows, rows_used=split.rows_used,
                             prompt_tokens=split.prompt_tokens, max_new_tokens=spec.max_new_tokens, models=models,
                             estimated_seconds=total, summary=summary, confirm=confirm, note=note)
