@@ -106,13 +106,19 @@ def limited(tmp_path_factory: pytest.TempPathFactory, bitext_path: Path) -> Iter
         st.stop()
 
 
-def test_a_job_past_its_time_limit_fails_naming_the_setting(limited, bitext_path):
+@pytest.fixture(scope="module")
+def small_csv(limited: Stack, bitext_path: Path) -> Path:
+    """400 drawn Bitext rows (the file is sorted by intent): an import well inside this stack's 8 s limit."""
     import pandas as pd
 
-    small = limited.root / "imports" / "small.csv"  # imports well inside this stack's 8 s import limit
-    pd.read_csv(bitext_path).sample(400, random_state=0).to_csv(small, index=False)  # drawn: the file is sorted
+    small = limited.root / "imports" / "small.csv"
+    pd.read_csv(bitext_path).sample(400, random_state=0).to_csv(small, index=False)
+    return small
+
+
+def test_a_job_past_its_time_limit_fails_naming_the_setting(limited, small_csv):
     with httpx.Client(base_url=limited.url, timeout=30) as api:
-        ds = api.post("/datasets", json={"name": "b", "source": str(small)}).json()
+        ds = api.post("/datasets", json={"name": "b", "source": str(small_csv)}).json()
         assert wait_job(api, ds["job"]["id"])["status"] == "succeeded"
         train = api.post("/jobs/train", json={"dataset_id": ds["dataset"]["id"], "epochs": 50,
                                               "max_train_samples": 64, "batch_size": 4}).json()
@@ -129,7 +135,7 @@ def test_a_job_past_its_time_limit_fails_naming_the_setting(limited, bitext_path
         assert reply["status"] == "failed" and "CSRA_TIME_LIMIT_GENERATE" in reply["error"]
 
 
-def test_a_hung_job_is_killed_at_its_hard_limit(limited, bitext_path):
+def test_a_hung_job_is_killed_at_its_hard_limit(limited, bitext_path, small_csv):
     """A job that cannot even stop itself (its process frozen) is killed when the hard limit passes."""
     import pandas as pd
 
@@ -151,5 +157,5 @@ def test_a_hung_job_is_killed_at_its_hard_limit(limited, bitext_path):
         assert "hard time limit of 10 s (CSRA_TIME_LIMIT_IMPORT + CSRA_TIME_LIMIT_GRACE_SECONDS)" in done["error"]
         assert "killed" in done["error"]
         # the worker slot is free again: the next import runs
-        again = api.post("/datasets", json={"name": "again", "source": str(bitext_path)}).json()
+        again = api.post("/datasets", json={"name": "again", "source": str(small_csv)}).json()
         assert wait_job(api, again["job"]["id"], timeout=60)["status"] == "succeeded"
