@@ -13,6 +13,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -88,12 +90,36 @@ class Stack:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.api_port}"
 
-    def csra(self, name: str, *args: str) -> subprocess.Popen[bytes]:
-        log = (self.root / f"{name}.log").open("ab")
-        proc = subprocess.Popen([sys.executable, "-m", "csra.cli", *args], env=self.env,
-                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    def csra(self, name: str, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        with (self.root / f"{name}.log").open("ab") as log:  # the child keeps its own copy of the file
+            proc = subprocess.Popen([sys.executable, "-m", "csra.cli", *args], env=env or self.env,
+                                    stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         self.procs[name] = proc
         return proc
+
+    @contextmanager
+    def serve(self, name: str, command: str, port_setting: str, probe: str, accept: tuple[int, ...],
+              timeout: float, **settings: str) -> Iterator[str]:
+        """One more ``csra <command>`` (``csra api``, ``csra ui``) on a free port, with this stack's settings
+        plus ``settings``: yields its URL once ``probe`` answers one of ``accept``, stops it after the block."""
+        port = free_port()
+        proc = self.csra(name, command, env={**self.env, port_setting: str(port), **settings})
+        url = f"http://127.0.0.1:{port}"
+
+        def up() -> bool:
+            if proc.poll() is not None:
+                raise RuntimeError(f"`csra {command}` exited with {proc.returncode}:\n"
+                                   f"{(self.root / f'{name}.log').read_text()[-3000:]}")
+            try:
+                return httpx.get(f"{url}{probe}", timeout=2).status_code in accept
+            except httpx.HTTPError:
+                return False
+
+        try:
+            wait_until(up, timeout, 0.3, what=f"`csra {command}` ({name})")
+            yield url
+        finally:
+            self.stop_proc(name)
 
     def start_worker(self, queue: str, *extra: str) -> subprocess.Popen[bytes]:
         return self.csra(f"worker-{queue}", "worker", "--queue", queue, *extra)

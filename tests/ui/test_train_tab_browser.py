@@ -8,20 +8,18 @@ stays), the Jobs tab's link follows it in the Train tab, and its loss plot fills
 
 from __future__ import annotations
 
-import os
 import re
-import signal
 import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 
 import httpx
 import pytest
 
 from tests.integration.test_memory import import_intents_dataset
-from tests.stack import Stack, free_port, wait_until
+from tests.stack import Stack, wait_until
 from tests.ui import test_ui_browser as browser
 from tests.ui.test_ui_browser import serve_ui, sync_api
 
@@ -30,29 +28,9 @@ page = browser.page  # the browser fixture, here on this module's `ui_url`
 pytestmark = pytest.mark.integration
 
 
-@contextmanager
-def serve_api(stack: Stack, **settings: str) -> Iterator[str]:
+def serve_api(stack: Stack, **settings: str) -> AbstractContextManager[str]:
     """Another `csra api` over the stack's database and Redis, with other ``CSRA_`` settings."""
-    port = free_port()
-    env = dict(stack.env, CSRA_API_PORT=str(port), **settings)
-    with (stack.root / "api-train-tab.log").open("ab") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "csra.cli", "api"], env=env, stdout=log,
-                                stderr=subprocess.STDOUT, start_new_session=True)
-        url = f"http://127.0.0.1:{port}"
-
-        def up() -> bool:
-            assert proc.poll() is None, f"the second API exited:\n{stack.logs()}"
-            try:
-                return httpx.get(f"{url}/health", timeout=2).status_code in (200, 503)
-            except httpx.HTTPError:
-                return False
-
-        try:
-            wait_until(up, 60, 0.3, what="the second API")
-            yield url
-        finally:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(20)
+    return stack.serve("api-train-tab", "api", "CSRA_API_PORT", "/health", (200, 503), 60, **settings)
 
 
 @pytest.fixture(scope="module")

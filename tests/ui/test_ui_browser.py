@@ -8,19 +8,17 @@ Skipped when Playwright or Chromium is missing.
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
 import subprocess
 import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.stack import Stack, free_port, wait_until
+from tests.stack import Stack
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -64,43 +62,10 @@ def ui_url(stack: Stack) -> Iterator[str]:
         yield url
 
 
-@contextmanager
-def serve_ui(stack: Stack, api_url: str, name: str = "ui") -> Iterator[str]:
+def serve_ui(stack: Stack, api_url: str, name: str = "ui") -> AbstractContextManager[str]:
     """`csra ui` against the API at ``api_url``, until the block ends; its log is ``<name>.log``."""
-    port = free_port()
-    env = dict(stack.env, CSRA_UI_PORT=str(port), CSRA_API_URL=api_url, GRADIO_ANALYTICS_ENABLED="False")
-    log = (stack.root / f"{name}.log").open("ab")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "csra.cli", "ui"],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-
-    def up() -> bool:
-        if proc.poll() is not None:
-            raise RuntimeError(
-                f"`csra ui` exited with {proc.returncode}:\n{(stack.root / f'{name}.log').read_text()}"
-            )
-        try:
-            return httpx.get(f"{url}/config", timeout=2).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    try:
-        wait_until(up, 90, 0.5, what="the Gradio UI")
-        yield url
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(5)
-        log.close()
+    return stack.serve(name, "ui", "CSRA_UI_PORT", "/config", (200,), 90, CSRA_API_URL=api_url,
+                       GRADIO_ANALYTICS_ENABLED="False")
 
 
 @pytest.fixture()
