@@ -1,16 +1,26 @@
-"""Request dependencies: one DB session per request, API-key auth, settings."""
+"""Request dependencies: one DB session per request, the caller (API key and role), settings.
+
+Every route takes its caller as ``Agent`` or ``Admin``: that parameter is the route's role, which
+``api.roles`` reads back into the OpenAPI document (and refuses a route that states none).
+"""
 
 from __future__ import annotations
 
 import hmac
 from collections.abc import Iterator
+from datetime import timedelta
 from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request
 from sqlalchemy.orm import Session
 
+from api.services.access import LOCAL, Caller
 from csra.settings import Settings, get_settings
+from db.base import utcnow
+from db.keys import Role, find_key
 from db.session import get_sessionmaker
+
+LAST_USED_EVERY = timedelta(minutes=10)  # how stale ``csra keys list``'s "last used" may be (saves a write per call)
 
 
 def get_db() -> Iterator[Session]:
@@ -20,34 +30,48 @@ def get_db() -> Iterator[Session]:
         yield session
 
 
-async def require_key(request: Request) -> str | None:
-    """When CSRA_API_KEY is set, every call but /health needs ``Authorization: Bearer <key>``.
+def _unauthorized(detail: str) -> HTTPException:
+    return HTTPException(status_code=401, detail=detail, headers={"WWW-Authenticate": "Bearer"})
 
-    Returns the caller's owner id (a short, non-secret fingerprint of the key) or None.
-    """
+
+def authenticate(request: Request, db: Annotated[Session, Depends(get_db)]) -> Caller:
+    """The caller of a request. While CSRA_API_KEY is unset keys are off: the local caller is an admin
+    (``api.guards`` lets only loopback in). Otherwise ``Authorization: Bearer`` must carry the bootstrap
+    key (CSRA_API_KEY, an admin named CSRA_API_KEY_NAME) or a live key made with ``csra keys create``."""
     settings = get_settings()
     if not settings.api_key:
-        return None
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
+        return LOCAL
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:
+        raise _unauthorized("missing API key: send 'Authorization: Bearer <key>' (CSRA_API_KEY for the CLI and UI)")
     # compared as bytes (the header as sent: HTTP headers are latin-1); compare_digest refuses a str with
     # non-ASCII characters with a TypeError, which would be a 500 instead of a 401
-    given, expected = token.strip().encode("latin-1", "replace"), settings.api_key.encode("utf-8")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(given, expected):
-        raise HTTPException(
-            status_code=401,
-            detail="missing or wrong API key: send 'Authorization: Bearer <CSRA_API_KEY>'",
-            headers={"WWW-Authenticate": "Bearer"},
-        )
-    return owner_of(token.strip())
+    if hmac.compare_digest(token.encode("latin-1", "replace"), settings.api_key.encode("utf-8")):
+        return Caller(name=settings.api_key_name, role=Role.ADMIN)
+    key = find_key(db, token)
+    if key is None:
+        raise _unauthorized("wrong or revoked API key (csra keys list shows the live ones)")
+    now = utcnow()
+    if key.last_used_at is None or now - key.last_used_at > LAST_USED_EVERY:
+        key.last_used_at = now
+        db.commit()
+    return Caller(name=key.name, role=Role(key.role))
 
 
-def owner_of(key: str) -> str:
-    import hashlib
+def require_agent(caller: Annotated[Caller, Depends(authenticate)]) -> Caller:
+    """Any valid key: agents and admins."""
+    return caller
 
-    return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+def require_admin(caller: Annotated[Caller, Depends(authenticate)]) -> Caller:
+    if caller.role is not Role.ADMIN:
+        raise HTTPException(status_code=403, detail=f"this needs an admin key; the key {caller.name!r} is an "
+                                                    f"{caller.role.value} key")
+    return caller
 
 
 DbSession = Annotated[Session, Depends(get_db)]
-Owner = Annotated[str | None, Depends(require_key)]
+Agent = Annotated[Caller, Depends(require_agent)]
+Admin = Annotated[Caller, Depends(require_admin)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]

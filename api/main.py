@@ -6,12 +6,11 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 import csra
-from api.deps import require_key
 from api.errors import errors_detail
 from api.guards import RequestGuard
 from api.routes import (
@@ -82,10 +81,9 @@ def create_app() -> FastAPI:
         lifespan=_lifespan,
     )
     app.include_router(health.router)
-    protected = [Depends(require_key)]
     for module in (datasets, generation, jobs, training, evaluations, models, chats, memory, profile,
-                   openai_compat):
-        app.include_router(module.router, dependencies=protected, responses=COMMON_ERRORS)
+                   openai_compat):  # each route states its role (api.roles)
+        app.include_router(module.router, responses=COMMON_ERRORS)
     app.add_middleware(RequestGuard)
     app.add_exception_handler(RequestValidationError, _validation)  # type: ignore[arg-type]
     app.add_exception_handler(QueueUnavailable, _queue_down)  # type: ignore[arg-type]

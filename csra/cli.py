@@ -1,5 +1,6 @@
-"""The ``csra`` command: run the stack (``up``, ``api``, ``worker``, ``ui``, ``migrate``) and
-talk to a running API (``datasets``, ``train``, ``sweep``, ``eval``, ``jobs``, ``job``, ``models``, ``chat``)."""
+"""The ``csra`` command: run the stack (``up``, ``api``, ``worker``, ``ui``, ``migrate``), manage API
+keys (``keys``, in ``csra.keys_cli``) and talk to a running API (``datasets``, ``train``, ``sweep``,
+``eval``, ``jobs``, ``job``, ``models``, ``chat``)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from csra.client import ApiError, Client
+from csra.keys_cli import keys_app
 from csra.settings import get_settings
 
 app = typer.Typer(help="csra: Customer Support Response Assistant", no_args_is_help=True, add_completion=False)
@@ -23,6 +25,7 @@ datasets_app = typer.Typer(help="Import and inspect datasets", no_args_is_help=T
 models_app = typer.Typer(help="The model store", invoke_without_command=True)
 app.add_typer(datasets_app, name="datasets")
 app.add_typer(models_app, name="models")
+app.add_typer(keys_app, name="keys")
 console = Console(stderr=True)
 out = Console()
 

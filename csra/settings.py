@@ -30,7 +30,11 @@ class Settings(BaseSettings):
     api_url: str = Field("", description="how the UI and CLI reach the API; default from host/port")
     ui_host: str = "127.0.0.1"
     ui_port: int = 7860
-    api_key: str | None = Field(None, description="when set, every API call but /health needs it")
+    api_key: str | None = Field(
+        None, description="the bootstrap admin key: when set, keys are on and every API call but /health needs "
+        "a key (this one, or one made with `csra keys create`); the CLI and UI send it too")
+    api_key_name: str = Field("admin", pattern=r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$",
+                              description="the owner name of what the bootstrap key (CSRA_API_KEY) makes")
 
     max_attempts: int = Field(2, ge=1, description="total attempts of a job whose worker dies")
     heartbeat_seconds: float = Field(5.0, gt=0, description="how often a running job beats")
@@ -160,8 +164,9 @@ class Settings(BaseSettings):
             pass
         return (f"refusing to serve the API on {host} without an API key: anyone who can reach the port could "
                 "import files, train and delete models. Set CSRA_API_KEY (e.g. CSRA_API_KEY=$(python -c "
-                "'import secrets; print(secrets.token_urlsafe(32))')) and give the same key to the UI and CLI, "
-                "or listen on 127.0.0.1 (CSRA_API_HOST)")
+                "'import secrets; print(secrets.token_urlsafe(32))')): it is the bootstrap admin key, which the UI "
+                "and CLI send too; then give each agent a key of their own with `csra keys create --name NAME "
+                "--role agent`. Or listen on 127.0.0.1 (CSRA_API_HOST)")
 
     @property
     def store_dir(self) -> Path:

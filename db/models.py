@@ -119,6 +119,7 @@ class Model(Base):
     )
     training_config: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     metrics: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    owner: Mapped[str | None] = mapped_column(String(64), nullable=True)  # the key name that trained it
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
@@ -136,6 +137,7 @@ class Evaluation(Base):
     # the evaluated sample's make-up: examples, intents covered and per-intent counts
     sample: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     status: Mapped[str] = mapped_column(String(16), default="running")
+    owner: Mapped[str | None] = mapped_column(String(64), nullable=True)  # the key name that asked for it
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
@@ -266,3 +268,20 @@ class Setting(Base):
 
     key: Mapped[str] = mapped_column(String(64), primary_key=True)
     value: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+
+
+class ApiKey(Base):
+    """A named API key with a role (``db.keys.Role``). Only the key's SHA-256 is stored, with its first
+    characters to tell keys apart in ``csra keys list``; a revoked key keeps its row (names stay unique,
+    and the rows it owns keep a name that means something)."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    role: Mapped[str] = mapped_column(String(16))
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    prefix: Mapped[str] = mapped_column(String(16))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_used_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    revoked_at: Mapped[datetime | None] = mapped_column(nullable=True)

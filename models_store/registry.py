@@ -83,7 +83,9 @@ def register_model(
     info = _describe(target)
     try:
         with session_scope() as s:
+            job = s.get(Job, train_job_id) if train_job_id is not None else None
             row = Model(name=name, kind=kind, base_model=base_model, path=str(target), train_job_id=train_job_id,
+                        owner=job.owner if job is not None else None,
                         dataset_id=dataset_id, training_config=training_config, metrics=metrics,
                         architecture=info["architecture"], parameter_count=info["parameter_count"],
                         size_bytes=info["size_bytes"], content_hash=info["content_hash"],

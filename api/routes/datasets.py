@@ -11,10 +11,11 @@ from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
-from api.deps import DbSession, Owner
+from api.deps import Admin, DbSession
 from api.errors import unprocessable
 from api.guards import upload_limit_bytes
 from api.params import IdPath, Limit, Offset
+from api.roles import RoleRoute
 from api.schemas.datasets import (
     NAME_MAX,
     DatasetCreate,
@@ -28,7 +29,7 @@ from api.services import datasets
 from csra.settings import get_settings
 from db.models import Dataset, DatasetExample, DatasetStatus
 
-router = APIRouter(prefix="/datasets", tags=["datasets"])
+router = APIRouter(route_class=RoleRoute, prefix="/datasets", tags=["datasets"])
 
 
 @router.post(
@@ -54,7 +55,7 @@ router = APIRouter(prefix="/datasets", tags=["datasets"])
         }
     },
 )
-async def create_dataset(request: Request, owner: Owner) -> DatasetCreated:
+async def create_dataset(request: Request, caller: Admin) -> DatasetCreated:
     """Import a dataset: JSON ``{name, source, options}`` or a multipart upload (``file``).
 
     The body size is capped as it arrives by ``api.guards`` (CSRA_MAX_UPLOAD_MB, chunked uploads
@@ -70,7 +71,7 @@ async def create_dataset(request: Request, owner: Owner) -> DatasetCreated:
         if len(name) > NAME_MAX:
             raise HTTPException(status_code=422, detail=f"'name' is longer than {NAME_MAX} characters")
         path = await datasets.save_upload(upload, upload_limit_bytes(settings.max_upload_mb))
-        return await run_in_threadpool(datasets.create, name or path.stem, f"upload:{path}", spec, owner)
+        return await run_in_threadpool(datasets.create, name or path.stem, f"upload:{path}", spec, caller)
     try:
         body = DatasetCreate.model_validate(await request.json())
     except ValidationError as e:
@@ -80,12 +81,12 @@ async def create_dataset(request: Request, owner: Owner) -> DatasetCreated:
             status_code=422, detail="send JSON {name, source, options} or a multipart upload with a 'file' field"
         ) from None
     source = await run_in_threadpool(datasets.resolve_source, body.source)  # blocking DB/Redis work off the event loop
-    return await run_in_threadpool(datasets.create, body.name, source, body.options, owner)
+    return await run_in_threadpool(datasets.create, body.name, source, body.options, caller)
 
 
 @router.get("", response_model=DatasetsPublic)
 def list_datasets(
-    db: DbSession, owner: Owner, limit: Limit = 100, offset: Offset = 0
+    db: DbSession, caller: Admin, limit: Limit = 100, offset: Offset = 0
 ) -> DatasetsPublic:
     count = db.scalar(select(func.count(Dataset.id))) or 0
     rows = db.scalars(select(Dataset).order_by(Dataset.id.desc()).limit(limit).offset(offset)).all()
@@ -100,7 +101,7 @@ def get_dataset_or_404(db: Session, dataset_id: int) -> Dataset:
 
 
 @router.get("/{dataset_id}", response_model=DatasetPublic)
-def read_dataset(dataset_id: IdPath, db: DbSession, owner: Owner) -> Dataset:
+def read_dataset(dataset_id: IdPath, db: DbSession, caller: Admin) -> Dataset:
     return get_dataset_or_404(db, dataset_id)
 
 
@@ -108,7 +109,7 @@ def read_dataset(dataset_id: IdPath, db: DbSession, owner: Owner) -> Dataset:
 def dataset_examples(
     dataset_id: IdPath,
     db: DbSession,
-    owner: Owner,
+    caller: Admin,
     split: Literal["train", "validation", "test"] | None = None,
     intent: str | None = None,
     limit: Limit = 50,

@@ -10,8 +10,9 @@ from fastapi import APIRouter, HTTPException, Query, Response
 from fastapi.responses import FileResponse, RedirectResponse
 from sqlalchemy import select
 
-from api.deps import DbSession, Owner
+from api.deps import Admin, Agent, DbSession
 from api.params import IdPath, IdQuery, Limit, Offset
+from api.roles import RoleRoute
 from api.schemas.estimates import EvaluateEstimate
 from api.schemas.evaluations import EvaluationPublic, EvaluationsPublic
 from api.schemas.jobs import JobPublic
@@ -20,7 +21,7 @@ from api.services import evaluations
 from csra.settings import get_settings
 from db.models import Evaluation, Job
 
-router = APIRouter(tags=["evaluation"])
+router = APIRouter(route_class=RoleRoute, tags=["evaluation"])
 PATTERN_HELP = f"only examples showing an error pattern: {', '.join(evaluations.PATTERNS)}"
 
 FILE_RE = re.compile(r"^[a-z_]+\.(png|md|html)$")
@@ -28,17 +29,17 @@ FILE_RE = re.compile(r"^[a-z_]+\.(png|md|html)$")
 
 @router.post("/jobs/evaluate", status_code=202, response_model=JobPublic | EvaluateEstimate, tags=["jobs"],
              responses={200: {"model": EvaluateEstimate, "description": "dry_run: the estimate; no job was created"}})
-def create_evaluate_job(body: EvaluateRequest, db: DbSession, owner: Owner, response: Response
+def create_evaluate_job(body: EvaluateRequest, db: DbSession, caller: Admin, response: Response
                         ) -> Job | EvaluateEstimate:
     """Evaluate one or more models on a dataset's held-out split (queue ``train``); ``dry_run``: estimate it."""
     if body.dry_run:
         response.status_code = 200
         return evaluations.estimate_evaluation(db, body.spec())
-    return evaluations.submit_evaluation(db, body.spec(), owner)
+    return evaluations.submit_evaluation(db, body.spec(), caller)
 
 
 @router.get("/evaluations", response_model=EvaluationsPublic)
-def list_evaluations(db: DbSession, owner: Owner, dataset_id: IdQuery | None = None,
+def list_evaluations(db: DbSession, caller: Agent, dataset_id: IdQuery | None = None,
                      limit: Limit = 50) -> EvaluationsPublic:
     q = select(Evaluation)
     if dataset_id is not None:
@@ -48,13 +49,13 @@ def list_evaluations(db: DbSession, owner: Owner, dataset_id: IdQuery | None = N
 
 
 @router.get("/evaluations/{evaluation_id}", response_model=EvaluationPublic)
-def read_evaluation(evaluation_id: IdPath, db: DbSession, owner: Owner) -> Evaluation:
+def read_evaluation(evaluation_id: IdPath, db: DbSession, caller: Agent) -> Evaluation:
     return evaluations.get_evaluation_or_404(db, evaluation_id)
 
 
 @router.get("/evaluations/{evaluation_id}/examples")
 def evaluation_examples(
-    evaluation_id: IdPath, db: DbSession, owner: Owner, model: str | None = None,
+    evaluation_id: IdPath, db: DbSession, caller: Agent, model: str | None = None,
     sort: Literal["worst", "best", "id"] = "worst",
     pattern: str | None = Query(None, description=PATTERN_HELP),
     intent: str | None = None, limit: Limit = 20, offset: Offset = 0,
@@ -70,7 +71,7 @@ def evaluation_examples(
 
 
 @router.get("/leaderboard")
-def leaderboard(db: DbSession, owner: Owner, dataset_id: IdQuery,
+def leaderboard(db: DbSession, caller: Agent, dataset_id: IdQuery,
                 metric: str = Query("rouge_l", description="the overall metric to rank by")) -> dict[str, Any]:
     """Every model evaluated on this dataset (its latest evaluation), best first, with its training config."""
     return evaluations.leaderboard(db, dataset_id, metric)
@@ -81,14 +82,14 @@ def _report_dir(evaluation_id: int) -> Path:
 
 
 @router.get("/evaluations/{evaluation_id}/report")
-def evaluation_report(evaluation_id: IdPath, db: DbSession, owner: Owner,
+def evaluation_report(evaluation_id: IdPath, db: DbSession, caller: Agent,
                       format: Literal["md", "html"] = "html") -> RedirectResponse:
     evaluations.get_evaluation_or_404(db, evaluation_id)
     return RedirectResponse(f"/evaluations/{evaluation_id}/report.{format}", status_code=307)
 
 
 @router.get("/evaluations/{evaluation_id}/{filename}")
-def evaluation_file(evaluation_id: IdPath, filename: str, db: DbSession, owner: Owner) -> FileResponse:
+def evaluation_file(evaluation_id: IdPath, filename: str, db: DbSession, caller: Agent) -> FileResponse:
     """The report (``report.md``, ``report.html``) and its plots, from the data dir."""
     ev = evaluations.get_evaluation_or_404(db, evaluation_id)
     if not FILE_RE.match(filename):

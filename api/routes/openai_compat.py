@@ -16,11 +16,13 @@ from sqlalchemy.orm import Session
 from sse_starlette.sse import EventSourceResponse
 from starlette.concurrency import run_in_threadpool
 
-from api.deps import DbSession, Owner
+from api.deps import Admin, Agent, DbSession
 from api.errors import unprocessable
 from api.params import Limit
+from api.roles import RoleRoute
 from api.schemas.openai import ChatCompletionRequest, FineTuneCreate
 from api.services import jobs
+from api.services.access import Caller, owned
 from api.services.generation import submit_generation, token_events
 from api.services.training import submit_training
 from csra.specs import GenerateRequest, TrainSpec
@@ -28,7 +30,7 @@ from db.ids import parse_id
 from db.models import Job, JobEvent, Model
 from db.session import get_sessionmaker
 
-router = APIRouter(prefix="/v1", tags=["openai-compatible"])
+router = APIRouter(route_class=RoleRoute, prefix="/v1", tags=["openai-compatible"])
 
 DEFAULT_LR = 5e-5  # learning_rate_multiplier 1.0 = csra's default learning rate
 
@@ -65,7 +67,7 @@ def _request(body: ChatCompletionRequest) -> GenerateRequest:
 
 
 @router.get("/models")
-def list_models(db: DbSession, owner: Owner) -> dict[str, Any]:
+def list_models(db: DbSession, caller: Agent) -> dict[str, Any]:
     rows = db.scalars(select(Model).order_by(Model.id)).all()
     return {"object": "list", "data": [{"id": m.name, "object": "model", "created": int(m.created_at.timestamp()),
                                         "owned_by": "csra"} for m in rows]}
@@ -110,12 +112,12 @@ async def _stream(job_id: int, model: str, cid: str) -> AsyncIterator[dict[str, 
 
 
 @router.post("/chat/completions", response_model=None)
-async def chat_completions(body: ChatCompletionRequest, owner: Owner) -> Any:
+async def chat_completions(body: ChatCompletionRequest, caller: Agent) -> Any:
     request = _request(body)
 
     def submit() -> int:
         with get_sessionmaker()() as db:
-            return submit_generation(db, request, owner).id
+            return submit_generation(db, request, caller).id
 
     job_id = await run_in_threadpool(submit)
     cid = f"chatcmpl-{job_id}-{uuid.uuid4().hex[:8]}"
@@ -179,15 +181,15 @@ def fine_tuning_job(job: Job) -> dict[str, Any]:
     }
 
 
-def _train_job(db: Session, ref: str, owner: str | None) -> Job:
-    job = jobs.get_job_or_404(db, _job_id(ref), owner)
+def _train_job(db: Session, ref: str, caller: Caller) -> Job:
+    job = jobs.get_job_or_404(db, _job_id(ref), caller)
     if job.kind != "train":
         raise HTTPException(status_code=404, detail=f"fine-tuning job {ref!r} not found")
     return job
 
 
 @router.post("/fine_tuning/jobs")
-def create_fine_tuning_job(body: FineTuneCreate, db: DbSession, owner: Owner) -> dict[str, Any]:
+def create_fine_tuning_job(body: FineTuneCreate, db: DbSession, caller: Admin) -> dict[str, Any]:
     hp = body.hyperparameters
     cfg: dict[str, Any] = {"dataset_id": _dataset_id(body.training_file), "base_model": body.model}
     if hp.n_epochs != "auto":
@@ -204,16 +206,15 @@ def create_fine_tuning_job(body: FineTuneCreate, db: DbSession, owner: Owner) ->
         spec = TrainSpec.model_validate(cfg)
     except ValueError as e:
         raise HTTPException(status_code=422, detail=str(e)) from None
-    return fine_tuning_job(submit_training(db, spec, owner))
+    return fine_tuning_job(submit_training(db, spec, caller))
 
 
 @router.get("/fine_tuning/jobs")
-def list_fine_tuning_jobs(db: DbSession, owner: Owner, limit: Limit = 20,
+def list_fine_tuning_jobs(db: DbSession, caller: Admin, limit: Limit = 20,
                           after: Annotated[str | None, Query(pattern=r"^(ftjob-)?[0-9]{1,18}$")] = None
                           ) -> dict[str, Any]:
     q = select(Job).where(Job.kind == "train")
-    if owner is not None:
-        q = q.where((Job.owner == owner) | Job.owner.is_(None))
+    q = owned(q, Job.owner, caller)
     after_id = _after(after, "ftjob-")
     if after_id is not None:
         q = q.where(Job.id < after_id)
@@ -222,21 +223,21 @@ def list_fine_tuning_jobs(db: DbSession, owner: Owner, limit: Limit = 20,
 
 
 @router.get("/fine_tuning/jobs/{ref}")
-def read_fine_tuning_job(ref: str, db: DbSession, owner: Owner) -> dict[str, Any]:
-    return fine_tuning_job(_train_job(db, ref, owner))
+def read_fine_tuning_job(ref: str, db: DbSession, caller: Admin) -> dict[str, Any]:
+    return fine_tuning_job(_train_job(db, ref, caller))
 
 
 @router.post("/fine_tuning/jobs/{ref}/cancel")
-def cancel_fine_tuning_job(ref: str, db: DbSession, owner: Owner) -> dict[str, Any]:
-    job = _train_job(db, ref, owner)
-    return fine_tuning_job(jobs.cancel(db, job.id, owner))
+def cancel_fine_tuning_job(ref: str, db: DbSession, caller: Admin) -> dict[str, Any]:
+    job = _train_job(db, ref, caller)
+    return fine_tuning_job(jobs.cancel(db, job.id, caller))
 
 
 @router.get("/fine_tuning/jobs/{ref}/events")
-def fine_tuning_events(ref: str, db: DbSession, owner: Owner, limit: Limit = 20,
+def fine_tuning_events(ref: str, db: DbSession, caller: Admin, limit: Limit = 20,
                        after: Annotated[str | None, Query(pattern=r"^(ftevent-)?[0-9]{1,18}$")] = None
                        ) -> dict[str, Any]:
-    job = _train_job(db, ref, owner)
+    job = _train_job(db, ref, caller)
     q = select(JobEvent).where(JobEvent.job_id == job.id)
     after_id = _after(after, "ftevent-")
     if after_id is not None:

@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from api.schemas.common import Public
+from api.schemas.common import OWNER_HELP, Public
 from api.schemas.jobs import JobPublic
 from csra.specs import GenerationOverrides, GenerationSettings
 
@@ -71,6 +71,7 @@ class ChatPublic(Public):
     id: int
     title: str
     settings: dict[str, Any]
+    owner: str | None = Field(None, description=OWNER_HELP)
     created_at: datetime
     updated_at: datetime
     messages: list[MessagePublic] = Field(default_factory=list)

@@ -6,6 +6,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
+OWNER_HELP = ("the name of the API key that made it (its owner); null when made while keys were off "
+              "(only admins see those)")
+
 
 class Public(BaseModel):
     """A response read from an ORM row."""
@@ -26,8 +29,9 @@ def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
 
 ERROR_MEANINGS = {
     400: "the body could not be read as JSON (not UTF-8, or nested too deep)",
-    401: "missing or wrong API key (when CSRA_API_KEY is set)",
-    403: "refused: a change with no API key configured from outside this machine, or a path outside the import folders",
+    401: "missing, wrong or revoked API key (when keys are on: CSRA_API_KEY is set)",
+    403: "refused: an agent key on an admin route, a change with no API key configured from outside this machine, "
+         "or a path outside the import folders",
     404: "not found",
     409: "conflicts with the current state (not ready, in use, already finished)",
     413: "request body over CSRA_MAX_REQUEST_KB (uploads: CSRA_MAX_UPLOAD_MB)",

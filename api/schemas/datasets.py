@@ -7,7 +7,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_serializer
 
-from api.schemas.common import Public
+from api.schemas.common import OWNER_HELP, Public
 from api.schemas.jobs import JobPublic
 from csra.specs import ImportSpec
 
@@ -38,6 +38,7 @@ class DatasetPublic(Public):
     options: dict[str, Any]
     stats: dict[str, Any] | None = None
     row_count: int
+    owner: str | None = Field(None, description=OWNER_HELP)
     created_at: datetime
     updated_at: datetime
 

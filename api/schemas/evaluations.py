@@ -5,9 +5,9 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
-from api.schemas.common import Public
+from api.schemas.common import OWNER_HELP, Public
 
 
 class EvaluationPublic(Public):
@@ -19,6 +19,7 @@ class EvaluationPublic(Public):
     params: dict[str, Any]
     metrics: dict[str, Any] | None
     sample: dict[str, Any] | None = None
+    owner: str | None = Field(None, description=OWNER_HELP)
     created_at: datetime
 
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel, computed_field
+from pydantic import BaseModel, Field, computed_field
 
-from api.schemas.common import Public
+from api.schemas.common import OWNER_HELP, Public
 from db.jobs import TERMINAL
 
 
@@ -32,6 +32,7 @@ class JobPublic(Public):
     finished_at: datetime | None = None
     parent_id: int | None = None
     dataset_id: int | None = None
+    owner: str | None = Field(None, description=OWNER_HELP)
 
     @computed_field  # type: ignore[prop-decorator]
     @property

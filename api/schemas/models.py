@@ -5,9 +5,9 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
-from api.schemas.common import Public
+from api.schemas.common import OWNER_HELP, Public
 
 
 class ModelPublic(Public):
@@ -24,6 +24,7 @@ class ModelPublic(Public):
     dataset_id: int | None = None
     training_config: dict[str, Any] | None = None
     metrics: dict[str, Any] | None = None
+    owner: str | None = Field(None, description=OWNER_HELP)
     created_at: datetime
 
 

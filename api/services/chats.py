@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session
 from api.schemas.chats import ChatCreate, ChatUpdate, Feedback, MessageAccepted, MessageCreate, MessagePublic
 from api.schemas.jobs import JobPublic
 from api.services import jobs, memory
+from api.services.access import Caller, owned
 from api.services.generation import check_message, job_params
 from api.services.models import resolve_model_name
 from csra.specs import GenerateRequest, ReplyTo
@@ -21,30 +22,30 @@ from db.models import ChatMessage, ChatSession
 from models_store.registry import find_model
 
 
-def visible(q: Any, owner: str | None) -> Any:
-    return q.where(ChatSession.owner == owner) if owner is not None else q
+def visible(q: Any, caller: Caller) -> Any:
+    return owned(q, ChatSession.owner, caller)
 
 
-def get_chat_or_404(db: Session, chat_id: int, owner: str | None) -> ChatSession:
-    chat = db.scalar(visible(select(ChatSession).where(ChatSession.id == chat_id), owner))
+def get_chat_or_404(db: Session, chat_id: int, caller: Caller) -> ChatSession:
+    chat = db.scalar(visible(select(ChatSession).where(ChatSession.id == chat_id), caller))
     if chat is None:
         raise HTTPException(status_code=404, detail=f"chat {chat_id} not found")
     return chat
 
 
-def create_chat(db: Session, body: ChatCreate, owner: str | None) -> ChatSession:
+def create_chat(db: Session, body: ChatCreate, caller: Caller) -> ChatSession:
     settings = body.settings.model_dump()
     settings["model_id"] = resolve_model_name(db, body.settings.model_id)
-    chat = ChatSession(title=body.title, settings=settings, owner=owner)
+    chat = ChatSession(title=body.title, settings=settings, owner=caller.name)
     db.add(chat)
     db.commit()
     db.refresh(chat)
     return chat
 
 
-def update_chat(db: Session, chat_id: int, body: ChatUpdate, owner: str | None) -> ChatSession:
+def update_chat(db: Session, chat_id: int, body: ChatUpdate, caller: Caller) -> ChatSession:
     """Rename a chat or replace its default model and settings (later turns use them)."""
-    chat = get_chat_or_404(db, chat_id, owner)
+    chat = get_chat_or_404(db, chat_id, caller)
     if body.title is not None:
         chat.title = body.title
     if body.settings is not None:
@@ -57,8 +58,8 @@ def update_chat(db: Session, chat_id: int, body: ChatUpdate, owner: str | None) 
     return chat
 
 
-def list_chats(db: Session, owner: str | None, limit: int, offset: int) -> tuple[list[ChatSession], int]:
-    q = visible(select(ChatSession), owner)
+def list_chats(db: Session, caller: Caller, limit: int, offset: int) -> tuple[list[ChatSession], int]:
+    q = visible(select(ChatSession), caller)
     rows = list(db.scalars(q.order_by(ChatSession.updated_at.desc()).limit(limit).offset(offset)))
     return rows, db.scalar(select(func.count()).select_from(q.subquery())) or 0
 
@@ -92,9 +93,9 @@ def _reply_settings(db: Session, chat: ChatSession, body: MessageCreate) -> dict
     return settings
 
 
-def post_message(db: Session, chat_id: int, body: MessageCreate, owner: str | None) -> MessageAccepted:
+def post_message(db: Session, chat_id: int, body: MessageCreate, caller: Caller) -> MessageAccepted:
     """Store the user's turn and a pending assistant turn, and enqueue the job that answers it."""
-    chat = get_chat_or_404(db, chat_id, owner)
+    chat = get_chat_or_404(db, chat_id, caller)
     check_message(body.content)
     settings = _reply_settings(db, chat, body)
     request = GenerateRequest.model_validate({**settings, "messages": [*history(chat), {"role": "user",
@@ -108,19 +109,19 @@ def post_message(db: Session, chat_id: int, body: MessageCreate, owner: str | No
     chat.updated_at = utcnow()
     if chat.title == "New chat":
         chat.title = body.content.strip()[:60]
-    job = jobs.submit(db, JobKind.GENERATE, params, owner=owner, undo=[user, assistant],
+    job = jobs.submit(db, JobKind.GENERATE, params, caller=caller, undo=[user, assistant],
                            before_commit=lambda j: setattr(assistant, "job_id", j.id))
     return MessageAccepted(user_message=MessagePublic.model_validate(user),
                            assistant_message=MessagePublic.model_validate(assistant), job=JobPublic.model_validate(job))
 
 
-def feedback(db: Session, chat_id: int, message_id: int, body: Feedback, owner: str | None) -> ChatMessage:
+def feedback(db: Session, chat_id: int, message_id: int, body: Feedback, caller: Caller) -> ChatMessage:
     """Thumbs up/down and an optional corrected reply: raw material for training, and for the answer memory.
 
     Approving a reply (up) or correcting it adds the answer (as corrected) to the memory, searchable
     at once; rating down without a correction takes an earlier approval back out.
     """
-    get_chat_or_404(db, chat_id, owner)
+    get_chat_or_404(db, chat_id, caller)
     msg = db.get(ChatMessage, message_id)
     if msg is None or msg.chat_id != chat_id:
         raise HTTPException(status_code=404, detail=f"message {message_id} not found in chat {chat_id}")

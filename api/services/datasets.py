@@ -18,6 +18,7 @@ from api.errors import unprocessable
 from api.schemas.datasets import DatasetCreated, DatasetPublic
 from api.schemas.jobs import JobPublic
 from api.services import jobs
+from api.services.access import Caller
 from csra.settings import get_settings
 from csra.specs import ImportSpec
 from db.jobs import JobKind
@@ -77,17 +78,17 @@ def upload_name(raw: str | None) -> str:
     return stem[: MAX_NAME_CHARS - len(suffix)] + suffix
 
 
-def create(name: str, source: str, spec: ImportSpec, owner: str | None) -> DatasetCreated:
+def create(name: str, source: str, spec: ImportSpec, caller: Caller) -> DatasetCreated:
     """Runs in the thread pool with its own session (never on the event loop)."""
     with get_sessionmaker()() as db:
-        return _create_in(db, name, source, spec, owner)
+        return _create_in(db, name, source, spec, caller)
 
 
-def _create_in(db: Session, name: str, source: str, spec: ImportSpec, owner: str | None) -> DatasetCreated:
-    ds = Dataset(name=name, source=source, options=spec.model_dump(), owner=owner)
+def _create_in(db: Session, name: str, source: str, spec: ImportSpec, caller: Caller) -> DatasetCreated:
+    ds = Dataset(name=name, source=source, options=spec.model_dump(), owner=caller.name)
     db.add(ds)
     db.flush()
-    job = jobs.submit(db, JobKind.IMPORT, {"dataset_id": ds.id}, owner=owner, dataset_id=ds.id, undo=[ds])
+    job = jobs.submit(db, JobKind.IMPORT, {"dataset_id": ds.id}, caller=caller, dataset_id=ds.id, undo=[ds])
     db.refresh(ds)
     return DatasetCreated(dataset=DatasetPublic.model_validate(ds), job=JobPublic.model_validate(job))
 

@@ -10,6 +10,7 @@ from sqlalchemy.orm import Session
 
 from api.schemas.estimates import EvaluateEstimate
 from api.services import estimates, jobs
+from api.services.access import Caller
 from csra.settings import get_settings
 from csra.specs import EvaluateSpec
 from db.jobs import JobKind
@@ -46,11 +47,11 @@ def estimate_evaluation(db: Session, spec: EvaluateSpec) -> EvaluateEstimate:
     return estimates.estimate_evaluation(db, spec, validate_evaluation(db, spec))
 
 
-def submit_evaluation(db: Session, spec: EvaluateSpec, owner: str | None) -> Job:
+def submit_evaluation(db: Session, spec: EvaluateSpec, caller: Caller) -> Job:
     """Evaluate one or more models on a dataset's held-out split (queue ``train``)."""
     names = validate_evaluation(db, spec)
     params = {**spec.model_dump(mode="json"), "model_ids": names}
-    return jobs.submit(db, JobKind.EVALUATE, params, owner=owner, dataset_id=spec.dataset_id)
+    return jobs.submit(db, JobKind.EVALUATE, params, caller=caller, dataset_id=spec.dataset_id)
 
 
 def get_evaluation_or_404(db: Session, evaluation_id: int) -> Evaluation:

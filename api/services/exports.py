@@ -14,6 +14,7 @@ from fastapi.responses import StreamingResponse
 from sqlalchemy import select
 from sqlalchemy.orm import selectinload
 
+from api.services.access import Caller
 from api.services.chats import visible
 from csra.specs import DEFAULT_INSTRUCTION
 from db.models import ChatMessage, ChatSession
@@ -32,13 +33,13 @@ def export_response(lines: Iterator[str], fmt: str, stem: str) -> StreamingRespo
                              headers={"Content-Disposition": f'attachment; filename="{stem}.{fmt}"'})
 
 
-def _chat_pages(owner: str | None, chat_id: int | None, since: datetime | None,
+def _chat_pages(caller: Caller, chat_id: int | None, since: datetime | None,
                 model: str | None) -> Iterator[list[ChatSession]]:
     """Chats in pages of ``PAGE`` (keyset by id), each with its messages, in a session of its own."""
     last = 0
     with get_sessionmaker()() as s:
         while True:
-            q = visible(select(ChatSession), owner).where(ChatSession.id > last)
+            q = visible(select(ChatSession), caller).where(ChatSession.id > last)
             if chat_id is not None:
                 q = q.where(ChatSession.id == chat_id)
             if since is not None:
@@ -64,7 +65,7 @@ def _turns(chat: ChatSession) -> list[tuple[ChatMessage, ChatMessage | None]]:
     return pairs
 
 
-def export_lines(fmt: str, owner: str | None, chat_id: int | None = None, since: datetime | None = None,
+def export_lines(fmt: str, caller: Caller, chat_id: int | None = None, since: datetime | None = None,
                   model: str | None = None) -> Iterator[str]:
     render = {"jsonl": _jsonl, "csv": _csv, "txt": _txt, "md": _md}[fmt]
     if fmt == "csv":
@@ -72,7 +73,7 @@ def export_lines(fmt: str, owner: str | None, chat_id: int | None = None, since:
                         "top_p", "status", "latency_ms", "feedback", "corrected_reply", "created_at"])
     if fmt == "md":
         yield "# csra chat export\n\n"
-    for page in _chat_pages(owner, chat_id, since, model):
+    for page in _chat_pages(caller, chat_id, since, model):
         for chat in page:
             yield render(chat)
 

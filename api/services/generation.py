@@ -15,6 +15,7 @@ from starlette.concurrency import run_in_threadpool
 
 from api.schemas.jobs import JobPublic
 from api.services import jobs
+from api.services.access import Caller
 from api.services.models import resolve_model_name
 from csra.settings import get_settings
 from csra.specs import GenerateRequest, GenerateSpec, ReplyTo
@@ -43,8 +44,8 @@ def job_params(db: Session, request: GenerateRequest, reply_to: ReplyTo | None =
     return spec.model_dump(mode="json")
 
 
-def submit_generation(db: Session, request: GenerateRequest, owner: str | None) -> Job:
-    return jobs.submit(db, JobKind.GENERATE, job_params(db, request), owner=owner)
+def submit_generation(db: Session, request: GenerateRequest, caller: Caller) -> Job:
+    return jobs.submit(db, JobKind.GENERATE, job_params(db, request), caller=caller)
 
 
 def _job_snapshot(job_id: int) -> dict[str, Any]:

@@ -8,6 +8,7 @@ from sqlalchemy.orm import Session
 
 from api.schemas.memory import MemoryHit, MemorySearch, MemoryStats
 from api.services import jobs
+from api.services.access import Caller
 from csra.memory import INTENT_VOTERS, MemoryNotBuilt, add_entries, embedder, group_key, serving_memory, vote
 from db.base import utcnow
 from db.jobs import JobKind
@@ -34,7 +35,7 @@ def _public(row: MemoryEntry) -> dict[str, object]:
                                          "chat_message_id", "created_at")}
 
 
-def rebuild(db: Session, dataset_id: int, owner: str | None) -> Job:
+def rebuild(db: Session, dataset_id: int, caller: Caller) -> Job:
     ds = db.get(Dataset, dataset_id)
     if ds is None:
         raise HTTPException(status_code=422, detail=f"dataset {dataset_id} does not exist")
@@ -46,7 +47,7 @@ def rebuild(db: Session, dataset_id: int, owner: str | None) -> Job:
     if running is not None:
         raise HTTPException(status_code=409, detail=f"the memory of dataset {dataset_id} is already being rebuilt "
                                                     f"by job {running}; wait for it (GET /jobs/{running})")
-    return jobs.submit(db, JobKind.MEMORY, {"dataset_id": dataset_id}, owner=owner, dataset_id=dataset_id)
+    return jobs.submit(db, JobKind.MEMORY, {"dataset_id": dataset_id}, caller=caller, dataset_id=dataset_id)
 
 
 def stats(db: Session) -> MemoryStats:

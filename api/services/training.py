@@ -15,6 +15,7 @@ from api.errors import unprocessable
 from api.schemas.estimates import SweepEstimate, TrainEstimate
 from api.schemas.training import SweepCreate
 from api.services import estimates, jobs
+from api.services.access import Caller
 from csra.settings import get_settings
 from csra.specs import RETRIEVAL, TrainSpec
 from db.jobs import JobKind
@@ -88,9 +89,9 @@ def estimate_sweep(db: Session, body: SweepCreate) -> SweepEstimate:
     return estimates.estimate_sweep(db, sweep_specs(db, body))
 
 
-def submit_training(db: Session, spec: TrainSpec, owner: str | None) -> Job:
+def submit_training(db: Session, spec: TrainSpec, caller: Caller) -> Job:
     validate_train_spec(db, spec)
-    return jobs.submit(db, JobKind.TRAIN, spec.model_dump(mode="json"), owner=owner, dataset_id=spec.dataset_id)
+    return jobs.submit(db, JobKind.TRAIN, spec.model_dump(mode="json"), caller=caller, dataset_id=spec.dataset_id)
 
 
 def sweep_specs(db: Session, body: SweepCreate) -> list[TrainSpec]:
@@ -109,7 +110,7 @@ def sweep_specs(db: Session, body: SweepCreate) -> list[TrainSpec]:
     return specs
 
 
-def submit_sweep(db: Session, body: SweepCreate, owner: str | None) -> Job:
+def submit_sweep(db: Session, body: SweepCreate, caller: Caller) -> Job:
     """One child training job per config (run one after another on ``train``), then a leaderboard."""
     specs = sweep_specs(db, body)
     params: dict[str, Any] = {
@@ -117,4 +118,4 @@ def submit_sweep(db: Session, body: SweepCreate, owner: str | None) -> Job:
         "configs": [s.model_dump(mode="json") for s in specs],
         "evaluate": body.evaluate, "eval_max_samples": body.eval_max_samples,
     }
-    return jobs.submit(db, JobKind.SWEEP, params, owner=owner, dataset_id=body.dataset_id)
+    return jobs.submit(db, JobKind.SWEEP, params, caller=caller, dataset_id=body.dataset_id)

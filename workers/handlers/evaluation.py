@@ -22,7 +22,7 @@ from sqlalchemy import delete, insert, select
 from csra.jobctx import JobCancelled, JobContext, JobError
 from csra.settings import get_settings
 from csra.specs import RETRIEVAL, EvaluateSpec, Grounding
-from db.models import Evaluation, EvaluationExample, JobEvent, Model
+from db.models import Evaluation, EvaluationExample, Job, JobEvent, Model
 from db.session import session_scope
 from ml.importing.columns import UNKNOWN as UNKNOWN_INTENT
 from ml.sampling import composition, stratified_sample
@@ -48,7 +48,9 @@ def _evaluation_for(job_id: int, spec: EvaluateSpec, sample: dict[str, Any]) -> 
     with session_scope() as s:
         ev = s.scalar(select(Evaluation).where(Evaluation.job_id == job_id))
         if ev is None:
+            job = s.get(Job, job_id)
             ev = Evaluation(job_id=job_id, dataset_id=spec.dataset_id, split=spec.split,
+                            owner=job.owner if job is not None else None,
                             params=spec.model_dump(mode="json"), metrics={}, sample=sample, status="running")
             s.add(ev)
             s.flush()
