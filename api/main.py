@@ -20,6 +20,7 @@ from api.routes import (
     generation,
     health,
     jobs,
+    me,
     memory,
     models,
     openai_compat,
@@ -81,7 +82,7 @@ def create_app() -> FastAPI:
         lifespan=_lifespan,
     )
     app.include_router(health.router)
-    for module in (datasets, generation, jobs, training, evaluations, models, chats, memory, profile,
+    for module in (me, datasets, generation, jobs, training, evaluations, models, chats, memory, profile,
                    openai_compat):  # each route states its role (api.roles)
         app.include_router(module.router, responses=COMMON_ERRORS)
     app.add_middleware(RequestGuard)

@@ -225,6 +225,10 @@ class Client:
         return self.post("/jobs/generate", body)
 
     # ------------------------------------------------------------------ health, datasets, models
+    def me(self) -> dict[str, Any]:
+        """The name and role of this client's key (``GET /me``)."""
+        return self.get("/me")
+
     def health(self) -> dict[str, Any]:
         """The health report; a degraded stack answers 503 with the same report."""
         with self._answered():

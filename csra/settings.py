@@ -30,6 +30,8 @@ class Settings(BaseSettings):
     api_url: str = Field("", description="how the UI and CLI reach the API; default from host/port")
     ui_host: str = "127.0.0.1"
     ui_port: int = 7860
+    ui_login: bool = Field(False, description="the UI asks each person to sign in with their key's name and key "
+                           "(csra keys create) and calls the API with it; off: every UI user is the UI's CSRA_API_KEY")
     api_key: str | None = Field(
         None, description="the bootstrap admin key: when set, keys are on and every API call but /health needs "
         "a key (this one, or one made with `csra keys create`); the CLI and UI send it too")

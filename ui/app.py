@@ -14,7 +14,8 @@ from typing import Any
 import gradio as gr
 
 from csra.client import ApiError
-from ui.common import QUIET, client, dataset_choices, default_model, keep, model_choices, on
+from csra.settings import get_settings
+from ui.common import QUIET, client, dataset_choices, default_model, keep, model_choices, on, sign_in
 from ui.tabs import chat, compare, evaluate, jobs, profile, train
 
 TITLE = "csra — Customer Support Response Assistant"
@@ -66,7 +67,8 @@ def refresh_datasets(train_ds: Any, eval_ds: Any) -> tuple[Any, ...]:
     try:
         choices = dataset_choices()
     except ApiError as e:
-        gr.Warning(f"Could not list datasets: {e.detail}")
+        if e.status != 403:  # an agent's key: datasets are for admins, and an agent's tabs need none
+            gr.Warning(f"Could not list datasets: {e.detail}")
         return gr.skip(), gr.skip()
     return gr.Dropdown(choices=choices, value=keep(train_ds, choices)), gr.Dropdown(
         choices=choices, value=keep(eval_ds, choices)
@@ -126,10 +128,13 @@ demo = build()
 
 def launch(host: str, port: int) -> None:
     """Serve the UI (``csra ui``); it reaches the API at ``CSRA_API_URL``."""
+    login = get_settings().ui_login
     demo.queue(default_concurrency_limit=16).launch(
         server_name=host,
         server_port=port,
         show_error=True,
         css=CSS,
         footer_links=["api"],
+        auth=sign_in if login else None,
+        auth_message="Sign in with your key's name and the key `csra keys create` printed for you." if login else None,
     )

@@ -5,14 +5,17 @@ from __future__ import annotations
 import functools
 import html
 import inspect
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar, cast
 
 import gradio as gr
+from gradio.context import LocalContext
 from gradio.processing_utils import save_bytes_to_cache
 from gradio.utils import get_upload_folder
 
 from csra.client import ApiError, Client
+from csra.settings import get_settings
 
 TONES = [("Neutral", "neutral"), ("Friendly", "friendly"), ("Strict professional", "strict_professional")]
 QUIET: dict[str, Any] = {"show_progress": "hidden"}
@@ -21,9 +24,48 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 @functools.cache
-def client() -> Client:
-    """The process-wide API client, made on first use (never at import time)."""
+def _shared_client() -> Client:
+    """The UI's own API client (its CSRA_API_KEY), made on first use (never at import time)."""
     return Client()
+
+
+# With CSRA_UI_LOGIN each person signs in with their key's name and the key; the key stays in this
+# process's memory only (Gradio's sessions are in memory too: a restarted UI asks everyone again)
+_signed_in: dict[str, Client] = {}
+_signed_in_lock = threading.Lock()
+
+
+def sign_in(name: str, key: str) -> bool:
+    """Gradio's ``auth`` check: the key must be live and carry this name (``GET /me``), so nobody can
+    sign in under another person's name with a key of their own."""
+    candidate = Client(api_key=key)
+    try:
+        me = candidate.me()
+    except ApiError:
+        candidate.close()
+        return False
+    if me.get("name") != name:
+        candidate.close()
+        return False
+    with _signed_in_lock:
+        old = _signed_in.pop(name, None)
+        _signed_in[name] = candidate
+    if old is not None:
+        old.close()
+    return True
+
+
+def client() -> Client:
+    """The API client for the person this event is for: their own key when the UI asks people to sign in
+    (never the UI's own key then), else the UI's."""
+    if not get_settings().ui_login:
+        return _shared_client()
+    request = LocalContext.request.get(None)  # the event's gr.Request, as Gradio's own helpers read it
+    name = getattr(request, "username", None)
+    found = _signed_in.get(name) if name else None
+    if found is None:
+        raise gr.Error("Your sign-in has expired (the UI restarted): reload the page and sign in again.")
+    return found
 
 
 def on(target: Any) -> dict[str, Any]:

@@ -12,7 +12,7 @@ import re
 import subprocess
 import sys
 from collections.abc import Iterator
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
 import httpx
@@ -62,14 +62,15 @@ def ui_url(stack: Stack) -> Iterator[str]:
         yield url
 
 
-def serve_ui(stack: Stack, api_url: str, name: str = "ui") -> AbstractContextManager[str]:
-    """`csra ui` against the API at ``api_url``, until the block ends; its log is ``<name>.log``."""
-    return stack.serve(name, "ui", "CSRA_UI_PORT", "/config", (200,), 90, CSRA_API_URL=api_url,
-                       GRADIO_ANALYTICS_ENABLED="False")
+def serve_ui(stack: Stack, api_url: str, name: str = "ui", **settings: str) -> AbstractContextManager[str]:
+    """`csra ui` against the API at ``api_url``, until the block ends; its log is ``<name>.log``
+    (``/config`` answers 401 before sign-in when the UI asks people to sign in)."""
+    return stack.serve(name, "ui", "CSRA_UI_PORT", "/config", (200, 401), 90, CSRA_API_URL=api_url,
+                       GRADIO_ANALYTICS_ENABLED="False", **settings)
 
 
-@pytest.fixture()
-def page(ui_url: str) -> Iterator[sync_api.Page]:
+@contextmanager
+def open_page() -> Iterator[sync_api.Page]:
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
         context = browser.new_context(accept_downloads=True, viewport={"width": 1400, "height": 1000})
@@ -80,6 +81,12 @@ def page(ui_url: str) -> Iterator[sync_api.Page]:
         finally:
             context.close()
             browser.close()
+
+
+@pytest.fixture()
+def page(ui_url: str) -> Iterator[sync_api.Page]:
+    with open_page() as pg:
+        yield pg
 
 
 def _set_slider(page: sync_api.Page, elem_id: str, value: str) -> None:
