@@ -166,6 +166,7 @@ def test_api_and_ui_listen_on_all_interfaces(compose: dict[str, Any]) -> None:
     assert "/health" in " ".join(api["healthcheck"]["test"])
     ui_env = _environment(ui)
     assert ui_env["CSRA_UI_HOST"] == "0.0.0.0" and ui_env["CSRA_API_URL"] == "http://api:8000"
+    assert ui_env["CSRA_UI_LOGIN"] == "true", "a UI on every interface must ask each person for their own key"
     assert "7860:7860" in ui["ports"]
     assert ui["depends_on"]["api"]["condition"] == "service_healthy"
 
