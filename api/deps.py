@@ -51,12 +51,18 @@ def authenticate(request: Request, db: Annotated[Session, Depends(get_db)]) -> C
         return Caller(name=settings.api_key_name, role=Role.ADMIN)
     key = find_key(db, token)
     if key is None:
+        db.rollback()
         raise _unauthorized("wrong or revoked API key (csra keys list shows the live ones)")
+    if key.name == settings.api_key_name:  # it would see and change everything the bootstrap key made
+        db.rollback()
+        raise _unauthorized(f"the key named {key.name!r} has the bootstrap key's name (CSRA_API_KEY_NAME) and is "
+                            f"refused: revoke it (csra keys revoke {key.name}) and make one with another name")
     now = utcnow()
     if key.last_used_at is None or now - key.last_used_at > LAST_USED_EVERY:
         key.last_used_at = now
-        db.commit()
-    return Caller(name=key.name, role=Role(key.role))
+    caller = Caller(name=key.name, role=Role(key.role))
+    db.commit()  # ends the lookup's transaction: a long stream or upload holds no database connection for it
+    return caller
 
 
 def require_agent(caller: Annotated[Caller, Depends(authenticate)]) -> Caller:

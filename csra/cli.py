@@ -310,6 +310,29 @@ def models_init(
         console.print(f"embedding model ready at {get_settings().embedder_dir}")
 
 
+@models_app.command("export")
+def models_export(
+    ref: Annotated[str, typer.Argument(help="the model's name or id")],
+    quantization: Annotated[str, typer.Option(help="f16 (exact), q8_0 or q4_k_m")] = "f16",
+    wait: Annotated[bool, typer.Option(help="follow the job and print where to download the file")] = True,
+) -> None:
+    """Export a model as one GGUF file (llama.cpp, Ollama, LM Studio), kept beside it in the store."""
+    try:
+        with Client() as c:
+            job = c.export_model(ref, {"format": "gguf", "quantization": quantization})
+            out.print(f"export job {job['id']} queued")
+            if not wait:
+                return
+            done = _follow(c, job["id"], cancel_on_interrupt=True)
+    except ApiError as e:
+        raise _fail(e) from None
+    if done["status"] != "succeeded":
+        raise typer.Exit(code=1)
+    r = done["result"]
+    out.print(f"{r['file']}: {r['size_bytes'] / 1e6:.1f} MB, sha256 {r['sha256']}\n"
+              f"download: curl -OJ {c.base_url}{r['url']} (with your key: -H 'Authorization: Bearer ...')")
+
+
 @app.command()
 def train(
     dataset: Annotated[int, typer.Option("--dataset", help="dataset id (csra datasets list)")],

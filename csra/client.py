@@ -225,6 +225,10 @@ class Client:
         return self.post("/jobs/generate", body)
 
     # ------------------------------------------------------------------ health, datasets, models
+    def export_model(self, ref: str, body: dict[str, Any]) -> dict[str, Any]:
+        """Queue a GGUF export of a model (``POST /models/{ref}/export``): the job."""
+        return self.post(f"/models/{ref}/export", json=body)
+
     def me(self) -> dict[str, Any]:
         """The name and role of this client's key (``GET /me``)."""
         return self.get("/me")

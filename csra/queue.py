@@ -30,6 +30,7 @@ TASK_NAMES: dict[str, str] = {
     JobKind.EVALUATE: "csra.jobs.evaluate",
     JobKind.GENERATE: "csra.jobs.generate",
     JobKind.MEMORY: "csra.jobs.memory_rebuild",
+    JobKind.EXPORT: "csra.jobs.export_model",
 }
 REAPER_TASK = "csra.maintenance.reap_stale_jobs"
 # not a job: measures training throughput for an estimate (``dry_run``) on the train queue's device

@@ -82,6 +82,7 @@ class Settings(BaseSettings):
     time_limit_sweep: float = Field(7 * 24 * 3600, gt=0, description="seconds a hyper-parameter sweep may run")
     time_limit_generate: float = Field(600, gt=0, description="seconds a generation job may run")
     time_limit_memory: float = Field(3600, gt=0, description="seconds an answer-memory rebuild may run")
+    time_limit_export: float = Field(3600, gt=0, description="seconds a model export (GGUF) may run")
     time_limit_grace_seconds: float = Field(
         60, ge=1, description="after its time limit a job stops at its next step; this much later it is killed"
     )

@@ -219,6 +219,24 @@ class GenerateSpec(GenerateRequest):
     reply_to: ReplyTo | None = Field(None, description="the chat's assistant turn this job answers")
 
 
+GgufQuantization = Literal["f16", "q8_0", "q4_k_m"]
+# the Hugging Face architectures ml.export converts to GGUF (checked against it by its tests)
+GGUF_ARCHITECTURES = ("LlamaForCausalLM",)
+EXPORTS_DIR = "exports"  # the folder inside a model's store folder that holds its exported files
+
+
+class ExportSpec(_Spec):
+    """An export job (``POST /models/{ref}/export``): one model of the store as one GGUF file."""
+
+    model_id: str = Field(..., description="the model's stored name")
+    format: Literal["gguf"] = "gguf"
+    quantization: GgufQuantization = "f16"
+
+    @property
+    def file_name(self) -> str:
+        return f"{self.model_id}-{self.quantization}.gguf"
+
+
 class EvaluateSpec(_Spec):
     """An evaluation job (``POST /jobs/evaluate``)."""
 

@@ -33,12 +33,14 @@ class JobKind(enum.StrEnum):
     GENERATE = "generate"
     SWEEP = "sweep"  # a hyper-parameter sweep: child training jobs, then an evaluation of their models
     MEMORY = "memory"  # (re)build the answer memory from a dataset
+    EXPORT = "export"  # write a model of the store as a GGUF file
 
 
 # the Celery queue each kind runs on (csra.queue routes by it)
 QUEUE_OF: dict[str, str] = {
     JobKind.IMPORT: "default", JobKind.TRAIN: "train", JobKind.EVALUATE: "train",
     JobKind.GENERATE: "generate", JobKind.SWEEP: "default", JobKind.MEMORY: "default",
+    JobKind.EXPORT: "default",
 }
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import html
 import inspect
@@ -33,25 +34,28 @@ def _shared_client() -> Client:
 # process's memory only (Gradio's sessions are in memory too: a restarted UI asks everyone again)
 _signed_in: dict[str, Client] = {}
 _signed_in_lock = threading.Lock()
+SIGN_IN_TIMEOUT_S = 5.0
 
 
-def sign_in(name: str, key: str) -> bool:
-    """Gradio's ``auth`` check: the key must be live and carry this name (``GET /me``), so nobody can
-    sign in under another person's name with a key of their own."""
-    candidate = Client(api_key=key)
+def _check_key(name: str, key: str) -> Client | None:
+    candidate = Client(api_key=key, timeout=SIGN_IN_TIMEOUT_S)
     try:
-        me = candidate.me()
+        ok = candidate.me().get("name") == name
     except ApiError:
-        candidate.close()
+        ok = False
+    candidate.close()
+    return Client(api_key=key) if ok else None
+
+
+async def sign_in(name: str, key: str) -> bool:
+    """Gradio's ``auth`` check: the key must be live and carry this name (``GET /me``), so nobody can
+    sign in under another person's name with a key of their own. Async, with the call in a thread and a
+    short timeout: Gradio awaits it on the event loop every page shares."""
+    client_ = await asyncio.to_thread(_check_key, name, key)
+    if client_ is None:
         return False
-    if me.get("name") != name:
-        candidate.close()
-        return False
-    with _signed_in_lock:
-        old = _signed_in.pop(name, None)
-        _signed_in[name] = candidate
-    if old is not None:
-        old.close()
+    with _signed_in_lock:  # an earlier client of this name may still stream in another tab: left open
+        _signed_in[name] = client_
     return True
 
 

@@ -77,6 +77,13 @@ def run_memory_rebuild(job_id: int) -> None:
     runner.execute(job_id, JobKind.MEMORY, handle_memory_rebuild)
 
 
+@app.task(name=TASK_NAMES[JobKind.EXPORT], base=JobTask, kind=JobKind.EXPORT)
+def run_export(job_id: int) -> None:
+    from workers.handlers.export import handle_export
+
+    runner.execute(job_id, JobKind.EXPORT, handle_export)
+
+
 @app.task(name=REAPER_TASK)
 def reap_stale_jobs() -> dict[str, Any]:
     from workers.reaper import reap_stale_jobs as reap

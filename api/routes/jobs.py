@@ -15,7 +15,7 @@ from db.models import Job
 
 router = APIRouter(route_class=RoleRoute, prefix="/jobs", tags=["jobs"])
 
-KindQ = Literal["import", "train", "evaluate", "generate", "sweep", "memory"]
+KindQ = Literal["import", "train", "evaluate", "generate", "sweep", "memory", "export"]
 StatusQ = Literal["queued", "running", "waiting", "succeeded", "failed", "cancelled"]
 
 

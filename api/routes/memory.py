@@ -36,7 +36,7 @@ def search_memory(db: DbSession, caller: Agent, q: str = Query(..., max_length=4
 
 
 @router.get("/entries", response_model=MemoryEntries)
-def list_entries(db: DbSession, caller: Agent, source: Literal["dataset", "chat"] | None = None,
+def list_entries(db: DbSession, caller: Admin, source: Literal["dataset", "chat"] | None = None,
                  limit: Limit = 50, offset: Offset = 0) -> MemoryEntries:
     rows, count = memory.entries(db, source, limit, offset)
     return MemoryEntries(data=[MemoryEntryPublic.model_validate(r) for r in rows], count=count)

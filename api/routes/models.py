@@ -1,16 +1,18 @@
-"""The model store: list, read, delete (refused while a job uses the model)."""
+"""The model store: list, read, delete (refused while a job uses the model), export as GGUF and download."""
 
 from __future__ import annotations
 
 from fastapi import APIRouter, Response
+from fastapi.responses import FileResponse
 from sqlalchemy import func, select
 
 from api.deps import Admin, Agent, DbSession
 from api.params import Limit
 from api.roles import RoleRoute
-from api.schemas.models import ModelPublic, ModelsPublic
-from api.services.models import delete_model, get_model_or_404
-from db.models import Model
+from api.schemas.jobs import JobPublic
+from api.schemas.models import ExportRequest, ModelFiles, ModelPublic, ModelsPublic
+from api.services.models import delete_model, get_model_or_404, model_file, model_files, submit_export
+from db.models import Job, Model
 
 router = APIRouter(route_class=RoleRoute, prefix="/models", tags=["models"])
 
@@ -35,3 +37,25 @@ def read_model(ref: str, db: DbSession, caller: Agent) -> Model:
 def remove_model(ref: str, db: DbSession, caller: Admin) -> Response:
     delete_model(db, ref)
     return Response(status_code=204)
+
+
+@router.post("/{ref}/export", status_code=202, response_model=JobPublic)
+def export_model(ref: str, body: ExportRequest, db: DbSession, caller: Admin) -> Job:
+    """Write the model as one GGUF file (a job on ``default``), with its chat template, for llama.cpp,
+    Ollama or LM Studio; the job's result names the file, its size and SHA-256."""
+    return submit_export(db, ref, body, caller)
+
+
+@router.get("/{ref}/files", response_model=ModelFiles)
+def list_model_files(ref: str, db: DbSession, caller: Agent) -> ModelFiles:
+    """The files exported from this model, newest first."""
+    files = model_files(get_model_or_404(db, ref))
+    return ModelFiles(data=files, count=len(files))
+
+
+@router.get("/{ref}/files/{name}", response_class=FileResponse,
+            responses={200: {"description": "the file", "content": {"application/octet-stream": {}}}})
+def download_model_file(ref: str, name: str, db: DbSession, caller: Agent) -> FileResponse:
+    """Download an exported file."""
+    path = model_file(get_model_or_404(db, ref), name)
+    return FileResponse(path, media_type="application/octet-stream", filename=name)

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from api.schemas.common import OWNER_HELP, Public
+from csra.specs import GgufQuantization
 
 
 class ModelPublic(Public):
@@ -26,6 +27,24 @@ class ModelPublic(Public):
     metrics: dict[str, Any] | None = None
     owner: str | None = Field(None, description=OWNER_HELP)
     created_at: datetime
+
+
+class ExportRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    format: Literal["gguf"] = Field("gguf", description="GGUF: llama.cpp, Ollama, LM Studio")
+    quantization: GgufQuantization = Field("f16", description="f16 (exact), q8_0 or q4_k_m (smaller, approximate)")
+
+
+class ModelFile(BaseModel):
+    name: str
+    size_bytes: int
+    url: str = Field(description="where to download it (same key)")
+
+
+class ModelFiles(BaseModel):
+    data: list[ModelFile]
+    count: int
 
 
 class ModelsPublic(BaseModel):

@@ -1,4 +1,5 @@
-"""Models as the API sees them: resolve a reference (422), find one (404), delete one (409 while used)."""
+"""Models as the API sees them: resolve a reference (422), find one (404), delete one (409 while used),
+export one (a job) and find its exported files."""
 
 from __future__ import annotations
 
@@ -8,9 +9,13 @@ from pathlib import Path
 from fastapi import HTTPException
 from sqlalchemy.orm import Session
 
+from api.schemas.models import ExportRequest, ModelFile
+from api.services import jobs
+from api.services.access import Caller
 from csra.settings import get_settings
-from csra.specs import RETRIEVAL
-from db.models import Model
+from csra.specs import EXPORTS_DIR, GGUF_ARCHITECTURES, RETRIEVAL, ExportSpec
+from db.jobs import JobKind
+from db.models import Job, Model
 from models_store.registry import find_model, jobs_using
 
 
@@ -45,3 +50,40 @@ def delete_model(db: Session, ref: str) -> None:
     db.commit()
     if path.resolve().is_relative_to(store) and path.exists():
         shutil.rmtree(path, ignore_errors=True)
+
+
+def submit_export(db: Session, ref: str, body: ExportRequest, caller: Caller) -> Job:
+    """Queue the export of a model as GGUF: 404 for an unknown model, 422 for one the converter cannot take."""
+    model = get_model_or_404(db, ref)
+    if model.kind == RETRIEVAL:
+        raise HTTPException(status_code=422, detail="'retrieval' is not a model (it answers with the nearest "
+                                                    "approved answer); there are no weights to export")
+    if model.architecture not in GGUF_ARCHITECTURES:
+        raise HTTPException(status_code=422, detail=(
+            f"model {model.name!r} is a {model.architecture or 'model of unknown architecture'}; GGUF export "
+            f"supports {', '.join(GGUF_ARCHITECTURES)} (SmolLM2 and other Llama models)"))
+    spec = ExportSpec(model_id=model.name, format=body.format, quantization=body.quantization)
+    return jobs.submit(db, JobKind.EXPORT, spec.model_dump(mode="json"), caller=caller)
+
+
+def _exports_dir(model: Model) -> Path:
+    return Path(model.path) / EXPORTS_DIR
+
+
+def model_files(model: Model) -> list[ModelFile]:
+    """The files exported from a model (``POST /models/{ref}/export``), newest first."""
+    folder = _exports_dir(model)
+    if not folder.is_dir():
+        return []
+    found = sorted((p for p in folder.iterdir() if p.is_file() and p.suffix == ".gguf"),
+                   key=lambda p: p.stat().st_mtime, reverse=True)
+    return [ModelFile(name=p.name, size_bytes=p.stat().st_size, url=f"/models/{model.name}/files/{p.name}")
+            for p in found]
+
+
+def model_file(model: Model, name: str) -> Path:
+    """One exported file by name (only names ``model_files`` lists: never a path)."""
+    if name not in {f.name for f in model_files(model)}:
+        raise HTTPException(status_code=404, detail=f"model {model.name!r} has no exported file {name[:100]!r} "
+                                                    f"(GET /models/{model.name}/files lists them)")
+    return _exports_dir(model) / name

@@ -33,14 +33,17 @@ def upgrade() -> None:
         batch.add_column(sa.Column('owner', sa.String(length=64), nullable=True))
     with op.batch_alter_table('evaluations') as batch:
         batch.add_column(sa.Column('owner', sa.String(length=64), nullable=True))
-    # evaluations and models made before owners were recorded take the owner of the job that made them
-    op.execute("UPDATE evaluations SET owner = (SELECT jobs.owner FROM jobs WHERE jobs.id = evaluations.job_id)")
-    op.execute("UPDATE models SET owner = (SELECT jobs.owner FROM jobs WHERE jobs.id = models.train_job_id)")
+    # owners so far were fingerprints of the one CSRA_API_KEY, not key names: what was made before named keys
+    # existed has no owner (admins see it; no agent does)
+    for table in ('jobs', 'datasets', 'chat_sessions'):
+        op.execute(f"UPDATE {table} SET owner = NULL")
 
 
 def downgrade() -> None:
-    with op.batch_alter_table('evaluations') as batch:
+    # ALTER TABLE ... DROP COLUMN in place (SQLite >= 3.35): a batch copy-and-rename would drop the old
+    # table with foreign keys on, cascading into evaluation_examples
+    with op.batch_alter_table('evaluations', recreate='never') as batch:
         batch.drop_column('owner')
-    with op.batch_alter_table('models') as batch:
+    with op.batch_alter_table('models', recreate='never') as batch:
         batch.drop_column('owner')
     op.drop_table('api_keys')

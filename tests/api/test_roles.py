@@ -116,3 +116,15 @@ def test_agents_see_only_their_own_rows_and_admins_see_all(keyed):
     r = client.post(f"/jobs/{job_of[None]}/cancel", headers={"Authorization": f"Bearer {keys['agent']}"})
     assert r.status_code == 404
     assert get(f"/jobs/{job_of[None]}", "admin").json()["owner"] is None
+
+
+def test_a_stored_key_with_the_bootstrap_keys_name_is_refused(keyed):
+    """Made before CSRA_API_KEY_NAME changed to it (the CLI refuses the name in use): it would own the
+    bootstrap admin's rows, so it is refused."""
+    from db.session import get_sessionmaker
+
+    client, _ = keyed
+    with get_sessionmaker()() as db:
+        twin = create_key(db, "admin", Role.AGENT).secret
+    r = client.get("/chats", headers={"Authorization": f"Bearer {twin}"})
+    assert r.status_code == 401 and "bootstrap key's name" in r.json()["detail"]

@@ -34,3 +34,32 @@ def test_migrations_match_the_orm_models(tmp_path):
     with create_engine(url).connect() as conn:
         diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
     assert diff == []
+
+
+def test_0006_keeps_evaluation_examples_both_ways_and_clears_key_fingerprints(tmp_path):
+    """0006 adds owners: up and back down keeps every stored prediction (a copy-and-rename of
+    ``evaluations`` would cascade into them), and the old single key's fingerprints stop being owners."""
+    from sqlalchemy import text
+
+    url = f"sqlite:///{tmp_path / 'm.db'}"
+    migrate.upgrade(url, "0005")
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(text("INSERT INTO jobs (id, kind, queue, status, params, progress, stage, attempts, "
+                          "cancel_requested, owner, created_at) VALUES (1, 'evaluate', 'train', 'succeeded', '{}', "
+                          "1, 'done', 1, 0, '0123456789abcdef', '2026-01-01')"))
+        conn.execute(text("INSERT INTO evaluations (id, job_id, split, params, status, created_at) "
+                          "VALUES (1, 1, 'test', '{}', 'done', '2026-01-01')"))
+        conn.execute(text("INSERT INTO evaluation_examples (evaluation_id, model_name, intent, category, prompt, "
+                          "reference, prediction, scores) VALUES (1, 'm', '', '', 'p', 'r', 'x', '{}')"))
+
+    def count() -> int:
+        with engine.connect() as conn:
+            return conn.execute(text("SELECT count(*) FROM evaluation_examples")).scalar_one()
+
+    migrate.upgrade(url)
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT owner FROM jobs")).scalar_one() is None
+    assert count() == 1
+    migrate.downgrade(url, "0005")
+    assert count() == 1

@@ -49,9 +49,17 @@ def test_agents_keep_to_their_own_chats_and_jobs(keyed):
     assert job["status"] == "succeeded" and job["owner"] == "alice"
     assert alice.get(f"/chats/{cid}").json()["owner"] == "alice"
 
-    assert bob.get(f"/chats/{cid}").status_code == 404
-    assert bob.get(f"/jobs/{job['id']}").status_code == 404
-    assert bob.post(f"/jobs/{job['id']}/cancel").status_code == 404
+    reply_id = turn["assistant_message"]["id"]
+    for method, path, body in (("GET", f"/chats/{cid}", None), ("PATCH", f"/chats/{cid}", {"title": "mine"}),
+                               ("POST", f"/chats/{cid}/messages", {"content": "hello?"}),
+                               ("POST", f"/chats/{cid}/messages/{reply_id}/feedback", {"rating": "down"}),
+                               ("GET", f"/chats/{cid}/export", None), ("DELETE", f"/chats/{cid}", None),
+                               ("GET", f"/jobs/{job['id']}", None), ("GET", f"/jobs/{job['id']}/events", None),
+                               ("GET", f"/jobs/{job['id']}/stream", None), ("POST", f"/jobs/{job['id']}/cancel", None)):
+        r = bob.request(method, path, json=body)
+        assert r.status_code == 404, (method, path, r.status_code)  # another agent's things do not exist for bob
+    assert alice.get(f"/chats/{cid}").json()["title"] != "mine"
+    assert alice.get("/memory/entries").status_code == 403  # every approved turn of every chat: admins only
     assert cid not in [c["id"] for c in bob.get("/chats").json()["data"]]
     assert "Where is my refund?" not in bob.get("/chats/export", params={"format": "csv"}).text
     assert all(j["owner"] == "bob" for j in bob.get("/jobs").json()["data"])
