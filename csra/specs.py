@@ -149,6 +149,10 @@ class TrainSpec(_Spec):
         return self
 
 
+# llamacpp serves the first export in CSRA_GEN_GGUF_PREFERENCE; llamacpp:<quantization> that export
+Backend = Literal["auto", "torch", "llamacpp", "llamacpp:f16", "llamacpp:q8_0", "llamacpp:q4_k_m"]
+
+
 class GenerationSettings(_Spec):
     """Decoding and prompt settings of a reply (chat defaults, per-message overrides)."""
 
@@ -160,6 +164,9 @@ class GenerationSettings(_Spec):
         True, description="on: ask for order/account/email only when the request needs it; off: never"
     )
     seed: int | None = None
+    backend: Backend = Field("auto", description="auto: the deployment's CSRA_GEN_BACKEND; torch: csra's engine "
+                             "(exact, batch-invariant); llamacpp[:quantization]: the model's GGUF export through "
+                             "llama.cpp")
 
 
 class GenerationOverrides(_Spec):
@@ -171,6 +178,7 @@ class GenerationOverrides(_Spec):
     max_new_tokens: MaxNewTokens | None = None
     ask_details_only_if_relevant: bool | None = None
     seed: int | None = None
+    backend: Backend | None = None
 
 
 class ReplyTo(_Spec):

@@ -8,11 +8,11 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from csra.specs import MODEL_NAME_RE
+from csra.specs import EXPORTS_DIR, MODEL_NAME_RE
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["model_dir", "validate_model_name"]
+__all__ = ["gguf_exports", "model_dir", "preferred_gguf", "validate_model_name"]
 
 
 def validate_model_name(name: str) -> str:
@@ -41,3 +41,18 @@ def model_dir(store_dir: Path, name: str) -> Path:
     if path.parent != store:
         raise ValueError(f"model name {name!r} resolves outside the model store {store}")
     return path
+
+
+def gguf_exports(model_folder: Path) -> list[Path]:
+    """A model's GGUF exports (``POST /models/{ref}/export``), newest first."""
+    folder = model_folder / EXPORTS_DIR
+    if not folder.is_dir():
+        return []
+    return sorted((p for p in folder.iterdir() if p.is_file() and p.suffix == ".gguf"),
+                  key=lambda p: p.stat().st_mtime, reverse=True)
+
+
+def preferred_gguf(model_folder: Path, preference: list[str]) -> Path | None:
+    """The export llama.cpp serves: the first quantization in ``preference`` that was exported."""
+    by_quant = {p.stem.rsplit("-", 1)[-1]: p for p in gguf_exports(model_folder)}
+    return next((by_quant[q] for q in preference if q in by_quant), None)

@@ -16,6 +16,7 @@ from csra.settings import get_settings
 from csra.specs import EXPORTS_DIR, GGUF_ARCHITECTURES, RETRIEVAL, ExportSpec
 from db.jobs import JobKind
 from db.models import Job, Model
+from models_store.naming import gguf_exports
 from models_store.registry import find_model, jobs_using
 
 
@@ -72,13 +73,8 @@ def _exports_dir(model: Model) -> Path:
 
 def model_files(model: Model) -> list[ModelFile]:
     """The files exported from a model (``POST /models/{ref}/export``), newest first."""
-    folder = _exports_dir(model)
-    if not folder.is_dir():
-        return []
-    found = sorted((p for p in folder.iterdir() if p.is_file() and p.suffix == ".gguf"),
-                   key=lambda p: p.stat().st_mtime, reverse=True)
     return [ModelFile(name=p.name, size_bytes=p.stat().st_size, url=f"/models/{model.name}/files/{p.name}")
-            for p in found]
+            for p in gguf_exports(Path(model.path))]
 
 
 def model_file(model: Model, name: str) -> Path:

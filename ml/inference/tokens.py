@@ -52,18 +52,23 @@ def stop_tokens(loaded: LoadedModel) -> StopTokens:
 
 
 def encode_prompt(loaded: LoadedModel, prompt: str) -> list[int]:
-    """Prompt token ids, tokenized exactly as training does (``ml.training.data.ExampleEncoder``).
+    """Prompt token ids, tokenized exactly as training does (``ml.training.data.ExampleEncoder``)."""
+    return encode_prompt_with(loaded.tokenizer, loaded.arch, prompt)
+
+
+def encode_prompt_with(tokenizer: Any, arch: str, prompt: str) -> list[int]:
+    """``encode_prompt`` from the tokenizer alone (llama.cpp serves the weights).
 
     Chat templates carry their own special tokens; plain prompts (and T5's encoder) get the
     tokenizer's (BOS, ``</s>``).
     """
-    chat = has_chat_template(loaded.tokenizer)
-    special = not chat or loaded.arch == "seq2seq"
-    ids = loaded.tokenizer(prompt, add_special_tokens=special)["input_ids"]
+    chat = has_chat_template(tokenizer)
+    special = not chat or arch == "seq2seq"
+    ids = tokenizer(prompt, add_special_tokens=special)["input_ids"]
     if not ids:
-        fallback = loaded.tokenizer.bos_token_id
+        fallback = tokenizer.bos_token_id
         if fallback is None:
-            fallback = loaded.tokenizer.eos_token_id
+            fallback = tokenizer.eos_token_id
         ids = [fallback]
     return list(ids)
 
@@ -73,7 +78,12 @@ def max_prompt_tokens(loaded: LoadedModel, max_new_tokens: int) -> int | None:
     if loaded.arch != "causal":
         return None
     limit = getattr(loaded.model.config, "max_position_embeddings", None)
-    return max(int(limit) - max_new_tokens, 1) if limit else None
+    return prompt_budget(int(limit) if limit else None, max_new_tokens)
+
+
+def prompt_budget(context_tokens: int | None, max_new_tokens: int) -> int | None:
+    """The longest prompt that leaves room for ``max_new_tokens`` in ``context_tokens`` (None: no limit)."""
+    return max(context_tokens - max_new_tokens, 1) if context_tokens else None
 
 
 

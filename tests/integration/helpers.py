@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any
 
@@ -28,3 +29,16 @@ def import_path(api: httpx.Client, path: str, **options: Any) -> dict[str, Any]:
 
 def upload(api: httpx.Client, filename: str, content: bytes, **data: str) -> httpx.Response:
     return api.post("/datasets", files={"file": (filename, content)}, data=data)
+
+
+def train_scripted(api: httpx.Client, name: str, reply: str) -> str:
+    """A tiny model fine-tuned (through the API, seconds) to always answer ``reply``: real text to check
+    streaming, batching and placeholders on. Returns its name."""
+    rows = "\n".join(f"please cancel order {i},{reply}" for i in range(40))
+    r = api.post("/datasets", files={"file": (f"{name}.csv", f"customer,agent\n{rows}".encode())},
+                 data={"options": json.dumps({"column_mapping": {"input": "customer", "output": "agent"}})})
+    assert wait_job(api, r.json()["job"]["id"])["status"] == "succeeded"
+    job = api.post("/jobs/train", json={"dataset_id": r.json()["dataset"]["id"], "epochs": 12, "batch_size": 8,
+                                        "learning_rate": 1e-2, "precision": "fp32", "output_name": name})
+    assert wait_job(api, job.json()["id"], timeout=240)["status"] == "succeeded"
+    return name

@@ -10,7 +10,7 @@ import threading
 import httpx
 import pytest
 
-from tests.integration.helpers import wait_job
+from tests.integration.helpers import train_scripted, wait_job
 
 
 def _generate(api, **params) -> dict:
@@ -36,15 +36,8 @@ SCRIPTED_REPLY = "Your order {{Order Number}} is cancelled."
 def scripted(stack) -> str:
     """A tiny model fine-tuned (through the API, seconds) to always answer SCRIPTED_REPLY: real text,
     with a placeholder, so streaming, batching and placeholder filling are checked on words."""
-    api = httpx.Client(base_url=stack.url, timeout=30)
-    rows = "\n".join(f"please cancel order {i},{SCRIPTED_REPLY}" for i in range(40))
-    r = api.post("/datasets", files={"file": ("scripted.csv", f"customer,agent\n{rows}".encode())},
-                 data={"options": json.dumps({"column_mapping": {"input": "customer", "output": "agent"}})})
-    assert wait_job(api, r.json()["job"]["id"])["status"] == "succeeded"
-    job = api.post("/jobs/train", json={"dataset_id": r.json()["dataset"]["id"], "epochs": 12, "batch_size": 8,
-                                        "learning_rate": 1e-2, "precision": "fp32", "output_name": "tiny-scripted"})
-    assert wait_job(api, job.json()["id"], timeout=240)["status"] == "succeeded"
-    return "tiny-scripted"
+    with httpx.Client(base_url=stack.url, timeout=30) as api:
+        return train_scripted(api, "tiny-scripted", SCRIPTED_REPLY)
 
 
 def _stream(url: str, job_id: int) -> tuple[list[str], dict | None]:

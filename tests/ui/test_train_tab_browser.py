@@ -103,9 +103,10 @@ def test_the_train_tab_follows_every_training_job(page, ui_url, stack):
         cli_job = wait_until(lambda: next((j["id"] for j in _train_jobs(api) if j["params"].get("output_name")
                                             == name), None), 60, 0.5, what="the CLI's job")
         def listed() -> bool:  # the list refreshes every 2 s; an open dropdown shows the choices it had
+            # (5 s a try: on a loaded machine the dropdown can take seconds to open)
             page.locator("#train-job input").click()
             try:
-                page.get_by_role("option").filter(has_text=f"#{cli_job} {name}").first.wait_for(timeout=2_000)
+                page.get_by_role("option").filter(has_text=f"#{cli_job} {name}").first.wait_for(timeout=5_000)
                 return True
             except sync_api.TimeoutError:
                 seen.append(page.get_by_role("option").all_inner_texts())
@@ -115,7 +116,7 @@ def test_the_train_tab_follows_every_training_job(page, ui_url, stack):
 
         seen: list[list[str]] = []
         try:
-            wait_until(listed, 60, 1.0, what="the CLI's job in the Train tab's list")
+            wait_until(listed, 120, 1.0, what="the CLI's job in the Train tab's list")
         except TimeoutError:
             raise AssertionError(f"job {cli_job} {name} not listed; the list showed {seen[-3:]}") from None
         expect(followed).to_have_value(re.compile(rf"^#{mine} "))

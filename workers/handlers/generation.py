@@ -2,7 +2,11 @@
 
 The generate worker runs Celery's thread pool, so concurrent jobs live in one process and share
 one ``BatchingEngine``: requests that arrive while a batch runs join it between decode steps, and
-loaded models stay in a bounded LRU cache (never reloaded per request).
+loaded models stay in a bounded LRU cache (never reloaded per request). A model with a GGUF export
+can be served by llama.cpp instead (``backend``; ``auto`` does where an export exists): one
+``LlamaCppEngine`` per process, concurrent chats decoding together as parallel sequences of one
+context. Prompts are rendered and tokenized by csra's tokenizer on both paths, so tone, privacy,
+grounding, placeholders and streaming behave the same.
 
 One path for every reply: the job's ``GenerateSpec`` holds the resolved model name and the whole
 conversation; this handler renders it (dropping the oldest turns to fit, never the system rules),
@@ -14,6 +18,8 @@ transaction and only then ends the stream (``db.jobs.finish``, ``csra.enqueue.af
 from __future__ import annotations
 
 import contextlib
+import functools
+import importlib.util
 import logging
 import threading
 from concurrent.futures import Future
@@ -35,11 +41,13 @@ from db.models import Setting
 from db.session import session_scope
 from ml.memory.grounding import allowed_slots, outside_contract
 from ml.memory.memory import INTENT_VOTERS, Hit, vote
+from models_store.naming import preferred_gguf
 from models_store.registry import find_model_row
 from workers.presence import publish_invariance
 
 if TYPE_CHECKING:
     from ml.inference.engine import BatchingEngine
+    from ml.inference.llamacpp import LlamaCppEngine, ReplyDecoder
     from models_store.loading import LoadedModel
 
 logger = logging.getLogger(__name__)
@@ -49,6 +57,7 @@ CHECK_INTERVAL = 0.3  # how often a waiting job checks for cancel and its time l
 STOP_WAIT_SECONDS = 5.0
 _lock = threading.Lock()
 _engine: BatchingEngine | None = None
+_llama_engine: LlamaCppEngine | None = None
 
 
 def batching_engine() -> BatchingEngine:
@@ -67,6 +76,56 @@ def batching_engine() -> BatchingEngine:
                                      on_busy=signal.touch)
             _engine.start()
         return _engine
+
+
+def llamacpp_engine() -> LlamaCppEngine:
+    """The process-wide llama.cpp engine (created on first use): continuous batching over one context per model."""
+    global _llama_engine
+    with _lock:
+        if _llama_engine is None:
+            from ml.cpu_share import InteractiveSignal
+            from ml.inference.llamacpp import LlamaCppEngine
+
+            s = get_settings()
+            signal = InteractiveSignal(s.interactive_signal_path)
+            _llama_engine = LlamaCppEngine(max_batch_size=s.gen_max_batch, max_models=s.gen_cache_models,
+                                           on_busy=signal.touch)
+            _llama_engine.start()
+        return _llama_engine
+
+
+def llamacpp_installed() -> bool:
+    return importlib.util.find_spec("llama_cpp") is not None
+
+
+def choose_backend(spec: GenerateSpec, row: dict[str, Any]) -> tuple[str, Path | None]:
+    """``("torch", None)`` or ``("llamacpp", the GGUF export to serve)`` for this request and model."""
+    s = get_settings()
+    asked = s.gen_backend if spec.backend == "auto" else spec.backend
+    if asked == "torch":
+        return "torch", None
+    quant = asked.partition(":")[2]
+    gguf = preferred_gguf(Path(row["path"]), [quant] if quant else s.gen_gguf_preference)
+    if asked == "auto":
+        return ("llamacpp", gguf) if gguf is not None and llamacpp_installed() else ("torch", None)
+    if gguf is None:
+        raise JobError(f"model {row['name']!r} has no GGUF export{' at ' + quant if quant else ''} for llama.cpp to "
+                       f"serve: POST /models/{row['name']}/export (or csra models export {row['name']}) makes one; "
+                       "or ask for backend torch")
+    if not llamacpp_installed():
+        raise JobError("backend llamacpp needs llama-cpp-python on the generate worker (make setup builds it); "
+                       "ask for backend torch meanwhile")
+    return "llamacpp", gguf
+
+
+@functools.lru_cache(maxsize=8)
+def _tokenizer(folder: str) -> tuple[Any, str, ReplyDecoder]:
+    """A model's tokenizer, architecture and stop rules, without its weights (llama.cpp holds those)."""
+    from ml.inference.llamacpp import ReplyDecoder
+    from models_store.loading import load_tokenizer
+
+    tokenizer, arch = load_tokenizer(folder)
+    return tokenizer, arch, ReplyDecoder.from_tokenizer(tokenizer, arch)
 
 
 def load_profile() -> Profile:
@@ -160,18 +219,18 @@ def memory_context(message: str, k: int) -> MemoryContext | None:
     return MemoryContext(hits, guess.intent if guess else None, guess.confidence if guess else None)
 
 
-def _prompt(loaded: LoadedModel, spec: GenerateSpec, grounding: Grounding | None,
+def _prompt(tokenizer: Any, budget: int | None, spec: GenerateSpec, grounding: Grounding | None,
             context: MemoryContext | None) -> str:
-    from ml.inference.tokens import max_prompt_tokens
+    """The rendered prompt (system rules, tone, grounding exemplars, the conversation cut to ``budget``
+    tokens): the same on both backends."""
     from ml.prompting import conversation_prompt, grounded_system, system_message, truncate_tokens
 
     system = system_message(DEFAULT_INSTRUCTION, spec.tone, spec.ask_details_only_if_relevant)
     if grounding is not None and context is not None:
-        exemplars = [truncate_tokens(loaded.tokenizer, h.entry.reply, grounding.max_exemplar_tokens)
+        exemplars = [truncate_tokens(tokenizer, h.entry.reply, grounding.max_exemplar_tokens)
                      for h in context.hits[: grounding.k]]
         system = grounded_system(system, exemplars, grounding.template)
-    budget = max_prompt_tokens(loaded, spec.max_new_tokens)
-    return conversation_prompt(loaded.tokenizer, system, spec.conversation(), budget)
+    return conversation_prompt(tokenizer, system, spec.conversation(), budget)
 
 
 def _retrieved(job_id: int, row: dict[str, Any], context: MemoryContext | None) -> dict[str, Any]:
@@ -189,28 +248,75 @@ def _retrieved(job_id: int, row: dict[str, Any], context: MemoryContext | None) 
 
 def _generated(job_id: int, row: dict[str, Any], spec: GenerateSpec, ctx: JobContext,
                context: MemoryContext | None) -> dict[str, Any]:
+    from ml.inference.tokens import max_prompt_tokens
     from ml.inference.types import GenerationRequest
 
+    backend, gguf = choose_backend(spec, row)
+    if gguf is not None:
+        return _generated_llamacpp(job_id, row, spec, ctx, context, gguf)
     path = Path(row["path"])
     engine = batching_engine()
     ctx.progress(0.02, "loading the model")
     loaded = _wait(engine.load_async(str(path), _loader(path)), ctx)  # on the engine thread: see BatchingEngine
     publish_invariance(row["name"], loaded.invariance)
-    grounding = Grounding.model_validate(row["grounding"]) if row.get("grounding") else None
+    grounding = _grounding(row)
     stream = _Stream(job_id)
-    request = GenerationRequest(prompt=_prompt(loaded, spec, grounding, context), max_new_tokens=spec.max_new_tokens,
+    prompt = _prompt(loaded.tokenizer, max_prompt_tokens(loaded, spec.max_new_tokens), spec, grounding, context)
+    request = GenerationRequest(prompt=prompt, max_new_tokens=spec.max_new_tokens,
                                 temperature=spec.temperature, top_p=spec.top_p, seed=spec.seed,
                                 on_text=stream.on_text, should_stop=stream.stopped.is_set)
     ctx.progress(0.05, "generating")
+    res = _finish_wait(engine.submit(str(path), _loader(path), request), ctx, stream, row)
+    return {**_reply(row, res, grounding, context), "backend": backend,
+            "batch_invariant": (loaded.invariance or {}).get("batch_invariant")}
+
+
+def _grounding(row: dict[str, Any]) -> Grounding | None:
+    return Grounding.model_validate(row["grounding"]) if row.get("grounding") else None
+
+
+def _finish_wait(future: Future[Any], ctx: JobContext, stream: _Stream, row: dict[str, Any]) -> Any:
     try:
-        res = _wait(engine.submit(str(path), _loader(path), request), ctx, stream)
+        return _wait(future, ctx, stream)
     except JobCancelled:  # keep what the agent already saw
         raise JobCancelled(result={"text": stream.text, "raw_text": stream.text, "model": row["name"]}) from None
+
+
+def _reply(row: dict[str, Any], res: Any, grounding: Grounding | None, context: MemoryContext | None
+           ) -> dict[str, Any]:
     return {"raw_text": res.text.strip(), "model": row["name"], "model_id": row["id"],
             "prompt_tokens": res.prompt_tokens, "completion_tokens": res.completion_tokens,
             "latency_ms": res.latency_ms, "first_token_ms": res.first_token_ms, "finish_reason": res.finish_reason,
-            "batch_size": res.batch_size, "grounded": grounding is not None and context is not None,
-            "batch_invariant": (loaded.invariance or {}).get("batch_invariant")}
+            "batch_size": res.batch_size, "grounded": grounding is not None and context is not None}
+
+
+def _generated_llamacpp(job_id: int, row: dict[str, Any], spec: GenerateSpec, ctx: JobContext,
+                        context: MemoryContext | None, gguf: Path) -> dict[str, Any]:
+    """The reply through llama.cpp from the model's GGUF export; a file llama.cpp cannot load fails this
+    job with llama.cpp's reason (the torch backend keeps serving the model)."""
+    from ml.inference.llamacpp import LlamaCppLoadError
+    from ml.inference.tokens import encode_prompt_with, prompt_budget
+    from ml.inference.types import GenerationRequest
+
+    engine = llamacpp_engine()
+    ctx.progress(0.02, "loading the model (llama.cpp)")
+    try:
+        info = _wait(engine.load_async(str(gguf)), ctx)
+    except LlamaCppLoadError as e:
+        raise JobError(f"llama.cpp could not load {gguf.name} ({e}); re-export the model, or ask for backend "
+                       "torch") from None
+    tokenizer, arch, decoder = _tokenizer(row["path"])
+    grounding = _grounding(row)
+    stream = _Stream(job_id)
+    prompt = _prompt(tokenizer, prompt_budget(info.n_ctx_seq, spec.max_new_tokens), spec, grounding, context)
+    request = GenerationRequest(prompt=prompt, max_new_tokens=spec.max_new_tokens, temperature=spec.temperature,
+                                top_p=spec.top_p, seed=spec.seed, on_text=stream.on_text,
+                                should_stop=stream.stopped.is_set)
+    ctx.progress(0.05, "generating")
+    ids = encode_prompt_with(tokenizer, arch, prompt)
+    res = _finish_wait(engine.submit(str(gguf), ids, request, decoder), ctx, stream, row)
+    quant = gguf.stem.rsplit("-", 1)[-1]
+    return {**_reply(row, res, grounding, context), "backend": f"llamacpp:{quant}", "batch_invariant": None}
 
 
 def handle_generation(job_id: int, params: dict[str, Any], ctx: JobContext) -> dict[str, Any]:
