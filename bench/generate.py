@@ -200,7 +200,8 @@ def concurrent_tokens_per_second(c: httpx.Client, url: str, model: str, n: int, 
     return sum(d["result"]["completion_tokens"] for d in done) / wall, max(d["result"]["batch_size"] for d in done)
 
 
-def llamacpp_direct(model_dir: Path, gguf: Path, messages: list[str], max_new: int) -> tuple[list[float], list[str]]:
+def llamacpp_direct(model_dir: Path, gguf: Path, messages: list[str], max_new: int, threads: int | None = None
+                    ) -> tuple[list[float], list[str]]:
     """llama.cpp in this process on the same file and prompts, one request at a time."""
     from csra.specs import DEFAULT_INSTRUCTION
     from ml.inference.llamacpp import LlamaCppEngine, ReplyDecoder
@@ -213,7 +214,7 @@ def llamacpp_direct(model_dir: Path, gguf: Path, messages: list[str], max_new: i
     decoder = ReplyDecoder.from_tokenizer(tokenizer, arch)
     system = system_message(DEFAULT_INSTRUCTION, "neutral", True)
     times, texts = [], []
-    with LlamaCppEngine() as engine:
+    with LlamaCppEngine(n_threads=threads) as engine:
         engine.load(gguf)
         for m in messages:
             prompt = render_prompt(tokenizer, build_messages(system, m))
@@ -225,7 +226,8 @@ def llamacpp_direct(model_dir: Path, gguf: Path, messages: list[str], max_new: i
     return times, texts
 
 
-def backends(c: httpx.Client, url: str, model: str, model_dir: Path, n: int, max_new: int) -> None:
+def backends(c: httpx.Client, url: str, model: str, model_dir: Path, n: int, max_new: int,
+             chosen: list[str], threads: int | None) -> None:
     import platform
 
     ensure_exports(c, model)
@@ -238,20 +240,22 @@ def backends(c: httpx.Client, url: str, model: str, model_dir: Path, n: int, max
           f"{'max batch':>10}{'same text as torch':>20}")
     reference: list[str] = []
     stack_p50: dict[str, float] = {}
-    for backend in BACKENDS:
+    for backend in chosen:
         end_to_end(c, model, msgs[0], max_new, backend)  # warm: loaded once
         runs = [end_to_end(c, model, m, max_new, backend) for m in msgs]
         texts = [d["result"]["raw_text"] for _, d in runs]
-        reference = reference or texts
+        reference = reference or texts  # the first backend's (torch's, by default)
         alone = sum(d["result"]["completion_tokens"] for _, d in runs) / (sum(ms for ms, _ in runs) / 1000)
         tps, batch = concurrent_tokens_per_second(c, url, model, n, max_new, backend)
         stack_p50[backend] = p50([ms for ms, _ in runs])
         same = sum(a == b for a, b in zip(texts, reference, strict=True))
         print(f"   {backend:<17}{stack_p50[backend]:>15.0f}{alone:>16.1f}{tps:>15.1f}{batch:>10}{same:>17}/{n}")
-    direct_ms, _ = llamacpp_direct(model_dir, model_dir / "exports" / f"{model}-f16.gguf", msgs, max_new)
+    if "llamacpp:f16" not in stack_p50:
+        return
+    direct_ms, _ = llamacpp_direct(model_dir, model_dir / "exports" / f"{model}-f16.gguf", msgs, max_new, threads)
     ratio = stack_p50["llamacpp:f16"] / p50(direct_ms)
-    print(f"   llama.cpp f16 in this process: p50 {p50(direct_ms):.0f} ms/request; through the stack {ratio:.2f}x "
-          f"[{'meets' if ratio <= 1.2 else 'MISSES'} the 1.2x goal]")
+    print(f"   llama.cpp f16 in this process ({threads or 'all'} threads): p50 {p50(direct_ms):.0f} ms/request; "
+          f"through the stack {ratio:.2f}x [{'meets' if ratio <= 1.2 else 'MISSES'} the 1.2x goal]")
 
 
 def main() -> None:
@@ -263,7 +267,9 @@ def main() -> None:
     p.add_argument("--requests", type=int, default=16)
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--model-dir", type=Path, default=None)
-    p.add_argument("--backends", action="store_true", help="torch vs llama.cpp f16/q8_0/q4_k_m side by side")
+    p.add_argument("--backends", nargs="?", const=",".join(BACKENDS), default=None,
+                   help="torch vs llama.cpp f16/q8_0/q4_k_m side by side (or a comma-separated subset)")
+    p.add_argument("--threads", type=int, default=None, help="llama.cpp threads of the in-process run")
     p.add_argument("--poll", type=float, default=None, metavar="SECONDS",
                    help="poll GET /jobs/{id} at this interval instead of waiting on the SSE stream")
     args = p.parse_args()
@@ -276,7 +282,8 @@ def main() -> None:
         c.get("/health").raise_for_status()
         print(f"csra at {args.url}, model {args.model} ({model_dir})")
         if args.backends:
-            backends(c, args.url, args.model, model_dir, args.requests, args.max_new_tokens)
+            backends(c, args.url, args.model, model_dir, args.requests, args.max_new_tokens,
+                     args.backends.split(","), args.threads)
             return
         overhead(c, args.model, model_dir, 8, args.max_new_tokens)
         throughput(c, args.url, args.model, args.requests, args.max_new_tokens)

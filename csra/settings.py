@@ -75,6 +75,8 @@ class Settings(BaseSettings):
     gen_backend: Literal["auto", "torch", "llamacpp"] = Field(
         "auto", description="generate worker: auto serves chats through llama.cpp where the model has a GGUF "
         "export (POST /models/{ref}/export) and through torch otherwise; evaluations always use torch")
+    gen_llamacpp_threads: int | None = Field(
+        None, ge=1, description="generate worker: llama.cpp's threads (default: every core the worker may use)")
     gen_gguf_preference: list[str] = Field(
         ["f16", "q8_0", "q4_k_m"], description="which of a model's GGUF exports llama.cpp serves, first found")
 

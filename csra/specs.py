@@ -257,3 +257,6 @@ class EvaluateSpec(_Spec):
     temperature: float = Field(0.0, ge=0, le=2)
     batch_size: int = Field(16, ge=1, le=128)
     seed: int = 42
+    backend: Literal["torch", "llamacpp:f16", "llamacpp:q8_0", "llamacpp:q4_k_m"] = Field(
+        "torch", description="torch: csra's engine (exact: greedy text the same alone or batched); llamacpp:<q>: "
+        "each model's GGUF export at that quantization, to measure what serving it through llama.cpp costs")

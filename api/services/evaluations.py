@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from fastapi import HTTPException
@@ -12,9 +13,10 @@ from api.schemas.estimates import EvaluateEstimate
 from api.services import estimates, jobs
 from api.services.access import Caller
 from csra.settings import get_settings
-from csra.specs import EvaluateSpec
+from csra.specs import RETRIEVAL, EvaluateSpec
 from db.jobs import JobKind
 from db.models import Dataset, DatasetExample, DatasetStatus, Evaluation, EvaluationExample, Job, Model
+from models_store.naming import preferred_gguf
 from models_store.registry import find_model
 
 PATTERNS = ("too_verbose", "asks_needless_details", "repetitive", "off_tone", "unfinished",
@@ -38,6 +40,12 @@ def validate_evaluation(db: Session, spec: EvaluateSpec) -> list[str]:
         if model is None and ref != get_settings().baseline_name:
             raise HTTPException(status_code=422, detail=f"unknown model {ref!r}: GET /models lists the models")
         names.append(model.name if model else ref)
+        quant = spec.backend.partition(":")[2]
+        if quant and model is not None and model.kind != RETRIEVAL \
+                and preferred_gguf(Path(model.path), [quant]) is None:
+            raise HTTPException(status_code=422, detail=(
+                f"backend {spec.backend} needs a GGUF export of {model.name!r} at {quant}: POST "
+                f'/models/{model.name}/export {{"quantization": "{quant}"}} makes one'))
     if len(set(names)) != len(names):
         raise HTTPException(status_code=422, detail=f"model_ids name the same model twice: {names}")
     return names

@@ -73,3 +73,19 @@ def test_no_export_or_a_broken_one_fails_readably_and_torch_still_serves(api, st
         assert served["status"] == "succeeded" and served["result"]["raw_text"].startswith("Your order")
     finally:
         broken.unlink()
+
+
+def test_an_evaluation_through_llama_cpp_matches_torch(api, exported):
+    dataset_id = api.get(f"/models/{exported}").json()["dataset_id"]
+    base = {"model_ids": [exported], "dataset_id": dataset_id, "max_samples": 4, "max_new_tokens": 16}
+    missing = api.post("/jobs/evaluate", json={**base, "backend": "llamacpp:q4_k_m"})
+    assert missing.status_code == 422 and "export" in missing.json()["detail"]
+    runs = {}
+    for backend in ("torch", "llamacpp:f16"):
+        job = api.post("/jobs/evaluate", json={**base, "backend": backend}).json()
+        done = wait_job(api, job["id"], timeout=300)
+        assert done["status"] == "succeeded", done["error"]
+        ev = done["result"]["evaluation_id"]
+        runs[backend] = api.get(f"/evaluations/{ev}/examples", params={"sort": "id"}).json()["data"]
+        assert api.get(f"/evaluations/{ev}").json()["metrics"][exported]["backend"] == backend
+    assert [r["prediction"] for r in runs["torch"]] == [r["prediction"] for r in runs["llamacpp:f16"]]

@@ -14,6 +14,7 @@ import logging
 import os
 import statistics
 import time
+from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
 from typing import Any
 
@@ -184,6 +185,48 @@ def _predict(row: dict[str, Any], examples: list[dict[str, Any]], spec: Evaluate
         gc.collect()
 
 
+def _predict_llamacpp(row: dict[str, Any], examples: list[dict[str, Any]], spec: EvaluateSpec, ctx: JobContext,
+                      done_before: int, total: int, neighbours: Neighbours | None,
+                      ) -> tuple[list[str], list[Any], float, dict[str, Any] | None]:
+    """Every example's prediction through llama.cpp from the model's GGUF export (``spec.backend``): the same
+    prompts as torch, ``batch_size`` sequences decoding together. Not resumable (no checkpoint)."""
+    from ml.inference.llamacpp import LlamaCppEngine, LlamaCppLoadError, ReplyDecoder
+    from ml.inference.tokens import encode_prompt_with
+    from ml.inference.types import GenerationRequest
+    from models_store.loading import load_tokenizer
+    from models_store.naming import preferred_gguf
+
+    quant = spec.backend.partition(":")[2]
+    gguf = preferred_gguf(Path(row["path"]), [quant])
+    if gguf is None:
+        raise JobError(f"model {row['name']!r} has no GGUF export at {quant}: POST /models/{row['name']}/export "
+                       f'{{"quantization": "{quant}"}} makes one')
+    tokenizer, arch = load_tokenizer(row["path"])
+    decoder = ReplyDecoder.from_tokenizer(tokenizer, arch)
+    prompts = _prompts(tokenizer, row, examples, neighbours)
+    requests = [GenerationRequest(prompt=p, max_new_tokens=spec.max_new_tokens, temperature=spec.temperature,
+                                  seed=spec.seed, num_beams=spec.num_beams) for p in prompts]
+    t0 = time.perf_counter()
+    with LlamaCppEngine(max_batch_size=spec.batch_size) as engine:
+        try:
+            engine.load(gguf)
+        except LlamaCppLoadError as e:
+            raise JobError(f"llama.cpp could not load {gguf.name} ({e}); re-export the model") from None
+        futures = [engine.submit(gguf, encode_prompt_with(tokenizer, arch, r.prompt), r, decoder) for r in requests]
+        results = []
+        for i, future in enumerate(futures):
+            while True:
+                try:
+                    results.append(future.result(timeout=1.0))
+                    break
+                except FutureTimeout:
+                    ctx.check_cancelled()
+            if (i + 1) % 16 == 0 or i + 1 == len(futures):
+                ctx.progress((done_before + i + 1) / total, f"{row['name']}: generated {i + 1}/{len(examples)} "
+                                                            f"({spec.backend})")
+    return prompts, results, time.perf_counter() - t0, None
+
+
 def _prompts(tokenizer: Any, row: dict[str, Any], examples: list[dict[str, Any]],
              neighbours: Neighbours | None) -> list[str]:
     from ml.prompting import example_prompt, truncate_tokens
@@ -345,6 +388,9 @@ def _evaluate_one(eval_id: int, ref: str, examples: list[dict[str, Any]], spec: 
     checkpoint = checkpoint_path(eval_id, row["name"])
     if row.get("kind") == RETRIEVAL:
         prompts, results, wall, invariance = _retrieval(row, examples, neighbours)
+    elif spec.backend != "torch":
+        prompts, results, wall, invariance = _predict_llamacpp(row, examples, spec, ctx, done_before, total,
+                                                               neighbours)
     else:
         prompts, results, wall, invariance = _predict(row, examples, spec, ctx, done_before, total, checkpoint,
                                                       neighbours)
@@ -352,6 +398,7 @@ def _evaluate_one(eval_id: int, ref: str, examples: list[dict[str, Any]], spec: 
     contract_k = int((row.get("grounding") or {}).get("k") or CONTRACT_K)
     scores, agg = _score(examples, results, wall, neighbours, contract_k)
     agg["batch_invariance"] = invariance
+    agg["backend"] = "retrieval" if row.get("kind") == RETRIEVAL else spec.backend
     agg["grounding"] = row.get("grounding")  # a grounded model saw each example's nearest training answers
     _store(eval_id, row, examples, prompts, results, scores, agg)
     checkpoint.unlink(missing_ok=True)

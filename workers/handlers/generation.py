@@ -88,8 +88,8 @@ def llamacpp_engine() -> LlamaCppEngine:
 
             s = get_settings()
             signal = InteractiveSignal(s.interactive_signal_path)
-            _llama_engine = LlamaCppEngine(max_batch_size=s.gen_max_batch, max_models=s.gen_cache_models,
-                                           on_busy=signal.touch)
+            _llama_engine = LlamaCppEngine(n_threads=s.gen_llamacpp_threads, max_batch_size=s.gen_max_batch,
+                                           max_models=s.gen_cache_models, on_busy=signal.touch)
             _llama_engine.start()
         return _llama_engine
 
