@@ -10,7 +10,16 @@ import pytest
 from tests.integration.helpers import wait_job
 
 
-def test_a_model_exports_to_gguf_that_llama_cpp_runs(api, tmp_path):
+@pytest.fixture()
+def baseline_export_removed(stack):
+    """The export this test makes is removed after it: with an export, backend auto would serve the shared
+    `baseline` through llama.cpp in every later test."""
+    yield
+    for f in (stack.root / "data" / "models" / "baseline" / "exports").glob("*.gguf"):
+        f.unlink()
+
+
+def test_a_model_exports_to_gguf_that_llama_cpp_runs(api, tmp_path, baseline_export_removed):
     r = api.post("/models/baseline/export", json={"format": "gguf", "quantization": "q8_0"})
     assert r.status_code == 202, r.text
     job = r.json()
