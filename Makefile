@@ -28,12 +28,16 @@ $(VENV)/.installed: pyproject.toml
 setup: $(VENV)/.installed
 
 # Debian packages: redis-server (the queue); chromium (the UI test drives a real browser);
-# docker-compose (the test suite validates docker-compose.yml with `docker-compose config`).
+# docker-compose (the test suite validates docker-compose.yml with `docker-compose config`);
+# postgresql (the tests run a throw-away server; Debian keeps its binaries off PATH, in
+# /usr/lib/postgresql/<version>/bin, so it is looked for there).
 SYSTEM_TOOLS := redis-server chromium docker-compose
+SYSTEM_PACKAGES := $(SYSTEM_TOOLS) postgresql
 system:
 	@for tool in $(SYSTEM_TOOLS); do command -v $$tool >/dev/null || missing=1; done; \
+	  ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null || missing=1; \
 	  [ -z "$$missing" ] || ( $(APT_GET) update -qq && \
-	    DEBIAN_FRONTEND=noninteractive $(APT_GET) install -y -qq $(SYSTEM_TOOLS) )
+	    DEBIAN_FRONTEND=noninteractive $(APT_GET) install -y -qq $(SYSTEM_PACKAGES) )
 
 run: setup system
 	$(VENV)/bin/csra up

@@ -41,10 +41,10 @@ from transformers import get_linear_schedule_with_warmup  # noqa: E402
 
 from csra.jobctx import LocalContext  # noqa: E402
 from csra.specs import DEFAULT_INSTRUCTION, Grounding, TrainSpec  # noqa: E402
+from ml.device import cpu_supports_bf16  # noqa: E402
 from ml.training.data import IGNORE, ExampleEncoder, collate  # noqa: E402
 from ml.training.loss import LossFn  # noqa: E402
 from ml.training.run import Grounder, TrainingRun, _with_exemplars  # noqa: E402
-from ml.training.setup import cpu_supports_bf16  # noqa: E402
 from models_store.loading import (  # noqa: E402
     build_tiny_causal,
     ensure_baseline,

@@ -34,6 +34,27 @@ def _setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
+def _require_database() -> None:
+    """Exit at once, naming CSRA_DATABASE_URL, when the database cannot be reached (no retry loop)."""
+    from db.session import database_problem
+
+    problem = database_problem(get_settings().database_url)
+    if problem:
+        console.print(f"error: {problem}", markup=False)
+        raise typer.Exit(code=2)
+
+
+def _require_model_store() -> None:
+    """Exit at once, naming CSRA_MODEL_STORE_URL, when the shared model store is set but unreachable."""
+    from models_store.remote import ModelStoreError, check_store_at_start
+
+    try:
+        check_store_at_start()
+    except ModelStoreError as e:
+        console.print(f"error: {e}", markup=False)
+        raise typer.Exit(code=2) from None
+
+
 def _fail(e: ApiError) -> typer.Exit:
     console.print(f"[red]error:[/red] {e.detail}")
     return typer.Exit(code=1)
@@ -49,6 +70,7 @@ def up(
     from csra.supervisor import up as run_up
 
     _setup_logging()
+    _require_model_store()
     raise typer.Exit(code=run_up(get_settings(), with_ui=not no_ui, init_models=not skip_model_init))
 
 
@@ -59,6 +81,7 @@ def migrate(revision: str = "head") -> None:
 
     _setup_logging()
     get_settings().data_dir.mkdir(parents=True, exist_ok=True)
+    _require_database()
     upgrade(revision=revision)
 
 
@@ -79,6 +102,8 @@ def worker(
         console.print(f"[red]error:[/red] unknown queue(s) {unknown}; choose from {', '.join(QUEUES)}")
         raise typer.Exit(code=2)
     settings = get_settings()
+    _require_database()
+    _require_model_store()
     argv = ["worker", "-Q", ",".join(queues), "--prefetch-multiplier", "1",
             "-n", f"{'+'.join(queues)}@%h", "--loglevel", loglevel, "--without-gossip", "--without-mingle"]
     if queues == ["generate"]:
@@ -110,6 +135,8 @@ def api(
     if problem:
         console.print(f"error: {problem}", markup=False)  # markup off: the message quotes code
         raise typer.Exit(code=2)
+    _require_database()
+    _require_model_store()
     uvicorn.run("api.main:app", host=host or settings.api_host, port=port or settings.api_port,
                 workers=workers, log_level="info", access_log=False)
 
@@ -301,6 +328,7 @@ def models_init(
     from models_store.registry import ensure_baseline_registered
 
     _setup_logging()
+    _require_model_store()
     row = ensure_baseline_registered(tiny=tiny)
     console.print(f"model {row['name']!r} (id {row['id']}) is in the store at {row['path']}")
     if not tiny:  # the memory rebuild job exports it too; tests that need it get it there

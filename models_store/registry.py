@@ -18,11 +18,14 @@ from sqlalchemy.orm import Session
 
 from csra.jobctx import JobError
 from csra.settings import get_settings
+from csra.specs import RETRIEVAL
 from db.ids import parse_id
 from db.jobs import TERMINAL
 from db.models import Job, Model
 from db.session import session_scope
+from models_store import cache as model_cache
 from models_store.naming import model_dir
+from models_store.remote import store_from_settings
 
 logger = logging.getLogger(__name__)
 
@@ -36,15 +39,22 @@ def find_model(session: Session, ref: str | int) -> Model | None:
     return session.scalar(select(Model).where(Model.name == ref))
 
 
-def find_model_row(ref: str | int) -> dict[str, Any] | None:
-    """``find_model`` in a session of its own, as a plain dict (path, name, id, kind): for workers."""
+def find_model_row(ref: str | int, local: bool = True) -> dict[str, Any] | None:
+    """``find_model`` in a session of its own, as a plain dict (path, name, id, kind): for workers.
+
+    ``path`` is the folder to load on this host: with ``CSRA_MODEL_STORE_URL`` set, this host's copy,
+    fetched from the shared store on first use (``local=False``: the registered path, nothing fetched).
+    """
     with session_scope() as s:
         row = find_model(s, ref)
         if row is None:
             return None
         grounding = (row.training_config or {}).get("grounding")
-        return {"id": row.id, "name": row.name, "path": row.path, "kind": row.kind, "model_type": row.model_type,
-                "grounding": grounding}
+        out: dict[str, Any] = {"id": row.id, "name": row.name, "path": row.path, "kind": row.kind,
+                               "model_type": row.model_type, "grounding": grounding, "content_hash": row.content_hash}
+    if local and out["kind"] != RETRIEVAL:
+        out["path"] = str(local_model_folder(out["name"], out["content_hash"], out["path"]))
+    return out
 
 
 def jobs_using(session: Session, model: Model) -> list[int]:
@@ -72,15 +82,32 @@ def register_model(
     dataset_id: int | None = None, training_config: dict[str, Any] | None = None,
     metrics: dict[str, Any] | None = None, move: bool = True,
 ) -> dict[str, Any]:
-    """Move ``folder`` into the store as ``name`` and add its row; no half-registered model remains."""
-    store = get_settings().store_dir
+    """Move ``folder`` into the store as ``name`` and add its row; no half-registered model remains.
+
+    With ``CSRA_MODEL_STORE_URL`` the model is published there (atomically) before its row is added,
+    so a row always names a model every host can fetch.
+    """
+    settings = get_settings()
+    store = settings.store_dir
     store.mkdir(parents=True, exist_ok=True)
     target = model_dir(store, name)
+    taken = JobError(f"a model named {name!r} is already registered; choose another output_name")
     if move and folder.resolve() != target:
         if target.exists():
             raise JobError(f"a model folder named {name!r} already exists in the store; choose another output_name")
         os.replace(folder, target)  # same filesystem (both under the data dir): atomic
     info = _describe(target)
+    remote = store_from_settings()
+    manifest = None
+    if remote is not None:
+        if find_model_row(name, local=False) is not None:
+            _unmove(target, folder, move)
+            raise taken
+        try:
+            manifest = remote.publish(name, target, info["content_hash"])
+        except JobError:
+            _unmove(target, folder, move)
+            raise
     try:
         with session_scope() as s:
             job = s.get(Job, train_job_id) if train_job_id is not None else None
@@ -92,11 +119,61 @@ def register_model(
                         model_type=info.get("model_type"))
             s.add(row)
             s.flush()
-            return {"id": row.id, "name": name, "path": str(target)}
+            out = {"id": row.id, "name": name, "path": str(target)}
     except IntegrityError:
+        if manifest is not None and remote is not None:
+            remote.delete(name, publish_id=manifest["publish_id"])  # only our publication, never theirs
         if move:
             shutil.rmtree(target, ignore_errors=True)
-        raise JobError(f"a model named {name!r} is already registered; choose another output_name") from None
+        raise taken from None
+    if manifest is not None:
+        model_cache.write_entry(store, name, content_hash=manifest["content_hash"],
+                                publish_id=manifest["publish_id"], source="published",
+                                size_bytes=int(manifest["size_bytes"]))
+    return out
+
+
+def _unmove(target: Path, folder: Path, moved: bool) -> None:
+    """Put a model folder back where it came from (its registration failed: a retry can try again)."""
+    if moved and folder.resolve() != target and target.exists() and not folder.exists():
+        os.replace(target, folder)
+
+
+def registered_hashes() -> dict[str, str | None]:
+    """Every registered model's name and content hash (what a host's model cache may keep)."""
+    with session_scope() as s:
+        return {name: h for name, h in s.execute(select(Model.name, Model.content_hash))}
+
+
+def local_model_folder(name: str, content_hash: str | None, registered_path: str) -> Path:
+    """Where this host reads model ``name``: its registered folder on one machine; with
+    ``CSRA_MODEL_STORE_URL``, this host's copy, fetched from the store (and verified) on first use."""
+    remote = store_from_settings()
+    if remote is None:
+        return Path(registered_path)
+    settings = get_settings()
+    prune_model_copies()
+    return model_cache.local_copy(remote, settings.store_dir, name, content_hash, settings.model_cache_bytes)
+
+
+def prune_model_copies() -> None:
+    """Drop this host's copies of models deleted elsewhere (with ``CSRA_MODEL_STORE_URL``; at most once a
+    minute per process, best effort). Workers call it periodically and on each model lookup."""
+    if get_settings().model_store_url:
+        model_cache.prune_if_due(get_settings().store_dir, registered_hashes)
+
+
+def delete_published(name: str) -> None:
+    """Remove model ``name`` from the shared store (if one is set) and this host's copy of it.
+
+    Other hosts drop their copies within ``models_store.cache.PRUNE_EVERY_SECONDS`` of their next use
+    of the store (and never load it again: its row is gone)."""
+    settings = get_settings()
+    remote = store_from_settings()
+    if remote is None:
+        return
+    remote.delete(name)
+    model_cache.remove(settings.store_dir, name)
 
 
 def ensure_baseline_registered(tiny: bool = False) -> dict[str, Any]:

@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.stack import RedisServer, Stack, free_port, stack_env
+from tests.stack import PostgresServer, RedisServer, Stack, free_port, stack_env
 
 REPO = Path(__file__).resolve().parents[1]
 BITEXT = REPO.parent / "shared" / "data" / "bitext" / "bitext_customer_support.csv"
@@ -24,15 +24,27 @@ def bitext_path() -> Path:
     return BITEXT
 
 
+DATABASES = ("sqlite", "postgresql")
+
+
 @pytest.fixture(scope="session")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    """Redis + migrated SQLite + workers (default with the sweep, train) + API, all real processes."""
-    root = tmp_path_factory.mktemp("stack")
+def postgres() -> Iterator[PostgresServer]:
+    """One throw-away PostgreSQL server for the session (tests make their own databases on it)."""
+    server = PostgresServer()
+    server.start()  # not installed: RuntimeError naming the package (make system installs it)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def _start_stack(root: Path, **settings: str) -> Stack:
+    """Redis + migrated database + workers (default with the sweep, train, generate) + API, all real processes."""
     (root / "imports").mkdir()
     server = RedisServer(root / "redis")
     server.start()
     port = free_port()
-    st = Stack(root=root, redis=server, env=stack_env(root, server.url, port), api_port=port)
+    st = Stack(root=root, redis=server, env=stack_env(root, server.url, port, **settings), api_port=port)
     try:
         subprocess.run([sys.executable, "-m", "csra.cli", "migrate"], env=st.env, check=True, capture_output=True)
         # a tiny random model registered as "baseline": the real code paths, in seconds
@@ -43,9 +55,50 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         st.start_worker("generate")
         st.csra("api", "api")
         st.wait_ready(("default", "train", "generate", "maintenance"))
+    except BaseException:
+        st.stop()
+        raise
+    return st
+
+
+@pytest.fixture(scope="session")
+def sqlite_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """The whole stack over a SQLite file (the default database)."""
+    st = _start_stack(tmp_path_factory.mktemp("stack"))
+    try:
         yield st
     finally:
         st.stop()
+
+
+@pytest.fixture(scope="session")
+def postgresql_stack(tmp_path_factory: pytest.TempPathFactory, postgres: PostgresServer) -> Iterator[Stack]:
+    """The whole stack over a PostgreSQL database (its own, on the session's server)."""
+    st = _start_stack(tmp_path_factory.mktemp("pgstack"), CSRA_DATABASE_URL=postgres.create_database("stack"))
+    try:
+        yield st
+    finally:
+        st.stop()
+
+
+@pytest.fixture(scope="module")
+def stack(request: pytest.FixtureRequest) -> Stack:
+    """The stack a test runs against: SQLite, or each database in turn in a module marked
+    ``pytest.mark.databases("sqlite", "postgresql")`` (its module-scoped fixtures are made per database)."""
+    return request.getfixturevalue(f"{getattr(request, 'param', 'sqlite')}_stack")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    marker = metafunc.definition.get_closest_marker("databases")
+    if marker is not None and "stack" in metafunc.fixturenames:
+        unknown = set(marker.args) - set(DATABASES)
+        assert not unknown, f"unknown database(s) {unknown}; choose from {DATABASES}"
+        metafunc.parametrize("stack", marker.args, indirect=True, scope="module")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "databases(*names): run the module's stack tests on each database "
+                            "(sqlite, postgresql)")
 
 
 @pytest.fixture()

@@ -6,17 +6,22 @@ from which real Celery worker processes take the jobs.
 
 from __future__ import annotations
 
+import glob
 import os
+import pwd
+import re
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 import redis
@@ -76,6 +81,130 @@ class RedisServer:
     def wipe(self) -> None:
         """Forget everything (a Redis restarted without its data)."""
         shutil.rmtree(self.data_dir, ignore_errors=True)
+
+
+def postgres_bin_dir() -> Path | None:
+    """Where the PostgreSQL server binaries are: Debian keeps them in /usr/lib/postgresql/<version>/bin
+    (off PATH); the newest version there wins, else whatever ``initdb`` is on PATH."""
+    found = [Path(p).parent for p in glob.glob("/usr/lib/postgresql/*/bin/initdb")]
+
+    def version(d: Path) -> tuple[int, ...]:
+        return tuple(int(x) for x in re.findall(r"[0-9]+", d.parent.name))
+
+    if found:
+        return max(found, key=version)
+    initdb = shutil.which("initdb")
+    return Path(initdb).parent if initdb else None
+
+
+@dataclass
+class PostgresServer:
+    """A throw-away PostgreSQL server: its own data directory (a fresh temp dir), 127.0.0.1 on a free
+    port, its unix socket inside the data dir, fsync off. PostgreSQL refuses to run as root, so as root
+    the server runs as the ``postgres`` system user (Debian's package creates it); else as this user.
+
+    ``url`` is the SQLAlchemy URL of ``database`` (created by ``start``); ``url_for(name)`` and
+    ``create_database(name)`` give more databases on the same server.
+    """
+
+    database: str = "csra"
+    port: int = field(default_factory=free_port)
+    user: str = "csra"  # the superuser initdb creates (trust auth on loopback only)
+    settings: dict[str, str] = field(default_factory=dict)  # extra ``-c name=value`` server settings
+    root: Path | None = None
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return self.url_for(self.database)
+
+    def url_for(self, database: str) -> str:
+        return f"postgresql+psycopg://{self.user}@127.0.0.1:{self.port}/{database}"
+
+    def _as_server_user(self) -> dict[str, Any]:
+        if os.geteuid() != 0:
+            return {}
+        try:
+            pw = pwd.getpwnam("postgres")
+        except KeyError:
+            raise RuntimeError("running as root, and there is no 'postgres' user to run PostgreSQL as "
+                               "(apt-get install postgresql creates it)") from None
+        return {"user": pw.pw_uid, "group": pw.pw_gid, "extra_groups": [],
+                "env": {**os.environ, "HOME": str(self.root), "USER": "postgres", "LOGNAME": "postgres"}}
+
+    def start(self) -> None:
+        bin_dir = postgres_bin_dir()
+        if bin_dir is None:
+            raise RuntimeError("the PostgreSQL server is not installed (apt-get install postgresql, or make system)")
+        self.root = Path(tempfile.mkdtemp(prefix="csra-pg-"))  # not under a root-only pytest dir
+        try:
+            self._start(bin_dir)
+        except BaseException:
+            self.stop()  # nothing left running or on disk
+            raise
+
+    def _start(self, bin_dir: Path) -> None:
+        assert self.root is not None
+        as_user = self._as_server_user()
+        if as_user:
+            os.chown(self.root, as_user["user"], as_user["group"])
+        data = self.root / "data"
+        made = subprocess.run([str(bin_dir / "initdb"), "-D", str(data), "-U", self.user, "--auth=trust",
+                               "-E", "UTF8", "--locale=C", "--no-sync"], capture_output=True, text=True,
+                              cwd=self.root, **as_user)
+        if made.returncode != 0:
+            raise RuntimeError(f"initdb failed ({made.returncode}): {made.stderr.strip()[-2000:]}")
+        argv = [str(bin_dir / "postgres"), "-D", str(data), "-h", "127.0.0.1", "-p", str(self.port),
+                "-k", str(self.root), "-c", "fsync=off", "-c", "synchronous_commit=off",
+                "-c", "full_page_writes=off", "-c", "max_connections=300"]
+        for name, value in self.settings.items():
+            argv += ["-c", f"{name}={value}"]
+        with (self.root / "server.log").open("ab") as log:
+            self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=self.root,
+                                         start_new_session=True, **as_user)
+        wait_until(self._accepts, 30, 0.1, what="postgres")
+        self.create_database(self.database)
+
+    def _accepts(self) -> bool:
+        import psycopg
+
+        if self.proc is not None and self.proc.poll() is not None:
+            raise RuntimeError(f"postgres exited with {self.proc.returncode}:\n{self.log()}")
+        try:
+            psycopg.connect(self._dsn("postgres"), connect_timeout=2).close()
+            return True
+        except psycopg.OperationalError:
+            return False
+
+    def _dsn(self, database: str) -> str:
+        return f"host=127.0.0.1 port={self.port} user={self.user} dbname={database}"
+
+    def create_database(self, name: str) -> str:
+        """Create database ``name`` (when it is not there yet) and return its URL."""
+        import psycopg
+        from psycopg import sql
+
+        with psycopg.connect(self._dsn("postgres"), autocommit=True) as conn:
+            if conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone() is None:
+                conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+        return self.url_for(name)
+
+    def log(self) -> str:
+        path = (self.root or Path("/nonexistent")) / "server.log"
+        return path.read_text(errors="replace")[-3000:] if path.is_file() else ""
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)  # fast shutdown: roll back open transactions, exit
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self.proc = None
+        if self.root is not None:
+            shutil.rmtree(self.root, ignore_errors=True)
+            self.root = None
 
 
 @dataclass
@@ -174,6 +303,7 @@ def stack_env(root: Path, redis_url: str, api_port: int, **extra: str) -> dict[s
         CSRA_IMPORT_ROOTS=f'["{root / "imports"}"]',
         CSRA_TORCH_THREADS="1",
         CSRA_MAX_UPLOAD_MB="2",
+        CSRA_GEN_STREAM_EVERY_MS="0",  # the tests read every decoded piece (tests/workers/test_stream.py: coalescing)
         PYTHONUNBUFFERED="1",
     )
     env.update(extra)

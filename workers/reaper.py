@@ -8,6 +8,10 @@
   Redis restarted without it, or the API died between commit and publish.
 - A ``waiting`` sweep whose child jobs have all ended is queued again (normally the runner that
   ends the last child does this at once; this catches the rest).
+
+Several reapers may run at once (two beat workers, two hosts): each reads the jobs it acts on locked,
+``FOR UPDATE SKIP LOCKED`` on PostgreSQL (a job another reaper or its runner holds is left to them; the
+state it is read in is the state it is changed from), under the database's write lock on SQLite.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from csra.settings import get_settings
 from db import jobs
 from db.base import utcnow
 from db.models import Job, JobEvent
-from db.session import session_scope
+from db.session import session_scope, write_lock
 
 logger = logging.getLogger(__name__)
 
@@ -55,10 +59,16 @@ def task_ids_in_redis(client: redis.Redis) -> set[str]:
 def requeue_stale_running() -> list[int]:
     settings = get_settings()
     cutoff = utcnow() - timedelta(seconds=settings.stale_after_seconds)
+    stale_q = select(Job.id).where(Job.status == jobs.JobStatus.RUNNING, Job.heartbeat_at < cutoff)
+    with session_scope() as s:  # the common case, nothing stale, takes no lock
+        if not s.scalars(stale_q.limit(1)).first():
+            return []
     to_send: list[tuple[int, str]] = []
     ended = []
     with session_scope() as s:
-        stale = s.scalars(select(Job).where(Job.status == jobs.JobStatus.RUNNING, Job.heartbeat_at < cutoff)).all()
+        write_lock(s)
+        stale = s.scalars(select(Job).where(Job.id.in_(stale_q.scalar_subquery()))
+                          .with_for_update(skip_locked=True).execution_options(populate_existing=True)).all()
         for job in stale:
             if job.attempts >= settings.max_attempts:
                 jobs.finish(s, job, jobs.JobStatus.FAILED, stage="failed: worker lost",
@@ -73,31 +83,35 @@ def requeue_stale_running() -> list[int]:
     return [j for j, _ in to_send]
 
 
+def _lost_query(cutoff: object) -> Any:
+    return select(Job).where(
+        Job.status == jobs.JobStatus.QUEUED,
+        Job.kind.in_(list(TASK_NAMES)),
+        or_(Job.enqueued_at < cutoff, Job.enqueued_at.is_(None) & (Job.created_at < cutoff)),
+    )
+
+
 def resend_lost_messages(client: redis.Redis) -> list[int]:
+    """Re-send queued jobs whose message Redis does not hold. The jobs stay locked from the read to the
+    new ``enqueued_at``: another reaper skips them, and a worker claiming one waits the few ms."""
     settings = get_settings()
     cutoff = utcnow() - timedelta(seconds=settings.lost_message_after_seconds)
-    with session_scope() as s:
-        rows = s.execute(
-            select(Job.id, Job.kind).where(
-                Job.status == jobs.JobStatus.QUEUED,
-                Job.kind.in_(list(TASK_NAMES)),
-                or_(Job.enqueued_at < cutoff, Job.enqueued_at.is_(None) & (Job.created_at < cutoff)),
-            )
-        ).all()
-    if not rows:
-        return []
-    present = task_ids_in_redis(client)
+    with session_scope() as s:  # the common case, nothing old in the queue, takes no lock
+        if not s.scalars(_lost_query(cutoff).with_only_columns(Job.id).limit(1)).first():
+            return []
     resent = []
-    for job_id, kind in rows:
-        if task_id_for(job_id) in present:
-            continue
-        send_job(job_id, kind)
-        with session_scope() as s:
-            job = s.get(Job, job_id)
-            if job is not None:
-                job.enqueued_at = utcnow()
-                s.add(JobEvent(job_id=job_id, kind="status", message="re-enqueued: its queue message was lost"))
-        resent.append(job_id)
+    with session_scope() as s:
+        write_lock(s)
+        rows = s.scalars(_lost_query(cutoff).with_for_update(skip_locked=True)
+                         .execution_options(populate_existing=True)).all()
+        present = task_ids_in_redis(client) if rows else set()
+        for job in rows:
+            if task_id_for(job.id) in present:
+                continue
+            send_job(job.id, job.kind)  # a message sent twice (this commit failed) runs the job once
+            job.enqueued_at = utcnow()
+            s.add(JobEvent(job_id=job.id, kind="status", message="re-enqueued: its queue message was lost"))
+            resent.append(job.id)
     return resent
 
 

@@ -3,7 +3,9 @@
 A Celery task calls ``execute(job_id, kind, handler)``; the handler is a plain function
 ``handler(job_id, params, ctx) -> dict`` that does the work. The job row is the source of
 truth: claiming is an atomic compare-and-set on (status, attempts), so a message delivered
-twice runs the job once, and a runner that lost its claim can no longer write anything.
+twice runs the job once, and a runner that lost its claim can no longer write anything. Every read that
+decides a write locks the job first (``db.jobs.lock_job``: a row lock on PostgreSQL, the write lock on
+SQLite), so the stale-job reaper and another runner never act on the same state twice.
 
 The outcome is written by ``db.jobs.finish`` in one transaction with what the job serves (a chat
 turn, a dataset); only after that commit are token streams ended and waiting parents woken
@@ -53,7 +55,7 @@ def claim(job_id: int) -> Claim | None:
     me = worker_name()
     ended = []
     with session_scope() as s:
-        job = s.get(Job, job_id)
+        job = jobs.lock_job(s, job_id)
         if job is None:
             logger.warning("job %s does not exist; dropping its message", job_id)
             return None
@@ -81,7 +83,7 @@ def claim(job_id: int) -> Claim | None:
 
 def _take(job_id: int, me: str) -> Claim | None:
     with session_scope() as s:
-        job = s.get(Job, job_id)
+        job = jobs.lock_job(s, job_id)
         if job is None or job.status not in (jobs.JobStatus.QUEUED, jobs.JobStatus.RUNNING):
             return None
         now = utcnow()
@@ -102,7 +104,7 @@ def _take(job_id: int, me: str) -> Claim | None:
 
 def _owned_job(s: Any, claim_: Claim) -> Job | None:
     """The job row, if this runner still owns it (fenced by worker and attempt)."""
-    job = s.get(Job, claim_.job_id, with_for_update=True)
+    job = jobs.lock_job(s, claim_.job_id)
     if job is None or job.status != jobs.JobStatus.RUNNING or job.worker != claim_.worker \
             or job.attempts != claim_.attempt:
         return None
@@ -181,11 +183,16 @@ def fail_past_hard_limit(job_id: int, kind: str, seconds: float) -> None:
     _, setting = get_settings().time_limit(kind)
     msg = (f"the job ran past its hard time limit of {seconds:g} s ({setting} + CSRA_TIME_LIMIT_GRACE_SECONDS) "
            f"without stopping, so its worker process was killed. Raise {setting} if jobs like this one need longer.")
-    with session_scope() as s:
+    with session_scope() as s:  # not locked yet: the stuck process may hold the lock (SQLite's, or the row's)
         job = s.get(Job, job_id)
-        if job is None or job.status != jobs.JobStatus.RUNNING:
+        worker = job.worker if job is not None and job.status == jobs.JobStatus.RUNNING else None
+    if worker is None:
+        return
+    _kill_stuck_process(worker)
+    with session_scope() as s:
+        job = jobs.lock_job(s, job_id)
+        if job is None or job.status != jobs.JobStatus.RUNNING or job.worker != worker:
             return
-        _kill_stuck_process(job.worker)
         jobs.finish(s, job, jobs.JobStatus.FAILED, error=msg, stage="failed: hard time limit")
         ended = [ended_tuple(job)]
     after_jobs_ended(ended)

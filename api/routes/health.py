@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy import text
 from starlette.concurrency import run_in_threadpool
 
-from csra.presence import SUPERVISOR_KEY, invariance_reports, live_workers
+from csra.presence import SUPERVISOR_KEY, invariance_reports, live_workers, worker_devices
 from csra.queue import QUEUES
 from csra.redis_conn import get_redis, redis_ok
 from db.session import get_engine
@@ -37,6 +37,15 @@ def _workers() -> dict[str, list[str]]:
     except Exception:
         logger.warning("reading worker presence failed", exc_info=True)
         return {q: [] for q in QUEUES}
+
+
+def _devices() -> dict[str, dict[str, Any]]:
+    """The torch device of each live train/generate worker (``CSRA_DEVICE``: a GPU when present)."""
+    try:
+        return worker_devices(get_redis())
+    except Exception:
+        logger.warning("reading worker devices failed", exc_info=True)
+        return {}
 
 
 def _invariance() -> tuple[dict[str, Any], list[str]]:
@@ -78,6 +87,7 @@ def _check() -> dict[str, Any]:
         "database": "ok" if db else "unreachable",
         "redis": "ok" if rds else "unreachable",
         "workers": workers,
+        "devices": _devices() if rds else {},
         "batch_invariance": invariance,
         "supervisor": supervisor,
         "warnings": warnings,

@@ -17,7 +17,8 @@ from csra.specs import EXPORTS_DIR, GGUF_ARCHITECTURES, RETRIEVAL, ExportSpec
 from db.jobs import JobKind
 from db.models import Job, Model
 from models_store.naming import gguf_exports
-from models_store.registry import find_model, jobs_using
+from models_store.registry import delete_published, find_model, jobs_using
+from models_store.remote import ModelStoreError
 
 
 def resolve_model_name(db: Session, ref: str) -> str:
@@ -36,7 +37,8 @@ def get_model_or_404(db: Session, ref: str) -> Model:
 
 
 def delete_model(db: Session, ref: str) -> None:
-    """Remove the row and its store folder; refused (409) while an unfinished job uses the model."""
+    """Remove the row and its store folder (and its copy in the shared store, ``CSRA_MODEL_STORE_URL``);
+    refused (409) while an unfinished job uses the model, 503 while the shared store is unreachable."""
     model = get_model_or_404(db, ref)
     if model.kind == RETRIEVAL:
         raise HTTPException(status_code=409, detail="'retrieval' is built in (the nearest approved answer of the "
@@ -47,6 +49,10 @@ def delete_model(db: Session, ref: str) -> None:
                             detail=f"model {model.name!r} is in use by unfinished job(s) {busy}; cancel them or wait")
     path = Path(model.path)
     store = get_settings().store_dir.resolve()
+    try:  # the shared store first: a model that stays registered stays fetchable
+        delete_published(model.name)
+    except ModelStoreError as e:
+        raise HTTPException(status_code=503, detail=f"{e}; the model was not deleted") from None
     db.delete(model)
     db.commit()
     if path.resolve().is_relative_to(store) and path.exists():

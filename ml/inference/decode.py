@@ -23,7 +23,8 @@ from models_store.loading import LoadedModel
 logger = logging.getLogger(__name__)
 
 
-def _left_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _left_pad(seqs: Sequence[Sequence[int]], pad_id: int, device: torch.device | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
@@ -31,17 +32,18 @@ def _left_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor,
         if s:
             ids[i, width - len(s):] = torch.tensor(list(s), dtype=torch.long)
             mask[i, width - len(s):] = 1
-    return ids, mask
+    return ids.to(device), mask.to(device)
 
 
-def _right_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _right_pad(seqs: Sequence[Sequence[int]], pad_id: int, device: torch.device | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
     for i, s in enumerate(seqs):
         ids[i, : len(s)] = torch.tensor(list(s), dtype=torch.long)
         mask[i, : len(s)] = 1
-    return ids, mask
+    return ids.to(device), mask.to(device)
 
 
 def pad_id(loaded: LoadedModel) -> int:
@@ -58,7 +60,7 @@ def keep_active(rows: list[Row], *tensors: torch.Tensor, cache: Any) -> tuple[li
     keep = [i for i, r in enumerate(rows) if not r.done]
     if len(keep) == len(rows):
         return rows, list(tensors)
-    index = torch.tensor(keep, dtype=torch.long)
+    index = torch.tensor(keep, dtype=torch.long, device=tensors[0].device if tensors else None)
     if keep:
         cache.batch_select_indices(index)
     out = [t.index_select(0, index) for t in tensors]
@@ -72,13 +74,13 @@ def prefill(loaded: LoadedModel, rows: list[Row]) -> tuple[list[Row], torch.Tens
                                                               torch.Tensor, Any]:
     """Left-padded prefill of ``rows`` and their first token: (unfinished rows, mask, next positions,
     last tokens, cache), all reduced to the unfinished rows."""
-    input_ids, mask = _left_pad([r.prompt_ids for r in rows], pad_id(loaded))
+    input_ids, mask = _left_pad([r.prompt_ids for r in rows], pad_id(loaded), loaded.model.device)
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
     out = loaded.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=True,
                        logits_to_keep=1)
     for row, token in zip(rows, sample_rows(rows, out.logits[:, -1, :]), strict=True):
         row.add(token)
-    last = torch.tensor([r.generated[-1] for r in rows], dtype=torch.long).unsqueeze(1)
+    last = torch.tensor([r.generated[-1] for r in rows], dtype=torch.long, device=mask.device).unsqueeze(1)
     active, (mask, next_pos, last) = keep_active(rows, mask, position_ids[:, -1:] + 1, last, cache=out.cache)
     return active, mask, next_pos, last, out.cache
 
@@ -135,13 +137,13 @@ def decode_causal(loaded: LoadedModel, rows: list[Row], check_cancelled: Callabl
             return
         if check_cancelled is not None:
             check_cancelled()
-        mask = torch.cat([mask, torch.ones((mask.shape[0], 1), dtype=mask.dtype)], dim=1)
+        mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
         out = loaded.model(input_ids=last, attention_mask=mask, position_ids=next_pos, cache=cache,
                            use_cache=True, logits_to_keep=1)
         next_pos = next_pos + 1
         for row, token in zip(rows, sample_rows(rows, out.logits[:, -1, :]), strict=True):
             row.add(token)
-        last = torch.tensor([r.generated[-1] for r in rows], dtype=torch.long).unsqueeze(1)
+        last = torch.tensor([r.generated[-1] for r in rows], dtype=torch.long, device=mask.device).unsqueeze(1)
         rows, (mask, next_pos, last) = keep_active(rows, mask, next_pos, last, cache=cache)
 
 
@@ -157,9 +159,9 @@ def _decoder_start_id(loaded: LoadedModel) -> int:
 def decode_seq2seq(loaded: LoadedModel, rows: list[Row], check_cancelled: Callable[[], None] | None) -> None:
     """Encoder once (right padding, masked), then the decoder one token per step with its cache."""
     model = loaded.model
-    input_ids, mask = _right_pad([r.prompt_ids for r in rows], pad_id(loaded))
+    input_ids, mask = _right_pad([r.prompt_ids for r in rows], pad_id(loaded), model.device)
     hidden = model.get_encoder()(input_ids=input_ids, attention_mask=mask).last_hidden_state
-    last = torch.full((len(rows), 1), _decoder_start_id(loaded), dtype=torch.long)
+    last = torch.full((len(rows), 1), _decoder_start_id(loaded), dtype=torch.long, device=mask.device)
     cache = None
     while True:
         out = model(encoder_outputs=(hidden,), attention_mask=mask, decoder_input_ids=last, cache=cache,
@@ -167,7 +169,7 @@ def decode_seq2seq(loaded: LoadedModel, rows: list[Row], check_cancelled: Callab
         cache = out.cache
         for row, token in zip(rows, sample_rows(rows, out.logits[:, -1, :]), strict=True):
             row.add(token)
-        last = torch.tensor([r.generated[-1] for r in rows], dtype=torch.long).unsqueeze(1)
+        last = torch.tensor([r.generated[-1] for r in rows], dtype=torch.long, device=mask.device).unsqueeze(1)
         for row in rows:
             row.stop_if_cancelled()
         rows, (hidden, mask, last) = keep_active(rows, hidden, mask, last, cache=cache)
@@ -180,7 +182,7 @@ def decode_seq2seq(loaded: LoadedModel, rows: list[Row], check_cancelled: Callab
 def beam_search(loaded: LoadedModel, row: Row) -> None:
     """``model.generate`` with beams for one request (beam search needs no per-row sampling)."""
     req = row.request
-    ids = torch.tensor([row.prompt_ids], dtype=torch.long)
+    ids = torch.tensor([row.prompt_ids], dtype=torch.long, device=loaded.model.device)
     stops = sorted(row.stops.ids) or None
     model: Any = loaded.model  # transformers types generate() loosely
     out = model.generate(

@@ -198,7 +198,7 @@ def check_linear_rows(modules: Iterable[torch.nn.Linear], max_batch: int, seed: 
             seen.add(key)
             huge = module.weight.numel() > HUGE_LAYER
             counts = [n for n in CHECK_ROWS if not huge or n <= max(max_batch, 2)]
-            x = torch.randn(max(counts), module.in_features, generator=gen)
+            x = torch.randn(max(counts), module.in_features, generator=gen).to(module.weight.device)
             alone = torch.cat([module(x[i: i + 1]) for i in range(max(counts))])
             for n in counts:
                 result.checked += 1
@@ -243,7 +243,7 @@ def _row_ranges(mask: torch.Tensor | None, batch: int, kv_length: int) -> list[t
         return [(0, kv_length)] * batch
     seen = mask[:, 0, -1, :] if mask.dtype == torch.bool else mask[:, 0, -1, :] == 0
     seen = seen.expand(batch, kv_length)
-    idx = torch.arange(kv_length)
+    idx = torch.arange(kv_length, device=seen.device)
     start = torch.where(seen, idx, kv_length).amin(dim=-1)
     end = torch.where(seen, idx + 1, 0).amax(dim=-1)
     width = (end - start).clamp(min=0)
@@ -280,7 +280,8 @@ def _row_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: in
     causal = causal and n_q > 1
     if bias is None and (not causal or n_q == n_k):
         return sdpa(q, k, v, scale=scaling, is_causal=causal)
-    allowed = torch.arange(n_k)[None, :] <= torch.arange(n_k - n_q, n_k)[:, None] if causal else None
+    allowed = (torch.arange(n_k, device=q.device)[None, :] <= torch.arange(n_k - n_q, n_k, device=q.device)[:, None]
+               if causal else None)
     if bias is None:
         return sdpa(q, k, v, attn_mask=allowed, scale=scaling)
     mask = bias if allowed is None else bias.masked_fill(~allowed, torch.finfo(bias.dtype).min)

@@ -87,7 +87,7 @@ class Row:
 
 def sample_rows(rows: Sequence[Row], logits: torch.Tensor) -> list[int]:
     """The next token of each row (greedy rows in one argmax, sampled rows one by one)."""
-    logits = logits.float()
+    logits = logits.float().cpu()  # rows sample with CPU generators: the same seeded text on every device
     tokens = torch.argmax(logits, dim=-1).tolist()
     for i, row in enumerate(rows):
         row.peak_batch = max(row.peak_batch, len(rows))

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from ml.device import place_for_inference
 from ml.inference.decode import decode_causal, decode_rows
 from ml.inference.invariance import CANDIDATES, InvarianceReport, LinearPlan, select_linear_plan, use_rowwise_attention
 from ml.inference.rows import Row, make_rows
@@ -28,6 +29,7 @@ def prepare_model(loaded: LoadedModel, max_batch: int = 16,
     if loaded.invariance is not None:
         return loaded.invariance
     started = time.perf_counter()
+    place_for_inference(loaded)  # CSRA_DEVICE: a GPU when present (bf16 there); the CPU path is unchanged
     plan, tries = select_linear_plan(loaded.model, max_batch, candidates)
     attention = use_rowwise_attention(loaded.model)
     kernels_ok = tries[-1]["plan"] == plan.name and tries[-1]["invariant"]

@@ -27,6 +27,7 @@ from transformers import get_linear_schedule_with_warmup
 from csra.jobctx import JobCancelled, JobContext, JobError
 from csra.specs import TrainSpec
 from ml.cpu_share import CpuYielder, yield_inside_steps
+from ml.device import pick_device
 from ml.sampling import composition, stratified_sample
 from ml.training.checkpoints import (
     checkpoint_steps,
@@ -92,12 +93,13 @@ class TrainingRun:
 
     def __init__(self, spec: TrainSpec, loaded: LoadedModel, train_rows: Sequence[dict],
                  val_rows: Sequence[dict], out_dir: Path, ctx: JobContext,
-                 yield_cpu: CpuYielder | None = None, ground: Grounder | None = None) -> None:
+                 yield_cpu: CpuYielder | None = None, ground: Grounder | None = None,
+                 device: torch.device | None = None) -> None:
         self.ground = ground
         self.spec, self.ctx, self.arch = spec, ctx, loaded.arch
         self.out_dir, self.ckpt_root = out_dir, out_dir / "checkpoints"
         self.tokenizer = loaded.tokenizer
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = device or pick_device()  # CSRA_DEVICE: auto = CUDA when a GPU is present
         self.precision = resolve_precision(spec.precision, self.device)
         self.autocast = autocast_for(self.precision, self.device)
         self.yield_cpu = yield_cpu
@@ -402,8 +404,8 @@ def run_training(
         run = TrainingRun(spec, _load_base(model_source, spec, train_rows), train_rows, val_rows, out_dir, ctx,
                           yield_cpu, ground)
         drawn, split = composition(run.train_rows), composition(train_rows)
-        ctx.event("log", f"training {run.total_steps} steps ({run.steps_per_epoch}/epoch), precision "
-                         f"{run.precision}, {len(run.train)} examples drawn from {len(train_rows)}, covering "
+        ctx.event("log", f"training {run.total_steps} steps ({run.steps_per_epoch}/epoch) on {run.device}, "
+                         f"precision {run.precision}, {len(run.train)} examples drawn from {len(train_rows)}, covering "
                          f"{len(drawn)} of the split's {len(split)} intents", per_intent=drawn)
         try:
             run.run()

@@ -12,6 +12,7 @@ import torch
 
 from csra.jobctx import JobError
 from csra.specs import TrainSpec
+from ml import device as devices
 
 # Measured with bench/train.py (SmolLM2-135M, 64 Bitext rows, 8 steps of 8) on the project's 2-core
 # AVX512-BF16 machine: bf16 autocast 254 real tokens/s vs fp32 148, validation loss 1.7470 vs 1.7446;
@@ -20,18 +21,12 @@ CPU_AUTO_BF16 = True
 
 
 
-def cpu_supports_bf16() -> bool:
-    """Native bf16 instructions (AVX512-BF16 or AMX) on this CPU."""
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
-
-
 def resolve_precision(requested: str, device: torch.device) -> str:
     """spec.precision -> "fp32" | "bf16" | "fp16" for this device."""
     if requested == "auto":
         if device.type == "cuda":
-            return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-        return "bf16" if CPU_AUTO_BF16 and cpu_supports_bf16() else "fp32"
+            return "bf16" if devices.cuda_bf16_supported() else "fp32"
+        return "bf16" if CPU_AUTO_BF16 and devices.cpu_supports_bf16() else "fp32"
     if requested == "fp16" and device.type != "cuda":
         raise JobError("precision fp16 needs a GPU; use bf16 or fp32 (or auto) on CPU")
     return requested

@@ -12,6 +12,8 @@ import pytest
 
 from tests.integration.helpers import train_scripted, wait_job
 
+pytestmark = pytest.mark.databases("sqlite", "postgresql")  # see tests/conftest.py
+
 
 def _generate(api, **params) -> dict:
     r = api.post("/jobs/generate", json={"model_id": "baseline", "max_new_tokens": 12, **params})

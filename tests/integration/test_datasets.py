@@ -7,8 +7,11 @@ import json
 from pathlib import Path
 
 import pandas as pd
+import pytest
 
 from tests.integration.helpers import import_path, upload, wait_job
+
+pytestmark = pytest.mark.databases("sqlite", "postgresql")  # see tests/conftest.py
 
 
 def test_health_reports_database_redis_and_workers(api):

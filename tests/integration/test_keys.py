@@ -14,6 +14,8 @@ import pytest
 from tests.integration.helpers import wait_job
 from tests.stack import Stack
 
+pytestmark = pytest.mark.databases("sqlite", "postgresql")  # see tests/conftest.py
+
 BOOTSTRAP = "integration-bootstrap-key"
 
 

@@ -15,6 +15,10 @@ from celery import Celery
 from tests.integration.helpers import import_path, wait_job
 from tests.stack import wait_until
 
+# on PostgreSQL too (tests/conftest.py), all but the long ones: a killed import retried to its end is
+# covered there by tests/integration/test_job_claims.py, a Redis restart does not touch the database
+both_databases = pytest.mark.databases("sqlite", "postgresql")
+
 
 @pytest.fixture(scope="module")
 def big_csv(stack, bitext_path) -> Path:
@@ -48,6 +52,7 @@ def _resume_default(stack, name: str) -> None:
     wait_until(lambda: _consumer_control(stack, "add_consumer", name), 30, 0.5, "the worker to resume")
 
 
+@both_databases
 def test_cancel_a_queued_job_never_starts(stack, api, bitext_path):
     name = _pause_default(stack, api)
     try:
@@ -64,6 +69,7 @@ def test_cancel_a_queued_job_never_starts(stack, api, bitext_path):
     assert api.post("/jobs/999999/cancel").status_code == 404
 
 
+@both_databases
 def test_cancel_a_running_job_stops_it(api, big_csv):
     created = import_path(api, str(big_csv))
     job_id = created["job"]["id"]
@@ -97,6 +103,7 @@ def test_killed_worker_job_is_retried_and_finishes(api, big_csv):
     assert ds["status"] == "ready" and ds["row_count"] > 100_000
 
 
+@both_databases
 def test_killed_twice_fails_with_a_clear_error(api, big_csv):
     created = import_path(api, str(big_csv))
     job_id = created["job"]["id"]
@@ -108,6 +115,7 @@ def test_killed_twice_fails_with_a_clear_error(api, big_csv):
     assert "Gave up after 2 attempt(s)" in job["error"] and "CSRA_MAX_ATTEMPTS=2" in job["error"]
 
 
+@both_databases
 def test_redis_down_answers_503_and_creates_nothing(stack, api, bitext_path):
     jobs_before = api.get("/jobs").json()["count"]
     datasets_before = api.get("/datasets").json()["count"]
@@ -143,6 +151,7 @@ def test_redis_restart_while_a_job_runs_keeps_worker_and_job(stack, api, big_csv
     assert wait_job(api, again["job"]["id"])["status"] == "succeeded"
 
 
+@both_databases
 def test_message_lost_in_a_redis_restart_is_re_enqueued(stack, api, bitext_path):
     name = _pause_default(stack, api)
     created = import_path(api, str(bitext_path))

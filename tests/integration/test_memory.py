@@ -10,6 +10,8 @@ import pytest
 
 from tests.integration.helpers import wait_job
 
+pytestmark = pytest.mark.databases("sqlite", "postgresql")  # see tests/conftest.py
+
 INTENTS = {
     "cancel_order": ("I want to cancel order {n}", "Order {{{{Order Number}}}} is cancelled; reference C{n}."),
     "track_refund": ("where is the refund for purchase {n}", "Refunds reach your account in 5 days; ticket R{n}."),
