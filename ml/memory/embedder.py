@@ -35,6 +35,7 @@ class Embedder:
         if not (folder / ONNX_FILE).is_file() or not (folder / TOKENIZER_FILE).is_file():
             raise EmbedderMissing(f"no exported embedding model in {folder}")
         options = ort.SessionOptions()
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if threads:
             options.intra_op_num_threads = threads
         self.session = ort.InferenceSession(str(folder / ONNX_FILE), options, providers=["CPUExecutionProvider"])

@@ -1,0 +1,76 @@
+"""A generation's token stream (workers.handlers.generation._Stream) against a real redis-server:
+the first piece goes out at once, later pieces go out together, and nothing is lost or reordered."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from csra.redis_conn import get_redis
+from csra.settings import get_settings
+from csra.streams import decode_entry, stream_key
+from tests.stack import RedisServer
+
+
+@pytest.fixture()
+def redis_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    monkeypatch.setenv("CSRA_REDIS_URL", server.url)
+    monkeypatch.setenv("CSRA_DATA_DIR", str(tmp_path / "data"))
+    get_settings.cache_clear()
+    get_redis.cache_clear()
+    try:
+        yield
+    finally:
+        get_settings.cache_clear()
+        get_redis.cache_clear()
+        server.stop()
+
+
+def _published(job_id: int) -> list[str]:
+    return [decode_entry(f)["text"] for _, f in get_redis().xrange(stream_key(job_id))]
+
+
+def _stream(every_ms: float, monkeypatch: pytest.MonkeyPatch, job_id: int):  # type: ignore[no-untyped-def]
+    from workers.handlers.generation import _Stream
+
+    monkeypatch.setenv("CSRA_GEN_STREAM_EVERY_MS", str(every_ms))
+    get_settings.cache_clear()
+    return _Stream(job_id)
+
+
+def test_pieces_decoded_close_together_are_published_together(redis_env, monkeypatch):
+    stream = _stream(200, monkeypatch, 1)
+    pieces = [f"w{i} " for i in range(20)]
+    for p in pieces:
+        stream.on_text(p)
+    assert _published(1) == ["w0 "]  # the first piece at once (time to first token), the rest held
+    time.sleep(0.25)
+    stream.on_text("late ")  # past the interval: everything held goes out with it
+    assert _published(1) == ["w0 ", "".join(pieces[1:]) + "late "]
+    stream.on_text("tail")
+    stream.flush()  # the reply is done: nothing stays held
+    assert "".join(_published(1)) == stream.text == "".join(pieces) + "late tail"
+    stream.flush()
+    assert len(_published(1)) == 3  # flushing twice publishes nothing more
+
+
+def test_every_piece_goes_out_when_the_interval_is_zero(redis_env, monkeypatch):
+    stream = _stream(0, monkeypatch, 2)
+    for p in ("a", "b", "c"):
+        stream.on_text(p)
+    assert _published(2) == ["a", "b", "c"]
+
+
+def test_a_stopped_stream_publishes_nothing_more(redis_env, monkeypatch):
+    stream = _stream(1000, monkeypatch, 3)
+    stream.on_text("first ")
+    stream.on_text("held")
+    stream.stop()
+    stream.flush()
+    stream.on_text("after")
+    assert _published(3) == ["first "]
