@@ -19,6 +19,12 @@ class JobError(Exception):
     """A failure the user can fix (bad input, missing model...): its text becomes ``job.error``."""
 
 
+class TransientJobError(JobError):
+    """A failure that may pass by itself (the model store briefly unreachable): the job goes back to
+    the queue for another attempt while it has attempts left (``CSRA_MAX_ATTEMPTS``), then fails
+    with this text like any ``JobError``."""
+
+
 class JobCancelled(Exception):
     """Raised by ``check_cancelled`` when the user cancelled the job. A handler that stops with
     something worth keeping (the text of a reply cut short) re-raises it with ``result``."""

@@ -112,11 +112,12 @@ def send_calibration(params: dict[str, Any], pending_key: str) -> None:
                            expires=600)
 
 
-def send_job(job_id: int, kind: str) -> None:
-    """Publish the message that runs job ``job_id``; the Celery task id is ``job-<id>``."""
+def send_job(job_id: int, kind: str, countdown: float | None = None) -> None:
+    """Publish the message that runs job ``job_id`` (in ``countdown`` seconds, else now); the Celery
+    task id is ``job-<id>``."""
     soft, hard = time_limits(kind)
     get_celery().send_task(TASK_NAMES[kind], args=[job_id], queue=QUEUE_OF[kind], task_id=task_id_for(job_id),
-                           soft_time_limit=soft, time_limit=hard)
+                           soft_time_limit=soft, time_limit=hard, countdown=countdown)
 
 
 def task_id_for(job_id: int) -> str:

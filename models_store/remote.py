@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from csra.jobctx import JobError
+from csra.jobctx import JobError, TransientJobError
 from csra.specs import EXPORTS_DIR
 
 logger = logging.getLogger(__name__)
@@ -37,7 +37,7 @@ MANIFEST_FORMAT = 1
 CHUNK = 1 << 20
 
 
-class ModelStoreError(JobError):
+class ModelStoreError(TransientJobError):
     """The store could not be reached or read (it disappeared mid-run, credentials expired...)."""
 
 

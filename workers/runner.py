@@ -27,7 +27,8 @@ from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy import CursorResult, update
 
 from csra.enqueue import after_jobs_ended, ended_tuple, wake_parent
-from csra.jobctx import JobCancelled, JobError, WaitForChildren
+from csra.jobctx import JobCancelled, JobError, TransientJobError, WaitForChildren
+from csra.queue import send_job
 from csra.settings import get_settings
 from db import jobs
 from db.base import utcnow
@@ -124,6 +125,22 @@ def record(claim_: Claim, outcome: Outcome) -> bool:
     return True
 
 
+RETRY_DELAY_SECONDS = 5.0  # times the attempt: a store that just went away is given a moment
+
+
+def retry_later(claim_: Claim, kind: str, error: str) -> bool:
+    """A transient failure: the job goes back to the queue (its attempts count on) and its message is
+    sent again after a delay. False if this runner no longer owns the job."""
+    delay = RETRY_DELAY_SECONDS * claim_.attempt
+    with session_scope() as s:
+        job = _owned_job(s, claim_)
+        if job is None:
+            return False
+        jobs.requeue(s, job, f"retrying in {delay:g} s (attempt {claim_.attempt} failed: {error})")
+    send_job(claim_.job_id, kind, countdown=delay)  # lost? the lost-message sweep sends it again
+    return True
+
+
 def record_waiting(claim_: Claim, children: list[int]) -> bool:
     """A sweep started its child jobs: it waits for them without holding this worker."""
     with session_scope() as s:
@@ -172,6 +189,10 @@ def execute(job_id: int, kind: str, handler: Handler) -> None:
         except WaitForChildren as wait:
             record_waiting(claim_, wait.children)
             return
+        except TransientJobError as exc:
+            if claim_.attempt < get_settings().max_attempts and retry_later(claim_, kind, str(exc)):
+                return
+            outcome = _outcome_of_error(job_id, ctx, exc)
         except (Exception, SoftTimeLimitExceeded) as exc:
             outcome = _outcome_of_error(job_id, ctx, exc)
     if not record(claim_, outcome):

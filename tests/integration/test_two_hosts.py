@@ -3,7 +3,8 @@ PostgreSQL server, a Redis server and a ``file://`` model store that neither dat
 
 Host A (API, default worker with the sweep, train worker) trains a model; host B (API, generate and
 train workers, its own data dir) answers a chat with it and evaluates it; host A is stopped and its
-data dir deleted, and B, with a fresh generate worker, still serves the model. Every process is real.
+data dir deleted, and B, with a fresh generate worker, still serves the model; deleting it then removes it
+from the store and B's cache. Every process is real.
 """
 
 from __future__ import annotations
@@ -125,3 +126,9 @@ def test_a_model_trained_on_one_host_is_served_and_evaluated_on_another(hosts: H
         job = wait_job(api_b, r.json()["id"])
         assert job["status"] == "succeeded", job["error"]
         assert job["result"]["text"].startswith("Your order is cancelled")
+
+        # deleting it removes it from the store and from B's cache, not just the row
+        assert (data_b / "models" / name).is_dir()
+        assert api_b.delete(f"/models/{name}").status_code == 204
+        assert not (hosts.store / name).exists() and not (data_b / "models" / name).exists()
+        assert api_b.get(f"/models/{name}").status_code == 404
