@@ -35,6 +35,8 @@ class Embedder:
         if not (folder / ONNX_FILE).is_file() or not (folder / TOKENIZER_FILE).is_file():
             raise EmbedderMissing(f"no exported embedding model in {folder}")
         options = ort.SessionOptions()
+        # no busy-waiting after a run: the embedder runs just before a reply is decoded, in the same
+        # process, and spinning threads would take the cores from the decode (2 cores here)
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if threads:
             options.intra_op_num_threads = threads
