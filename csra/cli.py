@@ -34,14 +34,18 @@ def _setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
+def _stop_on(problem: str | None) -> None:
+    """Exit with status 2 printing ``problem`` (a setting that stops this process from starting)."""
+    if problem:
+        console.print(f"error: {problem}", markup=False)  # markup off: the message quotes code
+        raise typer.Exit(code=2)
+
+
 def _require_database() -> None:
     """Exit at once, naming CSRA_DATABASE_URL, when the database cannot be reached (no retry loop)."""
     from db.session import database_problem
 
-    problem = database_problem(get_settings().database_url)
-    if problem:
-        console.print(f"error: {problem}", markup=False)
-        raise typer.Exit(code=2)
+    _stop_on(database_problem(get_settings().database_url))
 
 
 def _require_model_store() -> None:
@@ -51,8 +55,7 @@ def _require_model_store() -> None:
     try:
         check_store_at_start()
     except ModelStoreError as e:
-        console.print(f"error: {e}", markup=False)
-        raise typer.Exit(code=2) from None
+        _stop_on(str(e) or type(e).__name__)
 
 
 def _fail(e: ApiError) -> typer.Exit:
@@ -131,10 +134,7 @@ def api(
     import uvicorn
 
     settings = get_settings()
-    problem = settings.open_bind_problem(host)
-    if problem:
-        console.print(f"error: {problem}", markup=False)  # markup off: the message quotes code
-        raise typer.Exit(code=2)
+    _stop_on(settings.open_bind_problem(host))
     _require_database()
     _require_model_store()
     uvicorn.run("api.main:app", host=host or settings.api_host, port=port or settings.api_port,
