@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
@@ -117,6 +118,17 @@ def write_lock(session: Session) -> None:
 @lru_cache(maxsize=1)
 def get_engine() -> Engine:
     return make_engine(get_settings().database_url)
+
+
+def _fresh_pool_after_fork() -> None:
+    """A forked process (a Celery pool process) opens its own connections: one socket used by two
+    processes corrupts both sessions. ``close=False`` leaves the parent's connections open for the
+    parent (SQLAlchemy's recipe for multiprocessing)."""
+    if get_engine.cache_info().currsize:
+        get_engine().dispose(close=False)
+
+
+os.register_at_fork(after_in_child=_fresh_pool_after_fork)
 
 
 @lru_cache(maxsize=1)

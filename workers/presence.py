@@ -7,6 +7,7 @@ import logging
 import subprocess
 import sys
 import threading
+import time
 from typing import Any
 
 import redis
@@ -15,6 +16,8 @@ from celery import bootsteps
 from csra.presence import INTERVAL, announce, report_invariance, withdraw
 from csra.redis_conn import get_redis
 from csra.settings import get_settings
+from models_store.cache import PRUNE_EVERY_SECONDS
+from models_store.registry import prune_model_copies
 
 logger = logging.getLogger(__name__)
 
@@ -22,58 +25,79 @@ TORCH_QUEUES = {"train", "generate"}  # the workers that run torch: they report 
 _DESCRIBE = "import json; from ml.device import describe; print(json.dumps(describe()))"
 
 
-def probe_device(timeout: float = 180.0) -> dict[str, Any] | None:
-    """``ml.device.describe()`` in a child process: asking CUDA in this (pre-fork) process would
-    initialise it here and break CUDA in the forked pool processes."""
-    try:
-        done = subprocess.run([sys.executable, "-c", _DESCRIBE], capture_output=True, text=True, timeout=timeout,
-                              check=True)
-        return dict(json.loads(done.stdout.strip().splitlines()[-1]))
-    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
-        logger.warning("could not determine this worker's torch device", exc_info=True)
-        return None
+class DeviceProbe:
+    """``ml.device.describe()`` in a child process, polled without waiting: asking CUDA in this (pre-fork)
+    process would initialise it here and break CUDA in the forked pool processes; and a thread waiting
+    on it here could hold a lock at the moment the pool forks (see ``Presence.start``)."""
+
+    TIMEOUT = 180.0
+
+    def __init__(self) -> None:
+        self.started = time.monotonic()
+        self.process = subprocess.Popen([sys.executable, "-c", _DESCRIBE], stdout=subprocess.PIPE,
+                                        stderr=subprocess.DEVNULL, text=True)
+
+    def result(self) -> tuple[bool, dict[str, Any] | None]:
+        """(done, the device or None when it could not be told); never blocks."""
+        if self.process.poll() is None:
+            if time.monotonic() - self.started < self.TIMEOUT:
+                return False, None
+            self.process.kill()
+            self.process.wait()
+            logger.warning("could not determine this worker's torch device: no answer in %.0f s", self.TIMEOUT)
+            return True, None
+        out = self.process.stdout.read() if self.process.stdout else ""
+        try:
+            if self.process.returncode != 0:
+                raise ValueError(f"exit code {self.process.returncode}")
+            return True, dict(json.loads(out.strip().splitlines()[-1]))
+        except (ValueError, IndexError) as exc:
+            logger.warning("could not determine this worker's torch device: %s", exc)
+            return True, None
 
 
 class Presence(bootsteps.StartStopStep):
     requires = {"celery.worker.components:Timer"}
 
     def __init__(self, worker: Any, **kwargs: Any) -> None:
-        self.tref: Any = None
+        self.trefs: list[Any] = []
         self.client: redis.Redis | None = None
         self.hostname = ""
         self.queues: list[str] = []
         self.device: dict[str, Any] | None = None
-        self.stopped = threading.Event()
+        self.probe: DeviceProbe | None = None
 
     def start(self, worker: Any) -> None:
+        # No thread of ours runs in a prefork worker's parent: a thread busy (importing, querying) at the
+        # moment the pool forked left the pool process a lock that no thread of it would ever release;
+        # its next import of that module hung for good (seen in CI). The timer runs in the main thread,
+        # which is also the one that forks.
         self.client = redis.Redis.from_url(get_settings().effective_redis_url, socket_timeout=2)
         self.hostname = worker.hostname
         self.queues = sorted(worker.app.amqp.queues.consume_from or worker.app.amqp.queues)
+        if self.queues == ["generate"]:  # a thread pool (``csra worker``): it never forks; ask in this process
+            threading.Thread(target=self._describe, name="csra-device-probe", daemon=True).start()
+        elif TORCH_QUEUES & set(self.queues):
+            self.probe = DeviceProbe()
         self._beat()
-        if TORCH_QUEUES & set(self.queues):
-            threading.Thread(target=self._probe, name="csra-device-probe", daemon=True).start()
+        self.trefs.append(worker.timer.call_repeatedly(INTERVAL, self._beat, priority=10))
         if get_settings().model_store_url:
-            threading.Thread(target=self._prune, name="csra-model-prune", daemon=True).start()
-        self.tref = worker.timer.call_repeatedly(INTERVAL, self._beat, priority=10)
+            # copies of models deleted on another host leave this host's cache within about a minute
+            # (twice a period: prune_model_copies runs at most once per PRUNE_EVERY_SECONDS itself)
+            self.trefs.append(worker.timer.call_repeatedly(PRUNE_EVERY_SECONDS / 2, prune_model_copies,
+                                                           priority=10))
 
-    def _prune(self) -> None:
-        """Copies of models deleted on another host leave this host's cache within about a minute."""
-        from models_store.cache import PRUNE_EVERY_SECONDS
-        from models_store.registry import prune_model_copies
+    def _describe(self) -> None:
+        from ml.device import describe
 
-        while not self.stopped.wait(PRUNE_EVERY_SECONDS):
-            prune_model_copies()
-
-    def _probe(self) -> None:
-        if self.queues == ["generate"]:  # a thread pool (``csra worker``): no fork, ask in this process
-            from ml.device import describe
-
-            self.device = describe()
-        else:
-            self.device = probe_device()
+        self.device = describe()
         self._beat()
 
     def _beat(self) -> None:
+        if self.probe is not None:
+            done, self.device = self.probe.result()
+            if done:
+                self.probe = None
         try:
             assert self.client is not None
             announce(self.client, self.hostname, self.queues, self.device)
@@ -81,9 +105,10 @@ class Presence(bootsteps.StartStopStep):
             logger.debug("presence beat failed", exc_info=True)
 
     def stop(self, worker: Any) -> None:
-        self.stopped.set()
-        if self.tref is not None:
-            self.tref.cancel()
+        for tref in self.trefs:
+            tref.cancel()
+        if self.probe is not None:
+            self.probe.process.kill()
         try:
             if self.client is not None:
                 withdraw(self.client, self.hostname)

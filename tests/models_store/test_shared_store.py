@@ -8,10 +8,13 @@ copies. Without ``CSRA_MODEL_STORE_URL`` nothing of this runs.
 from __future__ import annotations
 
 import shutil
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+from kombu.asynchronous.timer import Timer
 from typer.testing import CliRunner
 
 from models_store import cache
@@ -96,8 +99,10 @@ def test_a_tampered_copy_in_the_store_is_never_loaded(hosts: Host, tmp_path: Pat
 def test_deleting_a_model_removes_it_from_the_store_and_the_caches(
         hosts: Host, tmp_path: Path, tiny_causal: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
     from api.services.models import delete_model
+    from csra.queue import get_celery
     from db.session import session_scope
     from models_store.registry import find_model_row, local_model_folder, prune_model_copies
+    from workers.presence import Presence
 
     store_a = hosts("a")
     _register(tmp_path, tiny_causal)
@@ -113,7 +118,16 @@ def test_deleting_a_model_removes_it_from_the_store_and_the_caches(
     assert find_model_row("m") is None  # its row is gone: no worker loads it again
     monkeypatch.setattr(cache, "IN_USE_SECONDS", 0.0)
     monkeypatch.setattr(cache, "_last_prune", 0.0)
-    prune_model_copies()  # what a worker's presence step runs every minute (and each model lookup)
+    threads = set(threading.enumerate())
+    worker = SimpleNamespace(hostname="b@test", app=get_celery(), timer=Timer())
+    presence = Presence(worker)
+    presence.start(worker)  # as a prefork worker on every queue starts
+    # its parent process starts no thread of ours: a thread busy at a fork leaves the pool process its
+    # locks (an import hung for good); the prune runs on the worker's timer, in the forking thread
+    assert set(threading.enumerate()) == threads
+    (prune,) = [s.entry for s in worker.timer.queue if s.entry.fun.__wrapped__ is prune_model_copies]
+    prune()  # what the timer runs about every minute (and each model lookup runs too)
+    presence.stop(worker)
     assert not (store_b / "m").exists() and cache.entries(store_b) == []
     with pytest.raises(ModelNotPublished, match="not in the model store"):  # nor could it be fetched again
         local_model_folder("m", None, "")
