@@ -15,6 +15,7 @@ from typing import Any
 from ml.inference.batches import run_rows
 from ml.inference.cache import ModelCache
 from ml.inference.decode import Joiner
+from ml.inference.owner_thread import IDLE_EXIT_SECONDS, OwnerThread
 from ml.inference.rows import Row, make_rows
 from ml.inference.selfcheck import prepared
 from ml.inference.types import GenerationRequest, GenerationResult, Loader
@@ -49,11 +50,14 @@ class BatchingEngine:
     here too): libgomp throttles its spin-waiting once a process has more OpenMP threads than
     CPUs, and every other thread that runs a torch op starts its own OpenMP team. Measured on
     the 2-core project machine: decoding on a second thread after the main thread had loaded
-    the model took 5.0 s instead of 4.0 s per 48-token reply.
+    the model took 5.0 s instead of 4.0 s per 48-token reply. For the same reason the thread
+    ends after ``idle_exit_seconds`` without work and its OpenMP team with it, so that the
+    llama.cpp engine of the same process decodes at full speed (``ml.inference.owner_thread``).
     """
 
     def __init__(self, cache: ModelCache | None = None, max_batch_size: int = 16, max_wait_ms: float = 10.0,
-                 continuous: bool = True, on_busy: Callable[[], None] | None = None) -> None:
+                 continuous: bool = True, on_busy: Callable[[], None] | None = None,
+                 idle_exit_seconds: float = IDLE_EXIT_SECONDS) -> None:
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be >= 1")
         self.cache = cache if cache is not None else ModelCache()
@@ -66,7 +70,7 @@ class BatchingEngine:
         self._queues: dict[str, deque[_Pending]] = {}
         self._calls: deque[tuple[Callable[[], Any], Future[Any]]] = deque()
         self._seq = 0
-        self._thread: threading.Thread | None = None
+        self._thread = OwnerThread("csra-batching-engine", self._loop, idle_exit_seconds)
         self._running = False
         self.batches_run = 0
         self.requests_served = 0
@@ -75,13 +79,9 @@ class BatchingEngine:
     # ------------------------------------------------------------------ lifecycle
 
     def start(self) -> BatchingEngine:
-        """Start the engine thread (idempotent)."""
+        """Accept requests (idempotent); the engine thread starts with the first one."""
         with self._cond:
-            if self._running:
-                return self
             self._running = True
-            self._thread = threading.Thread(target=self._loop, name="csra-batching-engine", daemon=True)
-            self._thread.start()
         return self
 
     def stop(self, timeout: float | None = 30.0) -> None:
@@ -97,8 +97,7 @@ class BatchingEngine:
         for f in pending:
             if not f.done():
                 f.set_exception(RuntimeError("the batching engine stopped"))
-        if self._thread is not None:
-            self._thread.join(timeout)
+        self._thread.join(timeout)
 
     def __enter__(self) -> BatchingEngine:
         return self.start()
@@ -118,6 +117,7 @@ class BatchingEngine:
             self._seq += 1
             self._queues.setdefault(model_key, deque()).append(
                 _Pending(request, loader, future, time.perf_counter(), self._seq))
+            self._thread.wake()
             self._cond.notify_all()
         return future
 
@@ -136,6 +136,7 @@ class BatchingEngine:
             if not self._running:
                 raise RuntimeError("the batching engine is not running (call start())")
             self._calls.append((lambda: self.cache.get(model_key, prepared(loader, self.max_batch_size)), future))
+            self._thread.wake()
             self._cond.notify_all()
         return future
 
@@ -154,16 +155,20 @@ class BatchingEngine:
         return heapq.nsmallest(1, heads)[0][1] if heads else None
 
     def _next_batch(self) -> tuple[str, list[_Pending]] | tuple[Callable[[], Any], Future[Any]] | None:
-        """Block until a call (a model load) or a batch is ready (None when stopping); take it."""
+        """Block until a call (a model load) or a batch is ready (None when stopping or idle); take it."""
         with self._cond:
             while True:
                 if not self._running:
+                    self._thread.ending()
                     return None
                 if self._calls:
                     return self._calls.popleft()
                 key = self._oldest_key()
                 if key is None:
-                    self._cond.wait()
+                    idle = not self._cond.wait(self._thread.idle_seconds)
+                    if idle and self._running and not self._calls and self._oldest_key() is None:
+                        self._thread.ending()  # the thread ends (submit starts another)
+                        return None
                     continue
                 queue = self._queues[key]
                 deadline = queue[0].submitted + self.max_wait_ms / 1000

@@ -60,6 +60,7 @@ from ml.inference.llamacpp_model import (  # noqa: F401  (re-exported: the worke
     _install_log,
     _Model,
 )
+from ml.inference.owner_thread import IDLE_EXIT_SECONDS, OwnerThread
 from ml.inference.rows import Row
 from ml.inference.tokens import TextStream
 from ml.inference.types import GenerationRequest, GenerationResult
@@ -125,7 +126,8 @@ class LlamaCppEngine:
     """
 
     def __init__(self, n_threads: int | None = None, max_batch_size: int = 16, n_ctx: int = 8192,
-                 max_models: int = 2, on_busy: Callable[[], None] | None = None) -> None:
+                 max_models: int = 2, on_busy: Callable[[], None] | None = None,
+                 idle_exit_seconds: float = IDLE_EXIT_SECONDS) -> None:
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be >= 1")
         if max_models < 1:
@@ -136,7 +138,8 @@ class LlamaCppEngine:
         self._cond = threading.Condition()
         self._queues: dict[str, deque[_Pending]] = {}
         self._loads: deque[tuple[str, Future[LlamaCppModelInfo]]] = deque()
-        self._thread: threading.Thread | None = None
+        # ends when idle (models stay loaded): its OpenMP team would slow the torch engine's (owner_thread)
+        self._thread = OwnerThread("csra-llamacpp-engine", self._loop, idle_exit_seconds)
         self._running = False
         # owned by the engine thread
         self._models: OrderedDict[str, _Model] = OrderedDict()
@@ -153,14 +156,11 @@ class LlamaCppEngine:
     # ------------------------------------------------------------------ lifecycle
 
     def start(self) -> LlamaCppEngine:
-        """Start the engine thread (idempotent)."""
+        """Accept requests (idempotent); the engine thread starts with the first one."""
         with self._cond:
-            if self._running:
-                return self
-            _install_log()
-            self._running = True
-            self._thread = threading.Thread(target=self._loop, name="csra-llamacpp-engine", daemon=True)
-            self._thread.start()
+            if not self._running:
+                _install_log()
+                self._running = True
         return self
 
     def stop(self, timeout: float | None = 30.0) -> None:
@@ -169,9 +169,11 @@ class LlamaCppEngine:
             if not self._running:
                 return
             self._running = False
+            idle = not self._thread.alive
             self._cond.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout)
+        if idle:  # no thread to shut down: free the models here
+            self._shutdown()
+        self._thread.join(timeout)
 
     def __enter__(self) -> LlamaCppEngine:
         return self.start()
@@ -198,6 +200,7 @@ class LlamaCppEngine:
                 raise RuntimeError("the llama.cpp engine is not running (call start())")
             self._queues.setdefault(key, deque()).append(
                 _Pending(key, [int(t) for t in prompt_ids], request, decoder, future, time.perf_counter()))
+            self._thread.wake()
             self._cond.notify_all()
         return future
 
@@ -216,6 +219,7 @@ class LlamaCppEngine:
                 future.set_result(self._loaded[key])
                 return future
             self._loads.append((key, future))
+            self._thread.wake()
             self._cond.notify_all()
         return future
 
@@ -230,8 +234,13 @@ class LlamaCppEngine:
     # ------------------------------------------------------------------ the engine thread
 
     def _loop(self) -> None:
+        idle = False
         try:
-            while self._wait_for_work():
+            while True:
+                state = self._wait_for_work()
+                if state != "work":
+                    idle = state == "idle"
+                    break
                 self._run_loads()
                 if not self._active:
                     self._pick_model()
@@ -239,15 +248,28 @@ class LlamaCppEngine:
                 self._step()
         except BaseException:
             logger.exception("the llama.cpp engine thread failed; its requests fail and it serves no more")
+            with self._cond:
+                self._running = False
             raise
         finally:
-            self._shutdown()
+            if not idle:  # stopped (or failed): this thread frees everything
+                with self._cond:
+                    self._thread.ending()
+                self._shutdown()
 
-    def _wait_for_work(self) -> bool:
+    def _wait_for_work(self) -> str:
+        """"work"; "stop"; or "idle" after ``idle_exit_seconds`` without work (the thread ends, the models stay
+        loaded, and the next request starts another thread)."""
         with self._cond:
-            while self._running and not self._active and not self._loads and not any(self._queues.values()):
-                self._cond.wait()
-            return self._running
+            while True:
+                if not self._running:
+                    return "stop"
+                if self._active or self._loads or any(self._queues.values()):
+                    return "work"
+                if not self._cond.wait(self._thread.idle_seconds) and self._running and not (
+                        self._loads or any(self._queues.values())):
+                    self._thread.ending()
+                    return "idle"
 
     def _shutdown(self) -> None:
         error = RuntimeError("the llama.cpp engine stopped")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -422,3 +423,37 @@ def test_smollm2_greedy_alone_equals_batch(smollm2: LoadedModel) -> None:
     batch = generate_batch(smollm2, requests)
     assert [r.token_ids for r in batch] == [r.token_ids for r in alone(smollm2, requests)]
     assert all(r.text for r in batch)
+
+
+def _threads() -> int:
+    return int(next(line.split()[1] for line in Path("/proc/self/status").read_text().splitlines()
+                    if line.startswith("Threads:")))
+
+
+def _until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def test_the_engine_thread_ends_when_idle_and_its_openmp_team_with_it(causal: LoadedModel) -> None:
+    """libgomp keeps a team of threads per thread that ran torch, for that thread's life; the llama.cpp
+    engine of the same process decodes slower while it lives (``ml.inference.owner_thread``). This runs
+    on the machine's libgomp: if it kept the team after the thread ended, the count would show it."""
+    loads = []
+
+    def loader() -> LoadedModel:
+        loads.append(1)
+        return causal
+
+    torch.set_num_threads(2)  # a team of 2: one OpenMP thread besides the engine's (one_thread restores it)
+    before = _threads()
+    with BatchingEngine(max_wait_ms=1, idle_exit_seconds=0.2) as engine:
+        first = engine.submit("tiny", loader, GenerationRequest(prompts(causal, 1)[0], max_new_tokens=4)).result(60)
+        assert _threads() >= before + 2  # the engine thread and its OpenMP thread
+        _until(lambda: not engine._thread.alive)
+        _until(lambda: _threads() == before)
+        again = engine.submit("tiny", loader, GenerationRequest(prompts(causal, 1)[0], max_new_tokens=4)).result(60)
+        assert again.token_ids == first.token_ids
+        assert engine._thread.starts == 2 and loads == [1]  # a new thread, the model still cached

@@ -279,3 +279,25 @@ def test_stop_fails_running_and_queued_requests(gguf: Path, tiny: LoadedModel, d
     for f in (first, queued):
         with pytest.raises(RuntimeError, match="engine stopped"):
             f.result(TIMEOUT)
+
+
+def _until(condition: Any, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def test_the_engine_thread_ends_when_idle_and_the_model_stays_loaded(gguf: Path, tiny: LoadedModel,
+                                                                     decoder: ReplyDecoder) -> None:
+    """Its OpenMP team would slow the torch engine of the same process (``ml.inference.owner_thread``)."""
+    with LlamaCppEngine(n_threads=1, n_ctx=4096, idle_exit_seconds=0.1) as eng:
+        first = _alone(eng, gguf, tiny, decoder, MESSAGES[0], max_new_tokens=8)
+        _until(lambda: not eng._thread.alive)
+        assert eng.stats()["models"] == [str(gguf.resolve())]  # still loaded: no reload for the next chat
+        again = _alone(eng, gguf, tiny, decoder, MESSAGES[0], max_new_tokens=8)
+        assert again.token_ids == first.token_ids and eng._thread.starts == 2
+        _until(lambda: not eng._thread.alive)
+    assert eng.stats()["models"] == []  # stop() with no thread running freed the models itself
+    with pytest.raises(RuntimeError, match="not running"):
+        _submit(eng, gguf, tiny, decoder, MESSAGES[0])
