@@ -4,10 +4,11 @@ Why it ends: torch's CPU kernels and llama.cpp's ggml both run on OpenMP, and in
 one OpenMP runtime (libgomp). libgomp keeps a pool of threads for every thread that ran a parallel
 region, for as long as that thread lives, and once a process holds more OpenMP threads than CPUs it
 stops spin-waiting at its barriers and sleeps on a futex instead (its "throttled" spin count). A
-decode step has hundreds of barriers. So in a generate worker that had answered one torch request,
-llama.cpp decoded 1.4x slower for good while torch's engine thread lived: on the 2-core machine
-(AMD EPYC, 2026-12-03, SmolLM2-135M f16, 64 tokens, ``bench/omp_pools.py``) 756 ms per reply before
-torch ran, 1,086 ms while the thread that ran torch lived, 772 ms once it had ended. Threads are cheap
+decode step has hundreds of barriers. Measured side by side in one run of ``bench/omp_pools.py``
+(2-core AMD EPYC, 2026-12-03, SmolLM2-135M, 64 tokens): llama.cpp f16 took 687 ms per reply before
+torch ran in the process, 1,269 ms while the thread that had run torch lived, 757 ms once it had
+ended; torch took 4,863 ms per reply while llama.cpp's thread lived, 3,190 ms once it had ended.
+Threads are cheap
 to start (tens of microseconds against a reply's hundreds of milliseconds); an idle pool is not.
 """
 
