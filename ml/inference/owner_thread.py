@@ -8,8 +8,8 @@ decode step has hundreds of barriers. Measured side by side in one run of ``benc
 (2-core AMD EPYC, 2026-12-03, SmolLM2-135M, 64 tokens): llama.cpp f16 took 687 ms per reply before
 torch ran in the process, 1,269 ms while the thread that had run torch lived, 757 ms once it had
 ended; torch took 4,863 ms per reply while llama.cpp's thread lived, 3,190 ms once it had ended.
-Threads are cheap
-to start (tens of microseconds against a reply's hundreds of milliseconds); an idle pool is not.
+Threads are cheap to start (tens of microseconds against a reply's hundreds of milliseconds); an idle
+pool is not.
 """
 
 from __future__ import annotations
