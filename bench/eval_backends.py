@@ -1,5 +1,7 @@
 """The evaluation metrics of one model served each way (torch, llama.cpp f16 / q8_0 / q4_k_m) on the same
-test rows, through the running stack: exports made first where missing, one evaluation job per backend.
+test rows, through the running stack: exports made first where missing, one evaluation job per backend;
+and, on the board beside them, retrieval (each test message answered with the approved answer of the
+most similar training message, no model: the bar a suggestion has to beat).
 
     python bench/eval_backends.py --model estimate-check --dataset 2 [--url ...] [--samples 300]
 
@@ -21,6 +23,7 @@ sys.path.insert(0, str(REPO))
 from csra.client import Client  # noqa: E402
 
 BACKENDS = ["torch", "llamacpp:f16", "llamacpp:q8_0", "llamacpp:q4_k_m"]
+RETRIEVAL = "retrieval"  # csra.specs.RETRIEVAL: the registered retrieval responder
 
 
 def finished(c: Client, job_id: int) -> dict[str, Any]:
@@ -37,20 +40,22 @@ def main() -> None:
     p.add_argument("--model", required=True)
     p.add_argument("--dataset", type=int, required=True)
     p.add_argument("--samples", type=int, default=300)
-    p.add_argument("--backends", default=",".join(BACKENDS))
+    p.add_argument("--backends", default=",".join([RETRIEVAL, *BACKENDS]),
+                   help=f"comma-separated, from {RETRIEVAL},{','.join(BACKENDS)}")
     args = p.parse_args()
     with Client(base_url=args.url) as c:
         have = {f["name"] for f in c.get(f"/models/{args.model}/files")["data"]}
         for backend in args.backends.split(","):
             quant = backend.partition(":")[2]
-            if quant and f"{args.model}-{quant}.gguf" not in have:
+            if backend != RETRIEVAL and quant and f"{args.model}-{quant}.gguf" not in have:
                 finished(c, c.export_model(args.model, {"quantization": quant})["id"])
         rows = {}
         for backend in args.backends.split(","):
-            job = c.evaluate({"model_ids": [args.model], "dataset_id": args.dataset, "max_samples": args.samples,
-                              "backend": backend})
+            model, how = (RETRIEVAL, "torch") if backend == RETRIEVAL else (args.model, backend)
+            job = c.evaluate({"model_ids": [model], "dataset_id": args.dataset, "max_samples": args.samples,
+                              "backend": how})
             ev = c.evaluation(finished(c, job["id"])["result"]["evaluation_id"])
-            rows[backend] = (ev["metrics"][args.model], ev["sample"])
+            rows[backend] = (ev["metrics"][model], ev["sample"])
     sample = next(iter(rows.values()))[1]
     print(f"{args.model} on dataset {args.dataset}: {sample['examples']} test rows, {sample['intents']} of "
           f"{sample['split_intents']} intents (stratified, seed 42), greedy")

@@ -10,7 +10,8 @@ threads and prompts, greedy, ``--max-new-tokens`` at most:
 
 * alone: ``--alone`` requests one after the other (p50 latency of one reply);
 * concurrent: all ``--n`` submitted at once (wall time, aggregate generated tokens/s, p50 latency),
-  the torch ``BatchingEngine`` at ``max_batch_size=16`` and ``LlamaCppEngine`` with 16 sequences.
+  the torch ``BatchingEngine`` at ``max_batch_size=16`` and ``LlamaCppEngine`` with 16 sequences,
+  with its prefix cache (prompt starts computed once) and without (every prompt in full).
 
 Also printed: how many llama.cpp replies are the same alone and batched (token ids), and the same as
 torch's. The engines run one after the other; the load average is printed (numbers from a busy
@@ -64,7 +65,7 @@ def measure(name: str, submit: Submit, n: int, alone: int) -> tuple[list[Generat
     batched = [f.result() for f in futures]
     wall = time.perf_counter() - t0
     tokens = sum(r.completion_tokens for r in batched)
-    print(f"{name:<12} alone: p50 {statistics.median(single_ms):7.0f} ms/reply "
+    print(f"{name:<27} alone: p50 {statistics.median(single_ms):7.0f} ms/reply "
           f"({sum(r.completion_tokens for r in singles) / (sum(single_ms) / 1000):5.1f} tok/s) | "
           f"{n} concurrent: {wall:6.2f} s, {tokens / wall:6.1f} tok/s aggregate, "
           f"p50 latency {statistics.median(r.latency_ms for r in batched):7.0f} ms, "
@@ -106,12 +107,19 @@ def main() -> None:
         print(f"{args.n} Bitext messages (seed {args.seed}), prompts of {min(map(len, ids))}-{max(map(len, ids))} "
               f"tokens, greedy, {args.max_new_tokens} new tokens at most")
 
-        with LlamaCppEngine(n_threads=args.threads, max_batch_size=16) as engine:
-            def llama_submit(i: int) -> Future[GenerationResult]:
-                request = GenerationRequest(prompts[i], max_new_tokens=args.max_new_tokens)
-                return engine.submit(gguf, ids[i], request, decoder)
+        common = next((i for i in range(min(map(len, ids))) if len({p[i] for p in ids}) > 1), min(map(len, ids)))
+        print(f"the prompts' common start: {common} tokens")
+        for cache in (False, True):
+            with LlamaCppEngine(n_threads=args.threads, max_batch_size=16, prefix_cache=cache) as engine:
+                def llama_submit(i: int, engine: LlamaCppEngine = engine) -> Future[GenerationResult]:
+                    request = GenerationRequest(prompts[i], max_new_tokens=args.max_new_tokens)
+                    return engine.submit(gguf, ids[i], request, decoder)
 
-            l_alone, l_batched = measure("llama.cpp", llama_submit, args.n, args.alone)
+                name = "llama.cpp" if cache else "llama.cpp, no prefix cache"
+                l_alone, l_batched = measure(name, llama_submit, args.n, args.alone)
+                stats = engine.stats()
+                print(f"{'':<12} prompt tokens computed: {stats['prompt_tokens_computed']} of "
+                      f"{stats['prompt_tokens']} (the others' cells shared)")
         with BatchingEngine(cache=ModelCache(), max_batch_size=16) as torch_engine:
             def torch_submit(i: int) -> Future[GenerationResult]:
                 request = GenerationRequest(prompts[i], max_new_tokens=args.max_new_tokens)

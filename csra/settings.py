@@ -77,6 +77,11 @@ class Settings(BaseSettings):
         "export (POST /models/{ref}/export) and through torch otherwise; evaluations always use torch")
     gen_llamacpp_threads: int | None = Field(
         None, ge=1, description="generate worker: llama.cpp's threads (default: every core the worker may use)")
+    gen_llamacpp_prefix_cache: bool = Field(
+        True, description="generate worker: llama.cpp reuses the KV cells of a prompt's start that an earlier or "
+        "running reply already computed (the system prompt, the earlier turns); off: every prompt is computed in "
+        "full, so a seeded reply does not depend on what ran before it (llama.cpp's logits differ in their last "
+        "bits with the batch that computed them)")
     gen_gguf_preference: list[str] = Field(
         ["f16", "q8_0", "q4_k_m"], description="which of a model's GGUF exports llama.cpp serves, first found")
     gen_stream_every_ms: float = Field(

@@ -113,7 +113,13 @@ def _install_log() -> None:
 
 
 class _Model:
-    """A GGUF model, its one context (``n_seq_max`` sequences, unified KV cache) and its batch buffer."""
+    """A GGUF model, its one context (``n_seq_max`` sequences, unified KV cache) and its batch buffer.
+
+    Sequence ``n_seq_max`` (one more than the callers') is the prefix cache: it keeps the KV cells of
+    the tokens of the last finished reply (``cached``), which the next prompts that start the same way
+    (the system prompt, an earlier turn of the conversation) copy instead of computing them again.
+    A copy costs nothing in a unified cache: the cells gain a sequence id.
+    """
 
     def __init__(self, path: str, n_ctx: int, n_seq_max: int, n_threads: int) -> None:
         import llama_cpp
@@ -138,8 +144,8 @@ class _Model:
             cparams = llama_cpp.llama_context_default_params()
             cparams.n_ctx = n_ctx
             cparams.n_batch = n_ctx  # every admitted prompt fits one llama_decode (cells are reserved)
-            cparams.n_seq_max = n_seq_max
-            cparams.n_outputs_max = n_seq_max  # one logits row per sequence and step (0 would mean n_batch)
+            cparams.n_seq_max = n_seq_max + 1  # and the prefix cache
+            cparams.n_outputs_max = n_seq_max + 1  # a logits row per sequence and step (at least n_seq_max: llama.cpp)
             cparams.kv_unified = True  # one pool of cells for all sequences, not n_ctx / n_seq_max each
             cparams.n_threads = cparams.n_threads_batch = n_threads
             cparams.no_perf = True
@@ -155,8 +161,10 @@ class _Model:
         self.n_ctx = int(llama_cpp.llama_n_ctx(self.ctx))
         self.n_batch = int(llama_cpp.llama_n_batch(self.ctx))
         self.n_ctx_seq = min(int(llama_cpp.llama_n_ctx_seq(self.ctx)), self.n_ctx_train or self.n_ctx)
-        self.batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
+        self.batch = llama_cpp.llama_batch_init(self.n_batch, 0, n_seq_max)  # a prompt token may serve them all
         self.free_seqs = list(range(n_seq_max - 1, -1, -1))  # pop() hands out 0, 1, 2, ...
+        self.cache_seq = n_seq_max
+        self.cached: list[int] = []  # the tokens whose cells the prefix cache holds, from position 0
         self.info = LlamaCppModelInfo(
             path=path, description=_model_desc(llama_cpp, self.model),
             n_params=int(llama_cpp.llama_model_n_params(self.model)),
@@ -168,14 +176,19 @@ class _Model:
         ptr = self.lib.llama_get_logits_ith(self.ctx, index)
         return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
 
-    def decode(self, tokens: Sequence[tuple[int, int, int, bool]]) -> None:
-        """One ``llama_decode`` of (token, position, sequence, wants logits) entries."""
+    def decode(self, tokens: Sequence[tuple[int, int, Sequence[int], bool]]) -> None:
+        """One ``llama_decode`` of (token, position, sequences, wants logits) entries.
+
+        A token of several sequences (the same prompt prefix) is computed once; its cell belongs to
+        each of them. Its attention is that of its first sequence, whose earlier cells hold the same tokens.
+        """
         b = self.batch
-        for i, (token, pos, seq, out) in enumerate(tokens):
+        for i, (token, pos, seqs, out) in enumerate(tokens):
             b.token[i] = token
             b.pos[i] = pos
-            b.n_seq_id[i] = 1
-            b.seq_id[i][0] = seq
+            b.n_seq_id[i] = len(seqs)
+            for j, seq in enumerate(seqs):
+                b.seq_id[i][j] = seq
             b.logits[i] = out
         b.n_tokens = len(tokens)
         rc = self.lib.llama_decode(self.ctx, b)
@@ -187,6 +200,21 @@ class _Model:
         """Drop every KV cell of ``seq`` and give its slot back."""
         self.lib.llama_memory_seq_rm(self.memory, seq, -1, -1)
         self.free_seqs.append(seq)
+
+    def share(self, src: int, dst: int, n: int) -> None:
+        """Sequence ``dst`` (empty) gets the cells of positions [0, n) of ``src``."""
+        self.lib.llama_memory_seq_cp(self.memory, src, dst, 0, n)
+
+    def keep_prefix(self, seq: int, tokens: list[int]) -> None:
+        """The prefix cache now holds the cells of ``seq``'s first ``len(tokens)`` positions (``tokens``)."""
+        self.drop_prefix()
+        self.share(seq, self.cache_seq, len(tokens))
+        self.cached = tokens
+
+    def drop_prefix(self) -> None:
+        if self.cached:
+            self.lib.llama_memory_seq_rm(self.memory, self.cache_seq, -1, -1)
+            self.cached = []
 
     def close(self) -> None:
         if self.batch is not None:

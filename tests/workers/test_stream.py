@@ -1,5 +1,7 @@
 """A generation's token stream (workers.handlers.generation._Stream) against a real redis-server:
-the first piece goes out at once, later pieces go out together, and nothing is lost or reordered."""
+the first piece goes out at once, later pieces go out together, and nothing is lost or reordered.
+Pieces are sent by the process's publisher thread (workers.stream_publisher): the engine thread that
+calls ``on_text`` never waits on Redis."""
 
 from __future__ import annotations
 
@@ -32,6 +34,9 @@ def redis_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]
 
 
 def _published(job_id: int) -> list[str]:
+    from workers.stream_publisher import publisher
+
+    publisher().sync()  # what was queued so far has been sent
     return [decode_entry(f)["text"] for _, f in get_redis().xrange(stream_key(job_id))]
 
 
@@ -74,3 +79,25 @@ def test_a_stopped_stream_publishes_nothing_more(redis_env, monkeypatch):
     stream.flush()
     stream.on_text("after")
     assert _published(3) == ["first "]
+
+
+def test_the_engine_thread_does_not_wait_on_redis(redis_env, monkeypatch):
+    stream = _stream(0, monkeypatch, 4)
+    get_redis().execute_command("CLIENT", "PAUSE", 1000, "ALL")  # Redis answers no one for a second
+    started = time.monotonic()
+    for p in ("a", "b", "c"):
+        stream.on_text(p)  # what the engine thread calls between two decode steps
+    assert time.monotonic() - started < 0.5
+    assert _published(4) == ["a", "b", "c"]  # sent once Redis answers, in order
+
+
+def test_pieces_queued_before_a_stop_never_follow_it(redis_env, monkeypatch):
+    stream = _stream(0, monkeypatch, 5)
+    get_redis().execute_command("CLIENT", "PAUSE", 500, "ALL")
+    stream.on_text("queued")  # waits in the publisher's queue while Redis is paused
+    stream.stop()  # returns once what was queued is sent: the runner writes the end marker next
+    stream.on_text("after")  # a step that was already running: not published
+    get_redis().xadd(stream_key(5), {"type": "end", "status": "cancelled"})
+    stream.flush()
+    time.sleep(0.1)
+    assert [decode_entry(f)["type"] for _, f in get_redis().xrange(stream_key(5))] == ["token", "end"]

@@ -37,7 +37,7 @@ from csra.profile import Profile, fill_placeholders
 from csra.redis_conn import get_redis
 from csra.settings import get_settings
 from csra.specs import DEFAULT_INSTRUCTION, RETRIEVAL, GenerateSpec, Grounding
-from csra.streams import publish_start, publish_text
+from csra.streams import publish_start
 from db.models import Setting
 from db.session import session_scope
 from ml.memory.grounding import allowed_slots, outside_contract
@@ -45,6 +45,7 @@ from ml.memory.memory import INTENT_VOTERS, Hit, vote
 from models_store.naming import preferred_gguf
 from models_store.registry import find_model_row
 from workers.presence import publish_invariance
+from workers.stream_publisher import Piece, publisher
 
 if TYPE_CHECKING:
     from ml.inference.engine import BatchingEngine
@@ -90,7 +91,8 @@ def llamacpp_engine() -> LlamaCppEngine:
             s = get_settings()
             signal = InteractiveSignal(s.interactive_signal_path)
             _llama_engine = LlamaCppEngine(n_threads=s.gen_llamacpp_threads, max_batch_size=s.gen_max_batch,
-                                           max_models=s.gen_cache_models, on_busy=signal.touch)
+                                           max_models=s.gen_cache_models, on_busy=signal.touch,
+                                           prefix_cache=s.gen_llamacpp_prefix_cache)
             _llama_engine.start()
         return _llama_engine
 
@@ -179,23 +181,25 @@ class _Stream:
                 self._publish(now)
 
     def flush(self) -> None:
-        """Publish what is held (the reply is complete; before the job's end marker)."""
+        """Publish what is held and wait until it is sent (the reply is complete; before the job's end marker)."""
         with self._lock:
             if not self.stopped.is_set():
                 self._publish(time.monotonic())
+        publisher().sync()
 
     def _publish(self, now: float) -> None:
+        """Queue the held text for ``workers.stream_publisher`` (the engine thread does not wait on Redis)."""
         if not self._held:
             return
         delta, self._held, self._sent_at = self._held, "", now
-        try:
-            publish_text(get_redis(), self.job_id, delta)
-        except (redis.RedisError, OSError):  # the stream is a convenience; the result still has the text
-            logger.debug("stream publish failed", exc_info=True)
+        publisher().send(Piece(self.job_id, delta))
 
     def stop(self) -> None:
+        """Nothing more is published, and what was queued is sent before this returns, so no piece can
+        follow the end marker the runner writes next."""
         with self._lock:
             self.stopped.set()
+        publisher().sync()
 
 
 def _wait(future: Future[Any], ctx: JobContext, stream: _Stream | None = None) -> Any:

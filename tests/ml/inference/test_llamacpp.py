@@ -195,9 +195,13 @@ def test_should_stop_cancels_mid_reply(engine: LlamaCppEngine, gguf: Path, tiny:
 def test_seeded_sampling_is_reproducible_alone(engine: LlamaCppEngine, gguf: Path, tiny: LoadedModel,
                                                           decoder: ReplyDecoder) -> None:
     settings: dict[str, Any] = {"max_new_tokens": 16, "temperature": 1.0, "top_p": 0.9}
-    first = _alone(engine, gguf, tiny, decoder, MESSAGES[0], seed=7, **settings)
-    again = _alone(engine, gguf, tiny, decoder, MESSAGES[0], seed=7, **settings)
+    with LlamaCppEngine(n_threads=1, n_ctx=4096, prefix_cache=False) as exact:  # CSRA_GEN_LLAMACPP_PREFIX_CACHE
+        first = _alone(exact, gguf, tiny, decoder, MESSAGES[0], seed=7, **settings)
+        again = _alone(exact, gguf, tiny, decoder, MESSAGES[0], seed=7, **settings)
     assert again.token_ids == first.token_ids
+    # with the prefix cache, the same request's prompt cells come from the cache: reproducible once cached
+    cached = [_alone(engine, gguf, tiny, decoder, MESSAGES[0], seed=7, **settings).token_ids for _ in range(3)]
+    assert cached[1] == cached[2]
     futures = [_submit(engine, gguf, tiny, decoder, m, max_new_tokens=16) for m in MESSAGES[1:6]]
     batched = _submit(engine, gguf, tiny, decoder, MESSAGES[0], seed=7, **settings).result(TIMEOUT)
     for f in futures:
@@ -206,6 +210,7 @@ def test_seeded_sampling_is_reproducible_alone(engine: LlamaCppEngine, gguf: Pat
     # construction), which can flip a sampled token: only that it samples there too is checked
     assert batched.completion_tokens > 0 and batched.finish_reason in ("stop", "length")
     others = [_alone(engine, gguf, tiny, decoder, MESSAGES[0], seed=s, **settings).token_ids for s in (8, 9, 10)]
+    others.append(cached[0])
     assert any(ids != first.token_ids for ids in others)  # the seed matters
     greedy = _alone(engine, gguf, tiny, decoder, MESSAGES[0], max_new_tokens=16).token_ids
     assert any(ids != greedy for ids in [first.token_ids, *others])  # it does sample
@@ -301,3 +306,39 @@ def test_the_engine_thread_ends_when_idle_and_the_model_stays_loaded(gguf: Path,
     assert eng.stats()["models"] == []  # stop() with no thread running freed the models itself
     with pytest.raises(RuntimeError, match="not running"):
         _submit(eng, gguf, tiny, decoder, MESSAGES[0])
+
+
+def test_a_prompt_start_that_was_computed_is_shared_not_computed_again(gguf: Path, tiny: LoadedModel,
+                                                                         decoder: ReplyDecoder) -> None:
+    """The system prompt that every chat starts with (and, in a conversation, its earlier turns) is
+    computed once: concurrent prompts share it within one step, later ones copy it from the prefix
+    cache. Greedy replies stay those of an engine that computes every prompt in full."""
+    with LlamaCppEngine(n_threads=1, n_ctx=4096, prefix_cache=False) as full:
+        expected = [_alone(full, gguf, tiny, decoder, m, max_new_tokens=12) for m in MESSAGES]
+        assert full.stats()["prompt_tokens_computed"] == full.stats()["prompt_tokens"]
+    prompts = [_prompt(tiny, m)[1] for m in MESSAGES]
+    common = next(i for i in range(min(map(len, prompts))) if len({p[i] for p in prompts}) > 1)
+    assert common > 10  # the system prompt and the chat template's start
+
+    with LlamaCppEngine(n_threads=1, n_ctx=4096) as eng:
+        together = [_submit(eng, gguf, tiny, decoder, m, max_new_tokens=12) for m in MESSAGES]
+        got = [f.result(TIMEOUT) for f in together]
+        stats = eng.stats()
+        assert stats["prompt_tokens"] == sum(map(len, prompts))
+        # the first step computed the common start once (the requests may join over two steps)
+        assert stats["prompt_tokens_computed"] <= stats["prompt_tokens"] - (len(MESSAGES) - 2) * common
+        assert [r.token_ids for r in got] == [r.token_ids for r in expected]
+
+        before = eng.stats()["prompt_tokens_computed"]
+        alone = _alone(eng, gguf, tiny, decoder, MESSAGES[2], max_new_tokens=12)
+        assert eng.stats()["prompt_tokens_computed"] - before <= len(prompts[2]) - common
+        assert alone.token_ids == expected[2].token_ids
+
+        # the next turn of that conversation: its prompt starts with the last prompt and reply, all cached
+        turn = prompts[2] + alone.token_ids + prompts[3][common:]
+        before = eng.stats()["prompt_tokens_computed"]
+        nxt = eng.submit(gguf, turn, GenerationRequest("next turn", max_new_tokens=4), decoder).result(TIMEOUT)
+        assert eng.stats()["prompt_tokens_computed"] - before <= len(turn) - len(prompts[2]) - len(alone.token_ids) + 1
+        with LlamaCppEngine(n_threads=1, n_ctx=4096, prefix_cache=False) as full:
+            assert full.submit(gguf, turn, GenerationRequest("next turn", max_new_tokens=4), decoder
+                               ).result(TIMEOUT).token_ids == nxt.token_ids
