@@ -73,8 +73,9 @@ def measure(name: str, submit: Submit, n: int, alone: int) -> tuple[list[Generat
     return singles, batched
 
 
-def parse_args() -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(description: str | None = __doc__) -> argparse.Namespace:
+    """This benchmark's options (``bench/omp_pools.py`` takes the same, with its own description)."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", type=int, default=16, help="concurrent requests (and messages drawn)")
     p.add_argument("--alone", type=int, default=5, help="requests timed one at a time")
     p.add_argument("--seed", type=int, default=0)

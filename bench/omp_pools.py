@@ -21,7 +21,6 @@ process's thread count.
 
 from __future__ import annotations
 
-import argparse
 import os
 import platform
 import statistics
@@ -37,7 +36,8 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-from bench.gguf_agreement import BITEXT, draw_messages  # noqa: E402
+from bench.gguf_agreement import draw_messages  # noqa: E402
+from bench.llamacpp_engine import parse_args  # noqa: E402
 from csra.specs import DEFAULT_INSTRUCTION  # noqa: E402
 from ml.export import export_gguf  # noqa: E402
 from ml.inference.cache import ModelCache  # noqa: E402
@@ -75,21 +75,8 @@ def measure(label: str, submit: object, n: int, alone: int) -> None:
           f"| {threads} threads", flush=True)
 
 
-def parse_args() -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--n", type=int, default=16, help="concurrent requests (and messages drawn)")
-    p.add_argument("--alone", type=int, default=5, help="requests timed one at a time")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    p.add_argument("--store", type=Path, default=None, help="model store for the baseline (default: a temp dir)")
-    p.add_argument("--out", type=Path, default=None, help="where the GGUF goes (default: a temp dir)")
-    p.add_argument("--data", type=Path, default=BITEXT)
-    return p.parse_args()
-
-
 def main() -> None:
-    args = parse_args()
+    args = parse_args(__doc__)
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="csra-bench-omp-") as scratch:
         store = args.store or Path(scratch) / "store"

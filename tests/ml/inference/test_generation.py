@@ -449,11 +449,11 @@ def test_the_engine_thread_ends_when_idle_and_its_openmp_team_with_it(causal: Lo
 
     torch.set_num_threads(2)  # a team of 2: one OpenMP thread besides the engine's (one_thread restores it)
     before = _threads()
-    with BatchingEngine(max_wait_ms=1, idle_exit_seconds=0.2) as engine:
+    with BatchingEngine(max_wait_ms=1, idle_exit_seconds=1.0) as engine:
         first = engine.submit("tiny", loader, GenerationRequest(prompts(causal, 1)[0], max_new_tokens=4)).result(60)
         assert _threads() >= before + 2  # the engine thread and its OpenMP thread
         _until(lambda: not engine._thread.alive)
-        _until(lambda: _threads() == before)
+        _until(lambda: _threads() <= before)
         again = engine.submit("tiny", loader, GenerationRequest(prompts(causal, 1)[0], max_new_tokens=4)).result(60)
         assert again.token_ids == first.token_ids
         assert engine._thread.starts == 2 and loads == [1]  # a new thread, the model still cached
