@@ -39,6 +39,7 @@ class StreamPublisher:
     def __init__(self) -> None:
         self._queue: queue.SimpleQueue[Piece | threading.Event] = queue.SimpleQueue()
         self._lock = threading.Lock()
+        self._urgent = threading.Event()  # someone waits in sync(): send without waiting for SEND_EVERY
         self._thread: threading.Thread | None = None
 
     def send(self, piece: Piece) -> None:
@@ -51,6 +52,7 @@ class StreamPublisher:
         self._start()
         done = threading.Event()
         self._queue.put(done)
+        self._urgent.set()
         if not done.wait(SYNC_TIMEOUT):
             logger.warning("streamed pieces not sent within %.0f s (Redis slow or unreachable)", SYNC_TIMEOUT)
 
@@ -65,23 +67,25 @@ class StreamPublisher:
         while True:
             items = [self._queue.get()]
             # at most one round trip every SEND_EVERY: what arrives meanwhile goes together (a wake-up of
-            # this thread per piece took the GIL from the engine thread hundreds of times a second)
-            time.sleep(max(0.0, sent_at + SEND_EVERY - time.monotonic()))
+            # this thread per piece took the GIL from the engine thread hundreds of times a second);
+            # not when a finished reply waits for its last piece (sync)
+            self._urgent.wait(max(0.0, sent_at + SEND_EVERY - time.monotonic()))
+            self._urgent.clear()
             while True:
                 try:
                     items.append(self._queue.get_nowait())
                 except queue.Empty:
                     break
-            self._send([i for i in items if isinstance(i, Piece)])
-            sent_at = time.monotonic()
+            pieces = [i for i in items if isinstance(i, Piece)]
+            if pieces:
+                self._send(pieces)
+                sent_at = time.monotonic()
             for item in items:
                 if isinstance(item, threading.Event):
                     item.set()
 
     @staticmethod
     def _send(pieces: list[Piece]) -> None:
-        if not pieces:
-            return
         try:
             pipe = get_redis().pipeline(transaction=False)
             for piece in pieces:

@@ -101,3 +101,16 @@ def test_pieces_queued_before_a_stop_never_follow_it(redis_env, monkeypatch):
     stream.flush()
     time.sleep(0.1)
     assert [decode_entry(f)["type"] for _, f in get_redis().xrange(stream_key(5))] == ["token", "end"]
+
+
+def test_a_finished_reply_does_not_wait_for_the_next_send(redis_env, monkeypatch):
+    from workers import stream_publisher
+
+    monkeypatch.setattr(stream_publisher, "SEND_EVERY", 30.0)  # pieces wait this long for the next round trip
+    stream = _stream(0, monkeypatch, 6)
+    stream.on_text("a")
+    stream.on_text("b")
+    started = time.monotonic()
+    stream.flush()  # the reply is done: its last pieces go now, not 30 s later
+    assert time.monotonic() - started < 5
+    assert "".join(_published(6)) == "ab"
