@@ -109,6 +109,7 @@ def test_a_finished_reply_does_not_wait_for_the_next_send(redis_env, monkeypatch
     monkeypatch.setattr(stream_publisher, "SEND_EVERY", 30.0)  # pieces wait this long for the next round trip
     stream = _stream(0, monkeypatch, 6)
     stream.on_text("a")
+    assert _published(6) == ["a"]  # "a" went out (sync): the next round trip is 30 s away
     stream.on_text("b")
     started = time.monotonic()
     stream.flush()  # the reply is done: its last pieces go now, not 30 s later
