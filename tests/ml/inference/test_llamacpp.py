@@ -199,9 +199,9 @@ def test_seeded_sampling_is_reproducible_alone(engine: LlamaCppEngine, gguf: Pat
         first = _alone(exact, gguf, tiny, decoder, MESSAGES[0], seed=7, **settings)
         again = _alone(exact, gguf, tiny, decoder, MESSAGES[0], seed=7, **settings)
     assert again.token_ids == first.token_ids
-    # with the prefix cache, the same request's prompt cells come from the cache: reproducible once cached
-    cached = [_alone(engine, gguf, tiny, decoder, MESSAGES[0], seed=7, **settings).token_ids for _ in range(3)]
-    assert cached[1] == cached[2]
+    # with the prefix cache a prompt's cells come from earlier replies, in other cache cells: attention
+    # then sums in another order, and a sampled token can flip (seen in CI) -- no reproducibility claimed
+    cached = [_alone(engine, gguf, tiny, decoder, MESSAGES[0], seed=7, **settings).token_ids]
     futures = [_submit(engine, gguf, tiny, decoder, m, max_new_tokens=16) for m in MESSAGES[1:6]]
     batched = _submit(engine, gguf, tiny, decoder, MESSAGES[0], seed=7, **settings).result(TIMEOUT)
     for f in futures:
