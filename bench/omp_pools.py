@@ -21,6 +21,7 @@ process's thread count.
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import statistics
@@ -28,6 +29,7 @@ import sys
 import tempfile
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
 
@@ -44,6 +46,7 @@ from ml.inference.cache import ModelCache  # noqa: E402
 from ml.inference.engine import BatchingEngine  # noqa: E402
 from ml.inference.invariance import cpu_description  # noqa: E402
 from ml.inference.llamacpp import LlamaCppEngine, ReplyDecoder  # noqa: E402
+from ml.inference.owner_thread import IDLE_EXIT_SECONDS  # noqa: E402
 from ml.inference.tokens import encode_prompt  # noqa: E402
 from ml.inference.types import GenerationRequest, GenerationResult  # noqa: E402
 from ml.prompting import example_prompt  # noqa: E402
@@ -75,75 +78,104 @@ def measure(label: str, submit: object, n: int, alone: int) -> None:
           f"| {threads} threads", flush=True)
 
 
+def settle(engine: object) -> None:
+    """Wait until the engine's thread has ended."""
+    while engine._thread.alive:  # type: ignore[attr-defined]
+        time.sleep(0.05)
+
+
+@dataclass
+class Bench:
+    args: argparse.Namespace
+    gguf: Path
+    loaded: LoadedModel
+    prompts: list[str]
+    ids: list[list[int]]
+    decoder: ReplyDecoder
+
+    def request(self, i: int) -> GenerationRequest:
+        return GenerationRequest(self.prompts[i], max_new_tokens=self.args.max_new_tokens)
+
+    def torch_engine(self, idle_exit_seconds: float) -> BatchingEngine:
+        return BatchingEngine(cache=ModelCache(), max_batch_size=16, idle_exit_seconds=idle_exit_seconds).start()
+
+    def llama_engine(self, idle_exit_seconds: float) -> LlamaCppEngine:
+        return LlamaCppEngine(n_threads=self.args.threads, max_batch_size=16,
+                              idle_exit_seconds=idle_exit_seconds).start()
+
+    def llama_beside_torch(self) -> None:
+        a = self.args
+        llama, kept, ending = self.llama_engine(IDLE_EXIT_SECONDS), self.torch_engine(FOREVER), \
+            self.torch_engine(IDLE_EXIT_SECONDS)
+
+        def llama_submit(i: int) -> Future[GenerationResult]:
+            return llama.submit(self.gguf, self.ids[i], self.request(i), self.decoder)
+
+        llama.load(self.gguf)
+        settle(llama)
+        measure("llama.cpp, torch not run yet", llama_submit, a.n, a.alone)
+        kept.submit("baseline", lambda: self.loaded, self.request(0)).result()
+        settle(llama)
+        measure("llama.cpp, torch's engine thread alive (before)", llama_submit, a.n, a.alone)
+        kept.stop()
+        ending.submit("baseline", lambda: self.loaded, self.request(0)).result()
+        settle(ending)
+        settle(llama)
+        measure("llama.cpp, torch's engine thread ended when idle (now)", llama_submit, a.n, a.alone)
+        llama.stop()
+        ending.stop()
+
+    def torch_beside_llama(self) -> None:
+        a = self.args
+        torch_engine = self.torch_engine(IDLE_EXIT_SECONDS)
+
+        def torch_submit(i: int) -> Future[GenerationResult]:
+            return torch_engine.submit("baseline", lambda: self.loaded, self.request(i))
+
+        for idle_exit, label in ((FOREVER, "alive (before)"), (IDLE_EXIT_SECONDS, "ended when idle (now)")):
+            llama = self.llama_engine(idle_exit)
+            llama.submit(self.gguf, self.ids[0], self.request(0), self.decoder).result()
+            settle(torch_engine)
+            if idle_exit != FOREVER:
+                settle(llama)
+            measure(f"torch, llama.cpp's engine thread {label}", torch_submit, a.n, a.alone)
+            llama.stop()
+        torch_engine.stop()
+
+
+def prepare(args: argparse.Namespace, scratch: Path) -> Bench:
+    """The baseline, its f16 GGUF, the prompts; loaded on a thread that ends (the torch ops of loading
+    would leave the main thread an OpenMP team)."""
+    store = args.store or scratch / "store"
+    out_dir = args.out or scratch / "gguf"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    gguf = out_dir / "smollm2-135m-instruct-f16.gguf"
+
+    def load() -> LoadedModel:
+        folder = ensure_baseline(store)
+        if not gguf.is_file():
+            export_gguf(folder, gguf, "f16")
+        return load_model_and_tokenizer(folder)
+
+    with ThreadPoolExecutor(1) as once:
+        loaded = once.submit(load).result()
+    prompts = [example_prompt(loaded.tokenizer, DEFAULT_INSTRUCTION, m)
+               for m in draw_messages(args.data, args.n, args.seed)]
+    return Bench(args, gguf, loaded, prompts, [encode_prompt(loaded, p) for p in prompts],
+                 ReplyDecoder.from_loaded(loaded))
+
+
 def main() -> None:
     args = parse_args(__doc__)
     torch.set_num_threads(args.threads)
+    print(f"CPU: {cpu_description()}; {platform.platform()}; load average {os.getloadavg()}")
+    print(f"llama-cpp-python {version('llama-cpp-python')}, torch {torch.__version__}, {args.threads} threads")
     with tempfile.TemporaryDirectory(prefix="csra-bench-omp-") as scratch:
-        store = args.store or Path(scratch) / "store"
-        out_dir = args.out or Path(scratch) / "gguf"
-        out_dir.mkdir(parents=True, exist_ok=True)
-        print(f"CPU: {cpu_description()}; {platform.platform()}; load average {os.getloadavg()}")
-        print(f"llama-cpp-python {version('llama-cpp-python')}, torch {torch.__version__}, {args.threads} threads")
-        gguf = out_dir / "smollm2-135m-instruct-f16.gguf"
-
-        def prepare() -> LoadedModel:
-            folder = ensure_baseline(store)
-            if not gguf.is_file():
-                export_gguf(folder, gguf, "f16")
-            return load_model_and_tokenizer(folder)
-
-        # on a thread that ends: the torch ops of loading would leave the main thread an OpenMP team
-        with ThreadPoolExecutor(1) as once:
-            loaded = once.submit(prepare).result()
-        prompts = [example_prompt(loaded.tokenizer, DEFAULT_INSTRUCTION, m)
-                   for m in draw_messages(args.data, args.n, args.seed)]
-        ids = [encode_prompt(loaded, p) for p in prompts]
-        decoder = ReplyDecoder.from_loaded(loaded)
+        bench = prepare(args, Path(scratch))
         print(f"{args.n} Bitext messages (seed {args.seed}), greedy, {args.max_new_tokens} new tokens at most")
-
-        def request(i: int) -> GenerationRequest:
-            return GenerationRequest(prompts[i], max_new_tokens=args.max_new_tokens)
-
-        llama = LlamaCppEngine(n_threads=args.threads, max_batch_size=16).start()
-        kept = BatchingEngine(cache=ModelCache(), max_batch_size=16, idle_exit_seconds=FOREVER).start()
-        ending = BatchingEngine(cache=ModelCache(), max_batch_size=16).start()
-
-        def llama_submit(i: int) -> Future[GenerationResult]:
-            return llama.submit(gguf, ids[i], request(i), decoder)
-
-        def settle(engine: object) -> None:  # wait until the engine's thread has ended
-            while engine._thread.alive:  # type: ignore[attr-defined]
-                time.sleep(0.05)
-
-        llama.load(gguf)
-        settle(llama)
-        measure("llama.cpp, torch not run yet", llama_submit, args.n, args.alone)
-        kept.submit("baseline", lambda: loaded, request(0)).result()
-        settle(llama)
-        measure("llama.cpp, torch's engine thread alive (before)", llama_submit, args.n, args.alone)
-        kept.stop()
-        ending.submit("baseline", lambda: loaded, request(0)).result()
-        settle(ending)
-        settle(llama)
-        measure("llama.cpp, torch's engine thread ended when idle (now)", llama_submit, args.n, args.alone)
-
-        def torch_submit(i: int) -> Future[GenerationResult]:
-            return ending.submit("baseline", lambda: loaded, request(i))
-
-        llama.stop()
-        held = LlamaCppEngine(n_threads=args.threads, max_batch_size=16, idle_exit_seconds=FOREVER).start()
-        held.submit(gguf, ids[0], request(0), decoder).result()
-        settle(ending)
-        measure("torch, llama.cpp's engine thread alive (before)", torch_submit, args.n, args.alone)
-        held.stop()
-        idle = LlamaCppEngine(n_threads=args.threads, max_batch_size=16).start()
-        idle.submit(gguf, ids[0], request(0), decoder).result()
-        settle(idle)
-        settle(ending)
-        measure("torch, llama.cpp's engine thread ended when idle (now)", torch_submit, args.n, args.alone)
-        idle.stop()
-        ending.stop()
-        print(f"load average after {os.getloadavg()}")
+        bench.llama_beside_torch()
+        bench.torch_beside_llama()
+    print(f"load average after {os.getloadavg()}")
 
 
 if __name__ == "__main__":

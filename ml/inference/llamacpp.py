@@ -10,17 +10,8 @@ finishes (end token, ``max_new_tokens``, the caller's ``should_stop``) answers i
 its KV cells are removed (``llama_memory_seq_rm``), so its slot and cells serve the next request;
 requests that arrive meanwhile join at the next step.
 
-Prompt starts are computed once (every chat starts with the same system prompt; a conversation's next
-turn starts with its earlier turns). In one step, prompt tokens at the same position after the same
-earlier tokens are one batch entry of all their sequences (a prefix tree finds them). Across steps, a
-joining sequence copies the cells of its longest computed start from a running sequence or from the
-prefix cache, an extra sequence that keeps the cells of the last finished reply (prompt and reply);
-a copy only adds a sequence id to the cells of the unified cache. Measured on the 2-core machine
-(``bench/llamacpp_engine.py``): 16 chat prompts of about 70 tokens, 56 of them the same, cost 1.7 s
-of a 4.2 s batch before. The price: a reply's prompt cells are computed in another batch than without
-sharing, and llama.cpp's logits differ in their last bits with the batch (below), so a seeded reply can
-depend on what ran before it; ``prefix_cache=False`` (``CSRA_GEN_LLAMACPP_PREFIX_CACHE``) computes every
-prompt in full.
+Prompt starts that are already computed (the system prompt, a conversation's earlier turns) are
+shared, not computed again: ``ml.inference.prompt_sharing``.
 
 The caller renders and tokenizes the prompt with csra's HF tokenizer (``ml.inference.tokens``), so the
 prompt ids are exactly those of the torch path, and the reply is detokenized, streamed, cut at the
@@ -73,6 +64,7 @@ from ml.inference.llamacpp_model import (  # noqa: F401  (re-exported: the worke
     _Model,
 )
 from ml.inference.owner_thread import IDLE_EXIT_SECONDS, OwnerThread
+from ml.inference.prompt_sharing import fed, longest_start, step_entries
 from ml.inference.rows import Row
 from ml.inference.tokens import TextStream
 from ml.inference.types import GenerationRequest, GenerationResult
@@ -106,16 +98,6 @@ class _Seq:
 def _seed(seed: int | None) -> int:
     """A uint32 seed for llama.cpp's ``dist`` sampler (0xFFFFFFFF would mean "random")."""
     return secrets.randbelow(0xFFFFFFFF) if seed is None else int(seed) % 0xFFFFFFFF
-
-
-def _common_prefix(a: Sequence[int], b: Sequence[int], limit: int) -> int:
-    """How many first tokens ``a`` and ``b`` have in common, at most ``limit``."""
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if n >= limit or x != y:
-            break
-        n += 1
-    return n
 
 
 def _validate(prompt_ids: Sequence[int], request: GenerationRequest) -> None:
@@ -442,24 +424,14 @@ class LlamaCppEngine:
             return None
         return min(len(p.prompt_ids) + p.request.max_new_tokens, model.n_ctx_seq)
 
-    @staticmethod
-    def _fed(seq: _Seq) -> list[int]:
-        """The tokens whose cells ``seq`` has (positions 0 .. pos-1)."""
-        row = seq.row
-        return (row.prompt_ids + row.generated)[:seq.pos] if seq.pos > len(row.prompt_ids) else row.prompt_ids[:seq.pos]
-
     def _share_prefix(self, model: _Model, seq: _Seq) -> None:
         """Give a new sequence the cells of the longest start of its prompt that the prefix cache or a
-        running sequence already holds (all but its last token: that one's logits are needed)."""
-        prompt = seq.row.prompt_ids
-        best, source = 0, -1
-        for sid, tokens in [(model.cache_seq, model.cached)] + [(s.seq_id, self._fed(s)) for s in self._active]:
-            n = _common_prefix(prompt, tokens, len(prompt) - 1)
-            if n > best:
-                best, source = n, sid
-        if best:
-            model.share(source, seq.seq_id, best)
-            seq.pos = best
+        running sequence already holds."""
+        sources = [(model.cache_seq, model.cached)] + [(s.seq_id, fed(s)) for s in self._active]
+        source, n = longest_start(seq.row.prompt_ids, sources)
+        if n:
+            model.share(source, seq.seq_id, n)
+            seq.pos = n
 
     def _sequence(self, model: _Model, p: _Pending, need: int) -> _Seq:
         req = p.request
@@ -483,7 +455,7 @@ class LlamaCppEngine:
         model = self._models.get(seq.pending.key)
         if model is not None:
             if keep and seq.pos > 0:
-                model.keep_prefix(seq.seq_id, self._fed(seq))
+                model.keep_prefix(seq.seq_id, fed(seq))
             model.remove(seq.seq_id)
             if seq.sampler is not None:
                 model.lib.llama_sampler_free(seq.sampler)
@@ -498,48 +470,6 @@ class LlamaCppEngine:
         with self._cond:
             self.requests_served += 1
             self.tokens_generated += len(result.token_ids)
-
-    def _entries(self) -> tuple[list[tuple[int, int, list[int], bool]], list[int]]:
-        """This step's batch: the rest of each new sequence's prompt, and each running sequence's last
-        token; and, per sequence in ``_active`` order, the index of the entry whose logits it reads.
-
-        Prompt tokens at the same position after the same earlier tokens (a shared system prompt) are
-        one entry of all their sequences: computed once. A prefix tree finds them (node = prompt start).
-        """
-        entries: list[tuple[int, int, list[int], bool]] = []
-        outputs: list[int] = []
-        nodes: dict[tuple[int, int], int] = {}
-        entry_of: dict[int, int] = {}
-        computed = 0
-        for seq in self._active:
-            prompt = seq.row.prompt_ids
-            if seq.pos >= len(prompt):
-                entries.append((seq.row.generated[-1], seq.pos, [seq.seq_id], True))
-                outputs.append(len(entries) - 1)
-                seq.pos += 1
-                continue
-            node, index = -1, -1
-            for k, token in enumerate(prompt):
-                node = nodes.setdefault((node, token), len(nodes))
-                if k < seq.pos:
-                    continue  # its cell is there already (shared from the cache or a running sequence)
-                last = k == len(prompt) - 1
-                index = entry_of.get(node, -1)
-                if index < 0:
-                    entry_of[node] = index = len(entries)
-                    entries.append((token, k, [seq.seq_id], last))
-                    computed += 1
-                else:
-                    entries[index][2].append(seq.seq_id)
-                    if last:
-                        entries[index] = (*entries[index][:3], True)
-            with self._cond:
-                self.prompt_tokens += len(prompt)
-            outputs.append(index)
-            seq.pos = len(prompt)
-        with self._cond:
-            self.prompt_tokens_computed += computed
-        return entries, outputs
 
     def _step(self) -> None:
         """Cancel what the callers stopped, then one llama_decode for every running sequence."""
@@ -557,7 +487,10 @@ class LlamaCppEngine:
         if not self._active:
             return
         model = self._models[self._active[0].pending.key]
-        entries, outputs = self._entries()
+        entries, outputs, prompt_tokens, computed = step_entries(self._active)
+        with self._cond:
+            self.prompt_tokens += prompt_tokens
+            self.prompt_tokens_computed += computed
         self.on_busy()
         try:
             model.decode(entries)
