@@ -66,6 +66,9 @@ def main() -> None:
     p.add_argument("--model", default="smollm2-bitext-grounded", help="the grounded model's name")
     p.add_argument("--models", default="retrieval,smollm2-bitext-grounded", help="evaluated, comma-separated")
     p.add_argument("--samples", action="append", default=None, help="test rows per evaluation ('all': every one)")
+    p.add_argument("--train-rows", type=int, default=TRAIN["max_train_samples"], help="stratified training rows")
+    p.add_argument("--k", type=int, default=None, help="exemplars per prompt (default: the Grounding default)")
+    p.add_argument("--exemplar-tokens", type=int, default=None, help="each exemplar cut to this many tokens")
     args = p.parse_args()
     api = httpx.Client(base_url=args.url, timeout=60)
     out: dict[str, Any] = {"started": datetime.now().isoformat(timespec="seconds")}
@@ -74,7 +77,9 @@ def main() -> None:
         job = api.post("/memory/rebuild", json={"dataset_id": ds}).json()
         out["memory_minutes"] = minutes(wait(api, job["id"], "memory"))
     if api.get(f"/models/{args.model}").status_code == 404:
-        job = api.post("/jobs/train", json={"dataset_id": ds, **TRAIN, "output_name": args.model})
+        grounding = {k: v for k, v in (("k", args.k), ("max_exemplar_tokens", args.exemplar_tokens)) if v is not None}
+        spec = {**TRAIN, "max_train_samples": args.train_rows, "grounding": grounding}
+        job = api.post("/jobs/train", json={"dataset_id": ds, **spec, "output_name": args.model})
         job.raise_for_status()
         done = wait(api, job.json()["id"], "train")
         out["train"] = {"minutes": minutes(done), **{k: done["result"].get(k) for k in

@@ -4,9 +4,11 @@ Used only when ``CSRA_MODEL_STORE_URL`` is set. Each copy has a marker ``models/
 (content hash, publication, size, where it came from); the marker's mtime is the copy's last use.
 A model this host lacks is fetched (verified) on first use; beyond ``CSRA_MODEL_CACHE_GB`` the least
 recently used copies of published models are removed, never the one being used now, one used in
-the last ``IN_USE_SECONDS`` (another process of this host may be loading it) or one with GGUF exports
-(those exist only here). Copies of models no longer registered (deleted on another host) are removed
-by ``prune``. Torch-free (the API removes its host's copy when it deletes a model).
+the last ``IN_USE_SECONDS`` (another process of this host may be loading it) or one with a GGUF export
+the store lacks (made here before the store held exports: it exists only here). A model's published
+exports are fetched with it when llama.cpp is to serve it (``local_exports``). Copies of models no
+longer registered (deleted on another host) are removed by ``prune``. Torch-free (the API removes its
+host's copy when it deletes a model).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from csra.specs import EXPORTS_DIR
-from models_store.naming import model_dir
+from models_store.naming import gguf_exports, model_dir
 from models_store.remote import RemoteStore, content_hash
 
 logger = logging.getLogger(__name__)
@@ -109,9 +111,23 @@ def remove(store_dir: Path, name: str) -> bool:
     return existed
 
 
+def _stored_marker(gguf: Path) -> Path:
+    return gguf.with_name(f".{gguf.name}.stored")
+
+
+def mark_stored(gguf: Path) -> None:
+    """Record that the store has this export (published from here, or fetched from it)."""
+    _stored_marker(gguf).touch()
+
+
+def _only_here(folder: Path) -> bool:
+    """Whether the model folder holds a GGUF export that the store does not have."""
+    return any(not _stored_marker(p).exists() for p in gguf_exports(folder))
+
+
 def _busy(entry: Entry, store_dir: Path, keep: set[str], now: float) -> bool:
     return (entry.name in keep or now - entry.last_used < IN_USE_SECONDS
-            or (model_dir(store_dir, entry.name) / EXPORTS_DIR).is_dir())
+            or _only_here(model_dir(store_dir, entry.name)))
 
 
 def evict(store_dir: Path, bound_bytes: int, keep: set[str], now: float | None = None) -> list[str]:
@@ -215,3 +231,21 @@ def _adopt(store: RemoteStore, store_dir: Path, name: str, folder: Path, expecte
     write_entry(store_dir, name, content_hash=expected_hash, publish_id=manifest.get("publish_id"),
                 source="published")
     return True
+
+
+def local_exports(store: RemoteStore, folder: Path, name: str, expected_hash: str | None) -> list[Path]:
+    """Fetch into this host's copy (``folder``) the published GGUF exports of model ``name`` that it lacks
+    (verified against their sha256; one download per host at a time). Returns the files fetched."""
+    fetched = []
+    for file, record in store.exports(name, expected_hash).items():
+        dest = folder / EXPORTS_DIR / file
+        if dest.is_file():
+            continue
+        with file_lock(folder.parent / CACHE_DIR / f".{name}.exports.lock"):
+            if dest.is_file():
+                continue
+            logger.info("fetching %s of model %s from the model store %s", file, name, store.shown)
+            store.fetch_export(name, record, dest)
+            mark_stored(dest)
+            fetched.append(dest)
+    return fetched

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -154,6 +155,31 @@ def local_model_folder(name: str, content_hash: str | None, registered_path: str
     settings = get_settings()
     prune_model_copies()
     return model_cache.local_copy(remote, settings.store_dir, name, content_hash, settings.model_cache_bytes)
+
+
+EXPORTS_CHECK_SECONDS = 30.0  # how long a host trusts its look at a model's published exports
+_exports_checked: dict[str, float] = {}
+
+
+def publish_export(name: str, content_hash: str | None, gguf: Path) -> None:
+    """With ``CSRA_MODEL_STORE_URL``: put an export made here in the store, so every host can serve it."""
+    remote = store_from_settings()
+    if remote is None:
+        return
+    remote.publish_export(name, gguf, content_hash)
+    model_cache.mark_stored(gguf)
+    _exports_checked.pop(name, None)
+
+
+def fetch_exports(name: str, content_hash: str | None, folder: Path) -> None:
+    """With ``CSRA_MODEL_STORE_URL``: this host's copy of model ``name`` gets the GGUF exports published
+    from other hosts (looked up at most every ``EXPORTS_CHECK_SECONDS`` per model and process)."""
+    remote = store_from_settings()
+    now = time.monotonic()
+    if remote is None or now - _exports_checked.get(name, -EXPORTS_CHECK_SECONDS) < EXPORTS_CHECK_SECONDS:
+        return
+    model_cache.local_exports(remote, folder, name, content_hash)
+    _exports_checked[name] = now
 
 
 def prune_model_copies() -> None:

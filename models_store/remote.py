@@ -9,6 +9,12 @@ Layout of one model in the store::
 
     <url>/<name>/<publish id>/config.json, model.safetensors, tokenizer.json, ...
     <url>/<name>/manifest.json     {"publish_id", "content_hash", "files": {path: {"sha256", "size"}}}
+    <url>/<name>/exports/<model>-f16.gguf, <model>-f16.gguf.json   a GGUF export and its record
+                                   {"file", "sha256", "size", "content_hash" (of the weights it came from)}
+
+An export is published after the model, by the host that made it (``POST /models/{ref}/export``); its
+record is written last (the commit point, as the manifest is for the model) and names the weights it
+was made from, so an export of an older model of the same name is never served.
 
 Torch-free on purpose (the API deletes models from the store; it never imports torch).
 """
@@ -18,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import shutil
 import time
 import uuid
@@ -248,14 +255,94 @@ class RemoteStore:
         return manifest
 
     def _write_manifest(self, name: str, manifest: dict[str, Any]) -> None:
-        data = json.dumps(manifest, indent=1).encode()
-        final = self._path(name, MANIFEST)
+        self._write_json(self._path(name, MANIFEST), manifest)
+
+    def _write_json(self, final: str, record: dict[str, Any]) -> None:
+        data = json.dumps(record, indent=1).encode()
         if self.local:  # a shared mount: a plain write could be read half-written; rename is atomic there
-            tmp = self._path(name, f".{MANIFEST}.{uuid.uuid4().hex}")
+            folder, leaf = final.rsplit("/", 1)
+            tmp = f"{folder}/.{leaf}.{uuid.uuid4().hex}"
             self.fs.pipe_file(tmp, data)
             self.fs.mv(tmp, final)
         else:  # one PUT: an object appears whole or not at all
             self.fs.pipe_file(final, data)
+
+    # ----------------------------------------------------------------------- GGUF exports
+
+    def publish_export(self, name: str, file: Path, content_hash: str | None) -> dict[str, Any]:
+        """Upload ``file``, a GGUF export of model ``name`` made from the weights ``content_hash``; its
+        record is written last, so a reader sees the export whole or not at all."""
+        record = {"file": file.name, "sha256": files_sha256([file]), "size": file.stat().st_size,
+                  "content_hash": content_hash, "published_at": time.time()}
+        final = self._path(name, EXPORTS_DIR, file.name)
+        try:
+            self.fs.makedirs(self._path(name, EXPORTS_DIR), exist_ok=True)
+            if self.local:  # a copy under a hidden name, renamed: never a half-written file under the real one
+                tmp = self._path(name, EXPORTS_DIR, f".{file.name}.{uuid.uuid4().hex}")
+                self.fs.put_file(str(file), tmp)
+                self.fs.mv(tmp, final)
+            else:
+                self.fs.put_file(str(file), final)
+            self._write_json(f"{final}.json", record)
+        except Exception as exc:  # noqa: BLE001 - backend errors
+            raise self._unavailable(f"publishing {file.name} of model {name!r}", exc) from exc
+        logger.info("published %s of model %s to %s", file.name, name, self.shown)
+        return record
+
+    def exports(self, name: str, content_hash: str | None) -> dict[str, dict[str, Any]]:
+        """The published exports of model ``name`` made from the weights ``content_hash``, by file name."""
+        folder = self._path(name, EXPORTS_DIR)
+        try:
+            entries = [str(e) for e in self.fs.ls(folder, detail=False)]
+        except FileNotFoundError:
+            return {}
+        except Exception as exc:  # noqa: BLE001
+            raise self._unavailable(f"listing the exports of model {name!r}", exc) from exc
+        found: dict[str, dict[str, Any]] = {}
+        for entry in entries:
+            leaf = entry.rstrip("/").rsplit("/", 1)[-1]
+            if not leaf.endswith(".gguf.json") or leaf.startswith("."):
+                continue
+            try:
+                record = dict(json.loads(self.fs.cat_file(f"{folder}/{leaf}")))
+            except FileNotFoundError:  # removed meanwhile (the model was deleted)
+                continue
+            except Exception as exc:  # noqa: BLE001
+                raise self._unavailable(f"reading {leaf} of model {name!r}", exc) from exc
+            if record.get("file") == leaf[: -len(".json")] and (
+                    content_hash is None or record.get("content_hash") == content_hash):
+                found[str(record["file"])] = record
+        return found
+
+    def fetch_export(self, name: str, record: dict[str, Any], dest: Path) -> None:
+        """Download the export ``record`` of model ``name`` to ``dest``, verified against its sha256 (a
+        mismatch raises ``ModelHashMismatch`` and leaves nothing at ``dest``)."""
+        tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        digest = hashlib.sha256()
+        try:
+            try:
+                with self.fs.open(self._path(name, EXPORTS_DIR, str(record["file"])), "rb") as src, \
+                        open(tmp, "wb") as out:
+                    while block := src.read(CHUNK):
+                        digest.update(block)
+                        out.write(block)
+            except Exception as exc:  # noqa: BLE001 - backend errors
+                raise self._unavailable(f"downloading {record['file']} of model {name!r}", exc) from exc
+            if digest.hexdigest() != record["sha256"]:
+                raise ModelHashMismatch(
+                    f"model {name!r}: {record['file']} downloaded from the model store has sha256 "
+                    f"{digest.hexdigest()}, not the published {record['sha256']}: refused")
+            os.replace(tmp, dest)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def open_export(self, name: str, file: str) -> Any:
+        """A binary file object reading the published export ``file`` of model ``name``."""
+        try:
+            return self.fs.open(self._path(name, EXPORTS_DIR, file), "rb")
+        except Exception as exc:  # noqa: BLE001
+            raise self._unavailable(f"opening {file} of model {name!r}", exc) from exc
 
     def _remove_prefix(self, name: str, publish_id: str) -> None:
         try:
@@ -273,7 +360,7 @@ class RemoteStore:
             return
         for entry in entries:
             leaf = str(entry).rstrip("/").rsplit("/", 1)[-1]
-            if leaf not in (keep, MANIFEST) and not leaf.startswith("."):
+            if leaf not in (keep, MANIFEST, EXPORTS_DIR) and not leaf.startswith("."):
                 self._remove_prefix(name, leaf)
 
     def delete(self, name: str, publish_id: str | None = None) -> bool:

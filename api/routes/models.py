@@ -55,7 +55,6 @@ def list_model_files(ref: str, db: DbSession, caller: Agent) -> ModelFiles:
 
 @router.get("/{ref}/files/{name}", response_class=FileResponse,
             responses={200: {"description": "the file", "content": {"application/octet-stream": {}}}})
-def download_model_file(ref: str, name: str, db: DbSession, caller: Agent) -> FileResponse:
+def download_model_file(ref: str, name: str, db: DbSession, caller: Agent) -> Response:
     """Download an exported file."""
-    path = model_file(get_model_or_404(db, ref), name)
-    return FileResponse(path, media_type="application/octet-stream", filename=name)
+    return model_file(get_model_or_404(db, ref), name)

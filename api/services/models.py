@@ -4,9 +4,12 @@ export one (a job) and find its exported files."""
 from __future__ import annotations
 
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from fastapi import HTTPException
+from fastapi.responses import FileResponse, Response, StreamingResponse
 from sqlalchemy.orm import Session
 
 from api.schemas.models import ExportRequest, ModelFile
@@ -18,7 +21,7 @@ from db.jobs import JobKind
 from db.models import Job, Model
 from models_store.naming import gguf_exports
 from models_store.registry import delete_published, find_model, jobs_using
-from models_store.remote import ModelStoreError
+from models_store.remote import CHUNK, ModelStoreError, store_from_settings
 
 
 def resolve_model_name(db: Session, ref: str) -> str:
@@ -77,15 +80,50 @@ def _exports_dir(model: Model) -> Path:
     return Path(model.path) / EXPORTS_DIR
 
 
+def _published_exports(model: Model) -> dict[str, dict[str, Any]]:
+    """The model's exports in the shared store (``CSRA_MODEL_STORE_URL``; none without one): 503 while
+    the store is unreachable."""
+    remote = store_from_settings()
+    if remote is None:
+        return {}
+    try:
+        return remote.exports(model.name, model.content_hash)
+    except ModelStoreError as e:
+        raise HTTPException(status_code=503, detail=str(e)) from None
+
+
 def model_files(model: Model) -> list[ModelFile]:
-    """The files exported from a model (``POST /models/{ref}/export``), newest first."""
-    return [ModelFile(name=p.name, size_bytes=p.stat().st_size, url=f"/models/{model.name}/files/{p.name}")
-            for p in gguf_exports(Path(model.path))]
+    """The files exported from a model (``POST /models/{ref}/export``), newest first: those of this host's
+    folder and, with a shared store, those published from any host."""
+    found: dict[str, tuple[float, int]] = {p.name: (p.stat().st_mtime, p.stat().st_size)
+                                           for p in gguf_exports(Path(model.path))}
+    for name, record in _published_exports(model).items():
+        found.setdefault(name, (float(record.get("published_at") or 0), int(record["size"])))
+    newest = sorted(found.items(), key=lambda kv: kv[1][0], reverse=True)
+    return [ModelFile(name=name, size_bytes=size, url=f"/models/{model.name}/files/{name}")
+            for name, (_, size) in newest]
 
 
-def model_file(model: Model, name: str) -> Path:
-    """One exported file by name (only names ``model_files`` lists: never a path)."""
+def model_file(model: Model, name: str) -> Response:
+    """One exported file by name (only names ``model_files`` lists: never a path), from this host's folder
+    or streamed from the shared store."""
     if name not in {f.name for f in model_files(model)}:
         raise HTTPException(status_code=404, detail=f"model {model.name!r} has no exported file {name[:100]!r} "
                                                     f"(GET /models/{model.name}/files lists them)")
-    return _exports_dir(model) / name
+    path = _exports_dir(model) / name
+    if path.is_file():
+        return FileResponse(path, media_type="application/octet-stream", filename=name)
+    remote = store_from_settings()
+    assert remote is not None  # listed, not here: published
+    try:
+        source = remote.open_export(model.name, name)
+    except ModelStoreError as e:
+        raise HTTPException(status_code=503, detail=str(e)) from None
+
+    def chunks() -> Iterator[bytes]:
+        with source:
+            while block := source.read(CHUNK):
+                yield block
+
+    return StreamingResponse(chunks(), media_type="application/octet-stream",
+                             headers={"Content-Disposition": f'attachment; filename="{name}"'})

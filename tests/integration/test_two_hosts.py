@@ -2,13 +2,16 @@
 PostgreSQL server, a Redis server and a ``file://`` model store that neither data dir contains.
 
 Host A (API, default worker with the sweep, train worker) trains a model; host B (API, generate and
-train workers, its own data dir) answers a chat with it and evaluates it; host A is stopped and its
-data dir deleted, and B, with a fresh generate worker, still serves the model; deleting it then removes it
-from the store and B's cache. Every process is real.
+train workers, its own data dir) answers a chat with it and evaluates it; A exports it as GGUF; host A
+is stopped and its data dir deleted, and B, with a fresh generate worker, still serves the model, with
+torch and with llama.cpp from the export A published, and B's API serves the export's download;
+deleting it then removes it from the store and B's cache. Every process is real.
 """
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
 import json
 import shutil
 import subprocess
@@ -112,6 +115,14 @@ def test_a_model_trained_on_one_host_is_served_and_evaluated_on_another(hosts: H
         assert done["status"] == "succeeded", done["error"]
         assert _ran_on(api_b, done["id"], b, "train")
 
+    with httpx.Client(base_url=a.url, timeout=30) as api_a:  # A's default worker exports it
+        r = api_a.post(f"/models/{name}/export", json={"quantization": "f16"})
+        assert r.status_code == 202, r.text
+        export = wait_job(api_a, r.json()["id"], timeout=180)
+        assert export["status"] == "succeeded", export["error"]
+    gguf = export["result"]["file"]
+    assert (hosts.store / name / "exports" / f"{gguf}.json").is_file(), "the export was published"
+
     # host A goes away entirely, its data dir too; B (a fresh generate worker) still serves the model
     for proc in list(a.procs):
         a.stop_proc(proc)
@@ -126,6 +137,20 @@ def test_a_model_trained_on_one_host_is_served_and_evaluated_on_another(hosts: H
         job = wait_job(api_b, r.json()["id"])
         assert job["status"] == "succeeded", job["error"]
         assert job["result"]["text"].startswith("Your order is cancelled")
+
+        # llama.cpp too, from the export A published (B fetches it), and B's API serves its download
+        if importlib.util.find_spec("llama_cpp") is not None:
+            r = api_b.post("/jobs/generate", json={"model_id": name, "message": "please cancel order 99",
+                                                   "max_new_tokens": 16, "backend": "llamacpp"})
+            job = wait_job(api_b, r.json()["id"])
+            assert job["status"] == "succeeded", job["error"]
+            assert job["result"]["backend"] == "llamacpp:f16"
+            assert (data_b / "models" / name / "exports" / gguf).is_file()
+        files = api_b.get(f"/models/{name}/files").json()["data"]
+        assert [f["name"] for f in files] == [gguf]
+        download = api_b.get(files[0]["url"])
+        assert download.status_code == 200
+        assert hashlib.sha256(download.content).hexdigest() == export["result"]["sha256"]
 
         # deleting it removes it from the store and from B's cache, not just the row
         assert (data_b / "models" / name).is_dir()

@@ -189,4 +189,60 @@ def test_an_object_store_without_rename_works_the_same(tmp_path: Path) -> None:
     manifest = store.publish("m", fake_model(tmp_path / "m"))
     got = cache.local_copy(store, tmp_path / "b", "m", manifest["content_hash"], bound_bytes=10**9)
     assert (got / "config.json").is_file()
+    store.publish_export("m", tmp_path / "m" / "exports" / "m-f16.gguf", manifest["content_hash"])
+    assert cache.local_exports(store, got, "m", manifest["content_hash"]) == [got / "exports" / "m-f16.gguf"]
     assert store.delete("m") and store.names() == []
+
+
+# --------------------------------------------------------------------------- GGUF exports
+
+
+def test_an_export_is_published_for_every_host_with_the_weights_it_came_from(
+        store: RemoteStore, tmp_path: Path) -> None:
+    src = fake_model(tmp_path / "a" / "m")
+    h = store.publish("m", src)["content_hash"]
+    gguf = src / "exports" / "m-f16.gguf"
+    assert store.exports("m", h) == {}
+    (Path(store.root) / "m" / "exports").mkdir()
+    (Path(store.root) / "m" / "exports" / "m-q8_0.gguf").write_bytes(b"half an upload")  # no record: not there
+    record = store.publish_export("m", gguf, h)
+    assert set(store.exports("m", h)) == {"m-f16.gguf"} and record["size"] == len(b"not published")
+
+    host_b = tmp_path / "b"
+    folder = cache.local_copy(store, host_b, "m", h, bound_bytes=10**9)
+    assert not (folder / "exports").exists()  # the model alone: exports come when llama.cpp needs them
+    assert cache.local_exports(store, folder, "m", h) == [folder / "exports" / "m-f16.gguf"]
+    assert (folder / "exports" / "m-f16.gguf").read_bytes() == gguf.read_bytes()
+    assert cache.local_exports(store, folder, "m", h) == []  # already here: nothing downloaded
+
+    # the name reused for other weights: the old export is not theirs, and the republish keeps the folder
+    h2 = store.publish("m", fake_model(tmp_path / "a2" / "m", b"other" * 10))["content_hash"]
+    assert store.exports("m", h2) == {} and set(store.exports("m", h)) == {"m-f16.gguf"}
+    assert store.delete("m") and not (Path(store.root) / "m").exists()
+    assert store.exports("m", h) == {}
+
+
+def test_a_corrupt_export_is_refused_and_nothing_is_kept(store: RemoteStore, tmp_path: Path) -> None:
+    src = fake_model(tmp_path / "a" / "m")
+    h = store.publish("m", src)["content_hash"]
+    store.publish_export("m", src / "exports" / "m-f16.gguf", h)
+    (Path(store.root) / "m" / "exports" / "m-f16.gguf").write_bytes(b"tampered")
+    folder = cache.local_copy(store, tmp_path / "b", "m", h, bound_bytes=10**9)
+    with pytest.raises(ModelHashMismatch, match="m-f16.gguf downloaded from the model store has sha256"):
+        cache.local_exports(store, folder, "m", h)
+    assert list((folder / "exports").iterdir()) == []
+
+
+def test_a_copy_with_an_export_the_store_lacks_is_never_evicted(store: RemoteStore, tmp_path: Path) -> None:
+    host = tmp_path / "b"
+    h = store.publish("m", fake_model(tmp_path / "src" / "m"))["content_hash"]
+    folder = cache.local_copy(store, host, "m", h, bound_bytes=10**9)
+    (folder / "exports").mkdir()
+    made_here = folder / "exports" / "m-q8_0.gguf"
+    made_here.write_bytes(b"exported on this host before the store held exports")
+    long_ago = time.time() - 10 * cache.IN_USE_SECONDS
+    os.utime(cache._marker(host, "m"), (long_ago, long_ago))
+    assert cache.evict(host, bound_bytes=1, keep=set()) == [] and folder.is_dir()
+    store.publish_export("m", made_here, h)
+    cache.mark_stored(made_here)  # what publishing from this host records
+    assert cache.evict(host, bound_bytes=1, keep=set()) == ["m"] and not folder.exists()

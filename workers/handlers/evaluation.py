@@ -195,8 +195,10 @@ def _predict_llamacpp(row: dict[str, Any], examples: list[dict[str, Any]], spec:
     from ml.inference.types import GenerationRequest
     from models_store.loading import load_tokenizer
     from models_store.naming import preferred_gguf
+    from models_store.registry import fetch_exports
 
     quant = spec.backend.partition(":")[2]
+    fetch_exports(row["name"], row.get("content_hash"), Path(row["path"]))  # published from another host
     gguf = preferred_gguf(Path(row["path"]), [quant])
     if gguf is None:
         raise JobError(f"model {row['name']!r} has no GGUF export at {quant}: POST /models/{row['name']}/export "

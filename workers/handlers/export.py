@@ -1,5 +1,6 @@
 """Export jobs: one model of the store as one GGUF file, kept in the model's own ``exports`` folder
-(so deleting the model deletes its exports) and served by ``GET /models/{ref}/files/{name}``."""
+(so deleting the model deletes its exports) and served by ``GET /models/{ref}/files/{name}``. With a
+shared model store (``CSRA_MODEL_STORE_URL``) the file is published there too, for every host."""
 
 from __future__ import annotations
 
@@ -7,8 +8,9 @@ from pathlib import Path
 from typing import Any
 
 from csra.jobctx import JobContext, JobError
+from csra.settings import get_settings
 from csra.specs import EXPORTS_DIR, ExportSpec
-from models_store.registry import find_model_row
+from models_store.registry import find_model_row, publish_export
 
 
 def handle_export(job_id: int, params: dict[str, Any], ctx: JobContext) -> dict[str, Any]:
@@ -26,6 +28,9 @@ def handle_export(job_id: int, params: dict[str, Any], ctx: JobContext) -> dict[
         ctx.progress(0.01 + 0.98 * fraction, stage)
 
     done = export_gguf(folder, out, spec.quantization, progress=progress)
+    if get_settings().model_store_url:
+        ctx.progress(0.99, "publishing to the model store")
+        publish_export(row["name"], row.get("content_hash"), out)
     return {"model": row["name"], "file": out.name, "url": f"/models/{row['name']}/files/{out.name}",
             "format": spec.format, "quantization": done.quantization, "size_bytes": done.size_bytes,
             "sha256": done.sha256, "architecture": done.architecture, "lora_merged": done.lora_merged,

@@ -43,7 +43,8 @@ from db.session import session_scope
 from ml.memory.grounding import allowed_slots, outside_contract
 from ml.memory.memory import INTENT_VOTERS, Hit, vote
 from models_store.naming import preferred_gguf
-from models_store.registry import find_model_row
+from models_store.registry import fetch_exports, find_model_row
+from models_store.remote import ModelStoreError
 from workers.presence import publish_invariance
 from workers.stream_publisher import Piece, publisher
 
@@ -108,6 +109,12 @@ def choose_backend(spec: GenerateSpec, row: dict[str, Any]) -> tuple[str, Path |
     if asked == "torch":
         return "torch", None
     quant = asked.partition(":")[2]
+    try:  # exports published from other hosts (a shared model store)
+        fetch_exports(row["name"], row.get("content_hash"), Path(row["path"]))
+    except ModelStoreError:
+        if asked != "auto":
+            raise  # retried: llama.cpp was asked for
+        logger.warning("model store unreachable: serving %s with what this host has", row["name"], exc_info=True)
     gguf = preferred_gguf(Path(row["path"]), [quant] if quant else s.gen_gguf_preference)
     if asked == "auto":
         return ("llamacpp", gguf) if gguf is not None and llamacpp_installed() else ("torch", None)
