@@ -174,9 +174,11 @@ def publish_export(name: str, content_hash: str | None, gguf: Path) -> None:
 def fetch_exports(name: str, content_hash: str | None, folder: Path) -> None:
     """With ``CSRA_MODEL_STORE_URL``: this host's copy of model ``name`` gets the GGUF exports published
     from other hosts (looked up at most every ``EXPORTS_CHECK_SECONDS`` per model and process)."""
-    remote = store_from_settings()
     now = time.monotonic()
-    if remote is None or now - _exports_checked.get(name, -EXPORTS_CHECK_SECONDS) < EXPORTS_CHECK_SECONDS:
+    if now - _exports_checked.get(name, -EXPORTS_CHECK_SECONDS) < EXPORTS_CHECK_SECONDS:
+        return
+    remote = store_from_settings()
+    if remote is None:
         return
     model_cache.local_exports(remote, folder, name, content_hash)
     _exports_checked[name] = now
