@@ -44,7 +44,7 @@ from ml.memory.grounding import allowed_slots, outside_contract
 from ml.memory.memory import INTENT_VOTERS, Hit, vote
 from models_store.naming import preferred_gguf
 from models_store.registry import fetch_exports, find_model_row
-from models_store.remote import ModelStoreError
+from models_store.remote import ModelHashMismatch, ModelStoreError
 from workers.presence import publish_invariance
 from workers.stream_publisher import Piece, publisher
 
@@ -111,10 +111,11 @@ def choose_backend(spec: GenerateSpec, row: dict[str, Any]) -> tuple[str, Path |
     quant = asked.partition(":")[2]
     try:  # exports published from other hosts (a shared model store)
         fetch_exports(row["name"], row.get("content_hash"), Path(row["path"]))
-    except ModelStoreError:
+    except (ModelStoreError, ModelHashMismatch):
         if asked != "auto":
-            raise  # retried: llama.cpp was asked for
-        logger.warning("model store unreachable: serving %s with what this host has", row["name"], exc_info=True)
+            raise  # llama.cpp was asked for: an unreachable store retries the job, a corrupt export fails it
+        logger.warning("the model store's exports of %s cannot be fetched: serving it with what this host has",
+                       row["name"], exc_info=True)
     gguf = preferred_gguf(Path(row["path"]), [quant] if quant else s.gen_gguf_preference)
     if asked == "auto":
         return ("llamacpp", gguf) if gguf is not None and llamacpp_installed() else ("torch", None)
