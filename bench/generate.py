@@ -168,12 +168,12 @@ def first_token(url: str, headers: dict[str, str], model: str, n: int, max_new: 
     print(f"\n3. time to first streamed token p50: {p50(ttft):.1f} ms (n={len(ttft)})")
 
 
-BACKENDS = ["torch", "llamacpp:f16", "llamacpp:q8_0", "llamacpp:q4_k_m"]
+BACKENDS = ["torch", "llamacpp:f16", "llamacpp:q8_0", "llamacpp:q4_k_m", "llamacpp:q4_0"]
 
 
 def ensure_exports(c: httpx.Client, model: str) -> None:
     have = {f["name"] for f in c.get(f"/models/{model}/files").json()["data"]}
-    for quant in ("f16", "q8_0", "q4_k_m"):
+    for quant in ("f16", "q8_0", "q4_k_m", "q4_0"):
         if f"{model}-{quant}.gguf" not in have:
             job = c.post(f"/models/{model}/export", json={"quantization": quant}).json()
             while not (j := c.get(f"/jobs/{job['id']}").json())["finished"]:

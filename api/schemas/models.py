@@ -33,7 +33,8 @@ class ExportRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     format: Literal["gguf"] = Field("gguf", description="GGUF: llama.cpp, Ollama, LM Studio")
-    quantization: GgufQuantization = Field("f16", description="f16 (exact), q8_0 or q4_k_m (smaller, approximate)")
+    quantization: GgufQuantization = Field("f16", description=(
+        "f16 (exact), q8_0, q4_k_m or q4_0 (smaller, approximate; q4_0 decodes fastest in batches on x86)"))
 
 
 class ModelFile(BaseModel):

@@ -40,7 +40,10 @@ _FILE_TYPES: dict[Quantization, gguf.LlamaFileType] = {
     "f16": gguf.LlamaFileType.MOSTLY_F16,
     "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
     "q4_k_m": gguf.LlamaFileType.MOSTLY_Q4_K_M,
+    "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0,
 }
+# written as F16 by gguf, then re-quantized by llama.cpp's quantizer (gguf has no Python quantizer for them)
+LLAMA_CPP_QUANTIZED: tuple[Quantization, ...] = ("q4_k_m", "q4_0")
 LLAMA_CPP_HINT = ('CMAKE_ARGS="-DLLAVA_BUILD=OFF" pip install llama-cpp-python==0.3.36 '
                   "(it builds llama.cpp from source)")
 
@@ -188,8 +191,8 @@ def export_gguf(
 ) -> GgufExport:
     """Export the causal LM in ``model_dir`` (a model folder or a LoRA adapter folder) to ``out_path``.
 
-    ``quantization``: ``f16``, ``q8_0`` (both written in Python by ``gguf``) or ``q4_k_m`` (an F16
-    file re-quantized by llama.cpp; needs llama-cpp-python). ``progress(fraction, stage)`` is called
+    ``quantization``: ``f16``, ``q8_0`` (both written in Python by ``gguf``), ``q4_k_m`` or ``q4_0`` (an
+    F16 file re-quantized by llama.cpp; needs llama-cpp-python). ``progress(fraction, stage)`` is called
     along the way (raising in it aborts the export and leaves nothing behind). ``base_model``: the
     base model folder of a LoRA adapter whose config does not name a local one.
     The file is written beside ``out_path`` under a temporary name and renamed into place.
@@ -199,9 +202,10 @@ def export_gguf(
     config = read_config(Path(model_dir), base_model)
     architecture = architecture_of(config)
     llama.check_config(config)
-    if quant == "q4_k_m" and not llama_cpp_quantizer_available():
-        raise ExportError(f"q4_k_m needs llama.cpp's quantizer (gguf {gguf_version()} has no Python Q4_K "
-                          f"quantizer), which is not installed: {LLAMA_CPP_HINT}")
+    requantized = quant in LLAMA_CPP_QUANTIZED
+    if requantized and not llama_cpp_quantizer_available():
+        raise ExportError(f"{quant} needs llama.cpp's quantizer (gguf {gguf_version()} has no Python quantizer "
+                          f"for it), which is not installed: {LLAMA_CPP_HINT}")
 
     def report(fraction: float, stage: str) -> None:
         if progress is not None:
@@ -212,12 +216,12 @@ def export_gguf(
     with _scratch_paths(out_path, 2) as (first, second):
         report(0.0, "loading the model")
         source = load_source(Path(model_dir), base_model)
-        span = 0.6 if quant == "q4_k_m" else 0.9
-        write_gguf(source, first, "f16" if quant == "q4_k_m" else quant,
+        span = 0.6 if requantized else 0.9
+        write_gguf(source, first, "f16" if requantized else quant,  # type: ignore[arg-type]
                    lambda f, stage: report(0.05 + span * f, stage))
         del source
         final = first
-        if quant == "q4_k_m":
+        if requantized:
             report(0.7, "quantizing with llama.cpp")
             quantize_with_llama_cpp(first, second, quant)
             final = second

@@ -103,7 +103,7 @@ def test_unsupported_architecture_names_it_and_the_supported_ones(tiny_seq2seq: 
 def test_unknown_quantization_is_a_value_error(tiny_causal: Path, tmp_path: Path) -> None:  # noqa: F811
     with pytest.raises(ValueError, match=r"unknown GGUF quantization 'q3'.*f16, q8_0, q4_k_m"):
         export_gguf(tiny_causal, tmp_path / "x.gguf", "q3")  # type: ignore[arg-type]
-    assert QUANTIZATIONS == ("f16", "q8_0", "q4_k_m")
+    assert QUANTIZATIONS == ("f16", "q8_0", "q4_k_m", "q4_0")
 
 
 def test_a_failed_export_leaves_the_old_file_and_no_temporary_one(tiny_causal: Path, tmp_path: Path) -> None:  # noqa: F811
@@ -167,12 +167,16 @@ def test_llama_cpp_runs_the_export_like_csra(llama_cpp: Any, exports: dict[str, 
         assert len(tokens) >= 1
 
 
-def test_q4_k_m_is_quantized_by_llama_cpp(llama_cpp: Any, tiny_causal: Path, tiny: LoadedModel,  # noqa: F811
-                                          tmp_path: Path) -> None:
-    result = export_gguf(tiny_causal, tmp_path / "tiny-q4_k_m.gguf", "q4_k_m")
-    assert [p.name for p in tmp_path.iterdir()] == ["tiny-q4_k_m.gguf"]  # the f16 intermediate is gone
+@pytest.mark.parametrize(("quantization", "file_type", "tensor_type"), [("q4_k_m", 15, None), ("q4_0", 2, "Q4_0")])
+def test_4_bit_files_are_quantized_by_llama_cpp(llama_cpp: Any, tiny_causal: Path, tiny: LoadedModel,  # noqa: F811
+                                                tmp_path: Path, quantization: str, file_type: int,
+                                                tensor_type: str | None) -> None:
+    result = export_gguf(tiny_causal, tmp_path / f"tiny-{quantization}.gguf", quantization)  # type: ignore[arg-type]
+    assert [p.name for p in tmp_path.iterdir()] == [f"tiny-{quantization}.gguf"]  # the f16 intermediate is gone
     meta = gguf_metadata(result.path)
-    assert meta["general.file_type"] == 15  # LLAMA_FTYPE_MOSTLY_Q4_K_M
+    assert meta["general.file_type"] == file_type  # LLAMA_FTYPE_MOSTLY_Q4_K_M, LLAMA_FTYPE_MOSTLY_Q4_0
+    if tensor_type is not None:
+        assert tensor_type in result.tensor_types
     assert meta["tokenizer.chat_template"] == tiny.tokenizer.chat_template
     llm = _open(llama_cpp, result.path)
     ids = encode_prompt(tiny, example_prompt(tiny.tokenizer, DEFAULT_INSTRUCTION, MESSAGES[0]))
@@ -239,4 +243,4 @@ def test_the_api_and_the_converter_agree_on_what_exports() -> None:
     from ml.export import QUANTIZATIONS, SUPPORTED_ARCHITECTURES
 
     assert set(GGUF_ARCHITECTURES) == set(SUPPORTED_ARCHITECTURES)
-    assert QUANTIZATIONS == ("f16", "q8_0", "q4_k_m")
+    assert QUANTIZATIONS == ("f16", "q8_0", "q4_k_m", "q4_0")
