@@ -208,18 +208,22 @@ class RemoteStore:
             if not target.resolve().is_relative_to(dest.resolve()):
                 raise ModelHashMismatch(f"model {name!r} in the model store names a file outside its folder: {rel}")
             target.parent.mkdir(parents=True, exist_ok=True)
-            digest = hashlib.sha256()
-            try:
-                with self.fs.open(f"{prefix}/{rel}", "rb") as src, open(target, "wb") as out:
-                    while block := src.read(CHUNK):
-                        digest.update(block)
-                        out.write(block)
-            except Exception as exc:  # noqa: BLE001 - backend errors
-                raise self._unavailable(f"downloading {rel} of model {name!r}", exc) from exc
-            if digest.hexdigest() != info["sha256"]:
-                raise ModelHashMismatch(
-                    f"model {name!r}: {rel} downloaded from the model store has sha256 {digest.hexdigest()}, not "
-                    f"the published {info['sha256']}: refused (a corrupt or tampered copy)")
+            self._download_file(name, f"{prefix}/{rel}", rel, target, str(info["sha256"]))
+
+    def _download_file(self, name: str, remote: str, shown: str, target: Path, sha256: str) -> None:
+        """Copy ``remote`` to ``target``; ``ModelHashMismatch`` unless its bytes hash to ``sha256``."""
+        digest = hashlib.sha256()
+        try:
+            with self.fs.open(remote, "rb") as src, open(target, "wb") as out:
+                while block := src.read(CHUNK):
+                    digest.update(block)
+                    out.write(block)
+        except Exception as exc:  # noqa: BLE001 - backend errors
+            raise self._unavailable(f"downloading {shown} of model {name!r}", exc) from exc
+        if digest.hexdigest() != sha256:
+            raise ModelHashMismatch(
+                f"model {name!r}: {shown} downloaded from the model store has sha256 {digest.hexdigest()}, not "
+                f"the published {sha256}: refused (a corrupt or tampered copy)")
 
     # ----------------------------------------------------------------------- writing
 
@@ -319,20 +323,9 @@ class RemoteStore:
         mismatch raises ``ModelHashMismatch`` and leaves nothing at ``dest``)."""
         tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}")
         dest.parent.mkdir(parents=True, exist_ok=True)
-        digest = hashlib.sha256()
+        file = str(record["file"])
         try:
-            try:
-                with self.fs.open(self._path(name, EXPORTS_DIR, str(record["file"])), "rb") as src, \
-                        open(tmp, "wb") as out:
-                    while block := src.read(CHUNK):
-                        digest.update(block)
-                        out.write(block)
-            except Exception as exc:  # noqa: BLE001 - backend errors
-                raise self._unavailable(f"downloading {record['file']} of model {name!r}", exc) from exc
-            if digest.hexdigest() != record["sha256"]:
-                raise ModelHashMismatch(
-                    f"model {name!r}: {record['file']} downloaded from the model store has sha256 "
-                    f"{digest.hexdigest()}, not the published {record['sha256']}: refused")
+            self._download_file(name, self._path(name, EXPORTS_DIR, file), file, tmp, str(record["sha256"]))
             os.replace(tmp, dest)
         finally:
             tmp.unlink(missing_ok=True)
