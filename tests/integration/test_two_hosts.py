@@ -19,6 +19,7 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import psutil
@@ -78,25 +79,20 @@ def hosts(tmp_path_factory: pytest.TempPathFactory, postgres: PostgresServer) ->
         redis.stop()
 
 
-def test_a_model_trained_on_one_host_is_served_and_evaluated_on_another(hosts: Hosts) -> None:
-    a, b = hosts.a, hosts.b
-    data_a, data_b = Path(a.env["CSRA_DATA_DIR"]), Path(b.env["CSRA_DATA_DIR"])
+def _train_on_a(hosts: Hosts) -> tuple[str, int]:
+    """A trains (and publishes) a model: its name and dataset."""
+    a = hosts.a
     with httpx.Client(base_url=a.url, timeout=30) as api_a:
         name = train_scripted(api_a, "two-hosts-scripted", REPLY)
         trained = [j for j in api_a.get("/jobs", params={"kind": "train"}).json()["data"]
                    if j["status"] == "succeeded"]
         assert trained and _ran_on(api_a, trained[0]["id"], a, "train")
-        dataset_id = trained[0]["params"]["dataset_id"]
     assert (hosts.store / name / "manifest.json").is_file(), "training on A published the model"
-    assert not (data_b / "models" / name).exists()
+    return name, int(trained[0]["params"]["dataset_id"])
 
-    # host A trains no more: B's train worker takes the evaluation below
-    a.stop_proc("worker-train")
-    b.start_worker("generate")
-    b.start_worker("train")
-    b.csra("api", "api")
-    b.wait_ready(("generate", "train"))
 
+def _chat_and_evaluate_on_b(hosts: Hosts, name: str, dataset_id: int) -> None:
+    b, data_b = hosts.b, Path(hosts.b.env["CSRA_DATA_DIR"])
     with httpx.Client(base_url=b.url, timeout=30) as api_b:
         chat = api_b.post("/chats", json={"settings": {"model_id": name, "max_new_tokens": 16}}).json()
         sent = api_b.post(f"/chats/{chat['id']}/messages", json={"content": "please cancel order 12"})
@@ -115,45 +111,67 @@ def test_a_model_trained_on_one_host_is_served_and_evaluated_on_another(hosts: H
         assert done["status"] == "succeeded", done["error"]
         assert _ran_on(api_b, done["id"], b, "train")
 
-    with httpx.Client(base_url=a.url, timeout=30) as api_a:  # A's default worker exports it
+
+def _export_on_a(hosts: Hosts, name: str) -> dict[str, Any]:
+    """A's default worker exports the model as GGUF, and publishes it: the export job's result."""
+    with httpx.Client(base_url=hosts.a.url, timeout=30) as api_a:
         r = api_a.post(f"/models/{name}/export", json={"quantization": "f16"})
         assert r.status_code == 202, r.text
         export = wait_job(api_a, r.json()["id"], timeout=180)
         assert export["status"] == "succeeded", export["error"]
-    gguf = export["result"]["file"]
-    assert (hosts.store / name / "exports" / f"{gguf}.json").is_file(), "the export was published"
+    assert (hosts.store / name / "exports" / f"{export['result']['file']}.json").is_file(), "not published"
+    return dict(export["result"])
 
-    # host A goes away entirely, its data dir too; B (a fresh generate worker) still serves the model
-    for proc in list(a.procs):
-        a.stop_proc(proc)
-    shutil.rmtree(data_a)
-    b.stop_proc("worker-generate")
-    b.start_worker("generate")
-    b.wait_ready(("generate",))
-    with httpx.Client(base_url=b.url, timeout=30) as api_b:
-        r = api_b.post("/jobs/generate", json={"model_id": name, "message": "please cancel order 99",
-                                               "max_new_tokens": 16})
-        assert r.status_code == 202, r.text
-        job = wait_job(api_b, r.json()["id"])
-        assert job["status"] == "succeeded", job["error"]
-        assert job["result"]["text"].startswith("Your order is cancelled")
 
-        # llama.cpp too, from the export A published (B fetches it), and B's API serves its download
+def _generate(api: httpx.Client, name: str, **extra: str) -> dict[str, Any]:
+    r = api.post("/jobs/generate", json={"model_id": name, "message": "please cancel order 99",
+                                         "max_new_tokens": 16, **extra})
+    assert r.status_code == 202, r.text
+    job = wait_job(api, r.json()["id"])
+    assert job["status"] == "succeeded", job["error"]
+    return dict(job["result"])
+
+
+def _served_by_b_alone(hosts: Hosts, name: str, export: dict[str, Any]) -> None:
+    """With A gone, B serves the model through torch and, from A's published export, llama.cpp; B's API
+    serves the export's download; deleting the model removes it from the store and B's cache."""
+    data_b = Path(hosts.b.env["CSRA_DATA_DIR"])
+    with httpx.Client(base_url=hosts.b.url, timeout=30) as api_b:
+        assert _generate(api_b, name)["text"].startswith("Your order is cancelled")
         if importlib.util.find_spec("llama_cpp") is not None:
-            r = api_b.post("/jobs/generate", json={"model_id": name, "message": "please cancel order 99",
-                                                   "max_new_tokens": 16, "backend": "llamacpp"})
-            job = wait_job(api_b, r.json()["id"])
-            assert job["status"] == "succeeded", job["error"]
-            assert job["result"]["backend"] == "llamacpp:f16"
-            assert (data_b / "models" / name / "exports" / gguf).is_file()
+            assert _generate(api_b, name, backend="llamacpp")["backend"] == "llamacpp:f16"
+            assert (data_b / "models" / name / "exports" / export["file"]).is_file()  # fetched from the store
         files = api_b.get(f"/models/{name}/files").json()["data"]
-        assert [f["name"] for f in files] == [gguf]
+        assert [f["name"] for f in files] == [export["file"]]
         download = api_b.get(files[0]["url"])
         assert download.status_code == 200
-        assert hashlib.sha256(download.content).hexdigest() == export["result"]["sha256"]
+        assert hashlib.sha256(download.content).hexdigest() == export["sha256"]
 
-        # deleting it removes it from the store and from B's cache, not just the row
         assert (data_b / "models" / name).is_dir()
         assert api_b.delete(f"/models/{name}").status_code == 204
         assert not (hosts.store / name).exists() and not (data_b / "models" / name).exists()
         assert api_b.get(f"/models/{name}").status_code == 404
+
+
+def test_a_model_trained_on_one_host_is_served_and_evaluated_on_another(hosts: Hosts) -> None:
+    a, b = hosts.a, hosts.b
+    name, dataset_id = _train_on_a(hosts)
+    assert not (Path(b.env["CSRA_DATA_DIR"]) / "models" / name).exists()
+
+    # host A trains no more: B's train worker takes the evaluation
+    a.stop_proc("worker-train")
+    b.start_worker("generate")
+    b.start_worker("train")
+    b.csra("api", "api")
+    b.wait_ready(("generate", "train"))
+    _chat_and_evaluate_on_b(hosts, name, dataset_id)
+    export = _export_on_a(hosts, name)
+
+    # host A goes away entirely, its data dir too; B (a fresh generate worker) still serves the model
+    for proc in list(a.procs):
+        a.stop_proc(proc)
+    shutil.rmtree(a.env["CSRA_DATA_DIR"])
+    b.stop_proc("worker-generate")
+    b.start_worker("generate")
+    b.wait_ready(("generate",))
+    _served_by_b_alone(hosts, name, export)
