@@ -43,7 +43,7 @@ run: setup system
 	$(VENV)/bin/csra up
 
 test: setup system
-	$(PY) -m pytest
+	$(PY) -m pytest --durations=25  # the slowest 25 tests, to keep the suite well under 20 minutes
 
 test-fast: setup
 	$(PY) -m pytest -m "not integration and not slow"

@@ -5,6 +5,8 @@ any other models named) on the test split, stratified by intent.
 
     python bench/grounded.py --url http://127.0.0.1:8000 --models retrieval,smollm2-bitext-grounded \
         --samples 300 --samples all
+    python bench/grounded.py --ungrounded --model smollm2-bitext --train-rows 1200 --models smollm2-bitext
+
 
 Each step is skipped when its result already exists (the dataset, the memory, the model), so a rerun
 only evaluates. Everything the README quotes is printed, with the sample's make-up, and written to
@@ -69,6 +71,8 @@ def main() -> None:
     p.add_argument("--train-rows", type=int, default=TRAIN["max_train_samples"], help="stratified training rows")
     p.add_argument("--k", type=int, default=None, help="exemplars per prompt (default: the Grounding default)")
     p.add_argument("--exemplar-tokens", type=int, default=None, help="each exemplar cut to this many tokens")
+    p.add_argument("--ungrounded", action="store_true",
+                   help="train --model WITHOUT grounding on the same rows and steps (the like-for-like comparison)")
     args = p.parse_args()
     api = httpx.Client(base_url=args.url, timeout=60)
     out: dict[str, Any] = {"started": datetime.now().isoformat(timespec="seconds")}
@@ -78,7 +82,7 @@ def main() -> None:
         out["memory_minutes"] = minutes(wait(api, job["id"], "memory"))
     if api.get(f"/models/{args.model}").status_code == 404:
         grounding = {k: v for k, v in (("k", args.k), ("max_exemplar_tokens", args.exemplar_tokens)) if v is not None}
-        spec = {**TRAIN, "max_train_samples": args.train_rows, "grounding": grounding}
+        spec = {**TRAIN, "max_train_samples": args.train_rows, "grounding": None if args.ungrounded else grounding}
         job = api.post("/jobs/train", json={"dataset_id": ds, **spec, "output_name": args.model})
         job.raise_for_status()
         done = wait(api, job.json()["id"], "train")

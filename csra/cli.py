@@ -19,6 +19,7 @@ from rich.table import Table
 from csra.client import ApiError, Client
 from csra.keys_cli import keys_app
 from csra.settings import get_settings
+from csra.specs import REPLY_TOKENS
 
 app = typer.Typer(help="csra: Customer Support Response Assistant", no_args_is_help=True, add_completion=False)
 datasets_app = typer.Typer(help="Import and inspect datasets", no_args_is_help=True)
@@ -439,7 +440,7 @@ def evaluate(
     dataset: Annotated[int, typer.Option(help="dataset id")],
     split: str = "test",
     max_samples: Annotated[Optional[int], typer.Option(help="stratified by intent")] = 300,
-    max_new_tokens: int = 256,
+    max_new_tokens: int = REPLY_TOKENS,
     num_beams: int = 1,
     yes: Annotated[bool, typer.Option("--yes", "-y", help="start without asking, however long the estimate")] = False,
 ) -> None:

@@ -19,6 +19,9 @@ Tone = Literal["neutral", "friendly", "strict_professional"]
 Temperature = Annotated[float, Field(ge=0, le=2, description="0 = greedy")]
 TopP = Annotated[float, Field(gt=0, le=1)]
 MaxNewTokens = Annotated[int, Field(ge=1, le=2048)]
+# The default reply length (chat, /v1, evaluation) and training's reply cut: 384 tokens hold 99.6% of
+# Bitext's replies (256 cut 6.8% of them, 192 cut 18%: check_refund_policy's replies average 334).
+REPLY_TOKENS = 384
 
 DEFAULT_INSTRUCTION = (
     "You are a customer support agent. Reply to the customer's message helpfully, politely "
@@ -100,7 +103,8 @@ class TrainSpec(_Spec):
     batch_size: int = Field(8, ge=1, le=512)
     gradient_accumulation: int = Field(1, ge=1, le=256)
     max_input_length: int = Field(192, ge=8, description="prompt tokens kept (system+instruction+message)")
-    max_target_length: int = Field(192, ge=8, description="reply tokens kept")
+    max_target_length: int = Field(REPLY_TOKENS, ge=8,
+                                   description="reply tokens kept; a longer reply is cut, without its end token")
     warmup_ratio: float = Field(0.0, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
     seed: int = 42
@@ -159,7 +163,7 @@ class GenerationSettings(_Spec):
     tone: Tone = "neutral"
     temperature: Temperature = 0.0
     top_p: TopP = 1.0
-    max_new_tokens: MaxNewTokens = 256
+    max_new_tokens: MaxNewTokens = REPLY_TOKENS
     ask_details_only_if_relevant: bool = Field(
         True, description="on: ask for order/account/email only when the request needs it; off: never"
     )
@@ -252,7 +256,7 @@ class EvaluateSpec(_Spec):
     dataset_id: int
     split: Literal["train", "validation", "test"] = "test"
     max_samples: int | None = Field(300, ge=1, description="stratified by intent when sampling")
-    max_new_tokens: int = Field(256, ge=1, le=2048)
+    max_new_tokens: MaxNewTokens = REPLY_TOKENS  # below the references' lengths, cut replies would be scored
     num_beams: int = Field(1, ge=1, le=8, description="the original design used 4 (slower)")
     temperature: float = Field(0.0, ge=0, le=2)
     batch_size: int = Field(16, ge=1, le=128)

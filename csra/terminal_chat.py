@@ -40,7 +40,7 @@ from csra.chat_commands import (
     parse_line,
 )
 from csra.client import ApiError, Client
-from csra.specs import Tone
+from csra.specs import REPLY_TOKENS, Tone
 
 PROMPT = "you> "
 CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")  # all but tab and newline
@@ -403,7 +403,7 @@ def chat(
     top_p: Annotated[float | None, typer.Option("--top-p", help="nucleus sampling, (0, 1]")] = None,
     privacy: Annotated[bool | None, typer.Option(
         "--privacy/--no-privacy", help="ask for order/account details only if needed (default) / never")] = None,
-    max_new_tokens: Annotated[int | None, typer.Option(help="longest reply in tokens (default 256)")] = None,
+    max_new_tokens: Annotated[int | None, typer.Option(help=f"longest reply (default {REPLY_TOKENS} tokens)")] = None,
     title: Annotated[str | None, typer.Option(help="chat title (default: the first message)")] = None,
     chat_id: Annotated[int | None, typer.Option("--chat", help="continue this chat (the options override it)")] = None,
     message: Annotated[str | None, typer.Option(

@@ -25,7 +25,7 @@ from api.services import jobs
 from api.services.access import Caller, owned
 from api.services.generation import submit_generation, token_events
 from api.services.training import submit_training
-from csra.specs import GenerateRequest, TrainSpec
+from csra.specs import REPLY_TOKENS, GenerateRequest, TrainSpec
 from db.ids import parse_id
 from db.models import Job, JobEvent, Model
 from db.session import get_sessionmaker
@@ -60,7 +60,8 @@ def _request(body: ChatCompletionRequest) -> GenerateRequest:
     try:
         return GenerateRequest(model_id=body.model, messages=msgs, temperature=body.temperature or 0.0,
                                top_p=body.top_p or 1.0,
-                               max_new_tokens=body.max_completion_tokens or body.max_tokens or 256, seed=body.seed,
+                               max_new_tokens=body.max_completion_tokens or body.max_tokens or REPLY_TOKENS,
+                               seed=body.seed,
                                tone=body.tone, ask_details_only_if_relevant=body.ask_details_only_if_relevant)
     except ValidationError as e:  # e.g. a blank message: a 422 naming it, never a 500
         raise unprocessable(e, "invalid chat completion request") from None

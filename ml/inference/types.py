@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from csra.specs import REPLY_TOKENS
 from models_store.loading import LoadedModel
 
 Loader = Callable[[], LoadedModel]
@@ -24,7 +25,7 @@ class GenerationRequest:
     """
 
     prompt: str
-    max_new_tokens: int = 256
+    max_new_tokens: int = REPLY_TOKENS
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int | None = None

@@ -1,9 +1,9 @@
 """Training examples and batches: explicit labels, length-grouped batches, dynamic padding.
 
 Prompts come from ``ml.prompting.example_prompt``; the target is the reply plus the template's
-end-of-turn token. Labels are built explicitly so the end token is learned even when pad == eos
-(SmolLM2), and the loss covers reply tokens only. Batches are grouped by length and padded
-dynamically (right padding, never to a maximum length).
+end-of-turn token (a reply cut at ``max_target_length`` gets none). Labels are built explicitly so
+the end token is learned even when pad == eos (SmolLM2), and the loss covers reply tokens only.
+Batches are grouped by length and padded dynamically (right padding, never to a maximum length).
 """
 
 from __future__ import annotations
@@ -77,9 +77,14 @@ class ExampleEncoder:
         return self.tokenizer(text, add_special_tokens=special)["input_ids"]
 
     def _reply_ids(self, reply: str) -> list[int]:
+        """The reply's tokens and the end token; a reply longer than ``max_target`` is cut WITHOUT the
+        end token: ending it there would teach the model to stop in mid-reply (on Bitext, 18% of
+        replies are longer than 191 tokens, and those fine-tunes wrote shorter, truncated replies)."""
         text = reply if (self.chat or self.arch == "seq2seq") else " " + reply  # after "Agent:"
-        keep = max(self.max_target - len(self.end_ids), 1)
-        return self._ids(text, False)[:keep] + self.end_ids
+        ids = self._ids(text, False)
+        if len(ids) + len(self.end_ids) <= self.max_target:
+            return ids + self.end_ids
+        return ids[: self.max_target]
 
     def _exemplars(self, row: dict[str, Any]) -> list[str]:
         """A grounded example's exemplars (``row["exemplars"]``), each cut to the grounding's token budget."""

@@ -54,7 +54,7 @@ def test_train_registers_a_model_with_its_loss_curve(api, dataset_id, stack):
 @pytest.mark.parametrize(
     ("params", "needle"),
     [({"learning_rate": 0}, "learning_rate"), ({"epochs": 0}, "epochs"), ({"batch_size": 0}, "batch_size"),
-     ({"output_name": "../../etc"}, "output_name"), ({"max_input_length": 400, "max_target_length": 400}, "context"),
+     ({"output_name": "../../etc"}, "output_name"), ({"max_input_length": 600, "max_target_length": 600}, "context"),
      ({"base_model": "no-such-model"}, "unknown base_model"), ({"dataset_id": 99999}, "does not exist")],
 )
 def test_bad_training_requests_are_422(api, dataset_id, params, needle):

@@ -19,6 +19,7 @@ import gradio as gr
 import pandas as pd
 
 from csra.client import ApiError
+from csra.specs import TrainSpec
 from ui.common import QUIET, api_errors, cancel_job, client, job_html, num, on, secs
 
 LOSS_COLORS = {"train loss": "#2563eb", "validation loss": "#f97316"}
@@ -26,6 +27,11 @@ LIST_LIMIT = 50  # the newest training jobs listed (a followed older one is kept
 POLL_SECONDS = 2.0
 WAITING = ("queued", "waiting")
 ESTIMATE_FIELDS = ("summary", "confirm", "estimated_seconds", "note")
+
+
+def _default(field: str) -> Any:
+    """The form's default for a ``TrainSpec`` field: the spec is the one source of the defaults."""
+    return TrainSpec.model_fields[field].default
 
 
 def loss_frame(events: list[dict[str, Any]]) -> pd.DataFrame | None:
@@ -324,24 +330,24 @@ def _form() -> tuple[list[Any], gr.Button, gr.Button, gr.Button, gr.HTML]:
     base = gr.Dropdown([], value=None, label="Base model", elem_id="train-base")
     method = gr.Radio(["full", "lora"], value="full", label="Method")
     with gr.Row():
-        epochs = gr.Number(2, label="Epochs", minimum=1, elem_id="train-epochs")
-        lr = gr.Number(5e-5, label="Learning rate", minimum=0)
-        batch = gr.Number(8, label="Batch size", precision=0, minimum=1, elem_id="train-batch")
+        epochs = gr.Number(_default("epochs"), label="Epochs", minimum=1, elem_id="train-epochs")
+        lr = gr.Number(_default("learning_rate"), label="Learning rate", minimum=0)
+        batch = gr.Number(_default("batch_size"), label="Batch size", precision=0, minimum=1, elem_id="train-batch")
     with gr.Row():
         max_train = gr.Number(0, label="Max train samples (0: all)", precision=0, minimum=0, elem_id="train-max")
         out_name = gr.Textbox(label="Output model name (empty: ft-<job id>)", elem_id="train-out")
     with gr.Accordion("Advanced", open=False):
         with gr.Row():
-            lora_r = gr.Number(8, label="LoRA r", precision=0, minimum=1)
-            lora_alpha = gr.Number(16, label="LoRA alpha", precision=0, minimum=1)
-            warmup = gr.Number(0.0, label="Warmup ratio", minimum=0)
+            lora_r = gr.Number(_default("lora_r"), label="LoRA r", precision=0, minimum=1)
+            lora_alpha = gr.Number(_default("lora_alpha"), label="LoRA alpha", precision=0, minimum=1)
+            warmup = gr.Number(_default("warmup_ratio"), label="Warmup ratio", minimum=0)
         with gr.Row():
-            max_in = gr.Number(192, label="Max input tokens", precision=0, minimum=8)
-            max_out = gr.Number(192, label="Max target tokens", precision=0, minimum=8)
-            seed = gr.Number(42, label="Seed", precision=0)
-            log_every = gr.Number(10, label="Log the loss every N steps", precision=0, minimum=1,
+            max_in = gr.Number(_default("max_input_length"), label="Max input tokens", precision=0, minimum=8)
+            max_out = gr.Number(_default("max_target_length"), label="Max target tokens", precision=0, minimum=8)
+            seed = gr.Number(_default("seed"), label="Seed", precision=0)
+            log_every = gr.Number(_default("logging_steps"), label="Log the loss every N steps", precision=0, minimum=1,
                                   elem_id="train-log-every")
-        keep_best = gr.Checkbox(False, label="On cancel, keep the best checkpoint so far")
+        keep_best = gr.Checkbox(_default("keep_best_on_cancel"), label="On cancel, keep the best checkpoint so far")
     with gr.Row():
         start = gr.Button("Start training", variant="primary", elem_id="train-start")
         confirm = gr.Button("Start anyway", variant="stop", visible=False, elem_id="train-confirm")

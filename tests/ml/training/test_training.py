@@ -60,7 +60,7 @@ def test_labels_keep_end_token_when_pad_is_eos(tiny_causal: Path) -> None:  # no
     lm = load_model_and_tokenizer(tiny_causal)
     tok = lm.tokenizer
     assert tok.pad_token_id == tok.eos_token_id
-    encoder = ExampleEncoder(tok, "causal", 96, 48)
+    encoder = ExampleEncoder(tok, "causal", 96, 192)
     rows = support_rows(2)
     rows[1]["output"] += " And a much longer reply, so that the first example gets padded."
     batch = collate(encoder.encode_all(rows), "causal", tok.pad_token_id)
@@ -86,7 +86,7 @@ def test_loss_only_on_reply_tokens(tiny_causal: Path) -> None:  # noqa: F811
     assert batch.n_targets == len(supervised)
 
 
-def test_truncation_keeps_end_of_prompt_and_end_token(tiny_causal: Path) -> None:  # noqa: F811
+def test_truncation_keeps_end_of_prompt_and_cuts_a_long_reply_without_its_end(tiny_causal: Path) -> None:  # noqa: F811
     tok = load_model_and_tokenizer(tiny_causal).tokenizer
     row = support_rows(1)[0]
     row["output"] = "word " * 200
@@ -94,7 +94,10 @@ def test_truncation_keeps_end_of_prompt_and_end_token(tiny_causal: Path) -> None
     n_prompt = sum(1 for t in example.labels if t == IGNORE)
     assert n_prompt == 16 and len(example.input_ids) - n_prompt == 10
     assert tok.decode(example.input_ids[:n_prompt]).endswith("assistant\n")
-    assert example.labels[-1] == tok.eos_token_id
+    # cut in mid-reply: no end token, or the model would learn to stop in mid-reply
+    assert tok.eos_token_id not in example.labels and tok.decode(example.labels[n_prompt:]).startswith("word word")
+    fits = ExampleEncoder(tok, "causal", 16, 10).encode({**row, "output": "word " * 3})
+    assert fits.labels[-1] == tok.eos_token_id  # a reply that fits keeps its end
 
 
 # --------------------------------------------------------------------------- training runs
@@ -191,8 +194,8 @@ def test_folder_without_weights(tiny_causal: Path, tmp_path: Path) -> None:  # n
 
 
 def test_context_too_long(tiny_causal: Path, tmp_path: Path) -> None:  # noqa: F811
-    with pytest.raises(JobError, match="exceeds the model's context of 512"):
-        _train(tiny_causal, tmp_path, max_input_length=400, max_target_length=200)
+    with pytest.raises(JobError, match="exceeds the model's context of 1024"):
+        _train(tiny_causal, tmp_path, max_input_length=800, max_target_length=400)
 
 
 def test_no_train_rows(tiny_causal: Path, tmp_path: Path) -> None:  # noqa: F811
