@@ -113,10 +113,19 @@ def memory_panel(chat: dict[str, Any] | None) -> tuple[Any, ...]:
     return intent, gr.Radio(choices=choices, value=None, visible=bool(choices))
 
 
-def suggested_text(chat: dict[str, Any] | None) -> str:
-    """The reply box starts from the reply itself: the agent edits it, then approves."""
+def suggested_text(chat: dict[str, Any] | None, filled_for: int | None) -> tuple[Any, int | None]:
+    """The reply box starts from each new finished reply: the agent edits it, then approves.
+
+    ``filled_for`` is the reply the box was last filled from: the chat is shown again for that same
+    reply (a second follower finishing, a rating) without touching the box, or it would wipe the
+    agent's edit as they type it.
+    """
     m = last_reply(chat)
-    return (m.get("raw_content") or m["content"]) if m is not None and m["status"] == "done" else ""
+    if m is None or m["status"] != "done":
+        return "", None
+    if m["id"] == filled_for:
+        return gr.skip(), filled_for
+    return m.get("raw_content") or m["content"], m["id"]
 
 
 def pick_similar(chat: dict[str, Any] | None, index: int | None) -> Any:
@@ -293,6 +302,7 @@ class ChatTab:
     meta: gr.Markdown
     ratings: dict[str, gr.Button]
     corrected: gr.Textbox
+    filled_for: gr.State  # the reply the reply box was filled from (see suggested_text)
     intent: gr.Markdown
     similar: gr.Radio
     exports: dict[str, gr.Button]
@@ -365,6 +375,7 @@ def build(demo: gr.Blocks) -> ChatTab:
     """The tab inside the current ``gr.Blocks``, with its events."""
     with gr.Tab("Chat", id="chat") as tab:
         state = gr.State(None)
+        filled_for = gr.State(None)
         with gr.Row():
             with gr.Column(scale=1, min_width=260):
                 chat_list, new, delete, refresh, model, settings = _sidebar()
@@ -374,8 +385,8 @@ def build(demo: gr.Blocks) -> ChatTab:
     t = ChatTab(
         tab=tab, state=state, chat_list=chat_list, new=new, delete=delete, list_refresh=refresh, model=model,
         settings=settings, chatbot=chatbot, msg=msg, send=send, stop=stop, meta=meta, ratings=ratings,
-        corrected=corrected, intent=intent, similar=similar, exports=exports, all_fmt=all_fmt, all_model=all_model,
-        all_btn=all_btn, file=file,
+        corrected=corrected, filled_for=filled_for, intent=intent, similar=similar, exports=exports, all_fmt=all_fmt,
+        all_model=all_model, all_btn=all_btn, file=file,
     )
     _wire_conversation(demo, t)
     _wire_feedback_and_exports(t)
@@ -408,7 +419,7 @@ def _wire_feedback_and_exports(t: ChatTab) -> None:
         btn.click(bind(rate_reply, rating), [t.state, t.corrected], [*t.view, t.corrected], **on(t.meta))
     # whenever the shown chat changes: the memory panel, and the reply box pre-filled with the reply
     t.state.change(memory_panel, t.state, [t.intent, t.similar], **QUIET)
-    t.state.change(suggested_text, t.state, t.corrected, **QUIET)
+    t.state.change(suggested_text, [t.state, t.filled_for], [t.corrected, t.filled_for], **QUIET)
     t.similar.input(pick_similar, [t.state, t.similar], t.corrected, **QUIET)
     click_download = download_js("chat-download")
     for fmt, btn in t.exports.items():
