@@ -417,7 +417,7 @@ def _wire_conversation(demo: gr.Blocks, t: ChatTab) -> None:
 def _wire_feedback_and_exports(t: ChatTab) -> None:
     for rating, btn in t.ratings.items():
         btn.click(bind(rate_reply, rating), [t.state, t.corrected], [*t.view, t.corrected], **on(t.meta))
-    # whenever the shown chat changes: the memory panel, and the reply box pre-filled with the reply
+    # whenever the shown chat changes: the memory panel; the reply box is pre-filled once per new reply
     t.state.change(memory_panel, t.state, [t.intent, t.similar], **QUIET)
     t.state.change(suggested_text, [t.state, t.filled_for], [t.corrected, t.filled_for], **QUIET)
     t.similar.input(pick_similar, [t.state, t.similar], t.corrected, **QUIET)
