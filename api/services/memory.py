@@ -53,7 +53,7 @@ def rebuild(db: Session, dataset_id: int, caller: Caller) -> Job:
 def stats(db: Session) -> MemoryStats:
     live = select(MemoryEntry).where(MemoryEntry.removed_at.is_(None))
     by_source = dict(db.execute(select(MemoryEntry.source, func.count()).where(MemoryEntry.removed_at.is_(None))
-                                .group_by(MemoryEntry.source)).tuples().all())
+                                .group_by(MemoryEntry.source)).all())
     datasets = db.scalars(select(MemoryEntry.dataset_id).where(MemoryEntry.removed_at.is_(None),
                                                                MemoryEntry.dataset_id.is_not(None)).distinct())
     try:
