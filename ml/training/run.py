@@ -94,8 +94,9 @@ class TrainingRun:
     def __init__(self, spec: TrainSpec, loaded: LoadedModel, train_rows: Sequence[dict],
                  val_rows: Sequence[dict], out_dir: Path, ctx: JobContext,
                  yield_cpu: CpuYielder | None = None, ground: Grounder | None = None,
-                 device: torch.device | None = None) -> None:
+                 device: torch.device | None = None, checkpoint_seconds: float | None = None) -> None:
         self.ground = ground
+        self.checkpoint_seconds = checkpoint_seconds  # also checkpoint on time, between evaluations (None: never)
         self.spec, self.ctx, self.arch = spec, ctx, loaded.arch
         self.out_dir, self.ckpt_root = out_dir, out_dir / "checkpoints"
         self.tokenizer = loaded.tokenizer
@@ -115,6 +116,7 @@ class TrainingRun:
         self.stopped_early = False
         self._epoch_cache: dict[int, list[list[int]]] = {}
         self._started, self._start_step, self._run_tokens = time.perf_counter(), 0, 0
+        self._last_checkpoint = time.perf_counter()
         self.optimizer_seconds = 0.0
 
     # ----------------------------------------------------------------- setup
@@ -242,6 +244,10 @@ class TrainingRun:
                 window = _Window()
             if self._eval_due():
                 self._eval_and_checkpoint()
+            elif self._checkpoint_due():
+                self.save_checkpoint()
+                self.ctx.event("log", f"checkpoint at step {self.state.step} (every {self.checkpoint_seconds:g} s "
+                                      "between evaluations)", step=self.state.step)
         if self.val_batches and self.state.final_val_loss is None:
             self._eval_and_checkpoint()  # e.g. resumed at the very end: make sure there is a final eval
 
@@ -262,6 +268,10 @@ class TrainingRun:
         if step == self.total_steps:
             return True
         return step % (self.steps_per_epoch if every == "epoch" else int(every)) == 0
+
+    def _checkpoint_due(self) -> bool:
+        limit = self.checkpoint_seconds
+        return limit is not None and time.perf_counter() - self._last_checkpoint >= limit
 
     def _eval_and_checkpoint(self) -> None:
         val = self.evaluate()
@@ -297,6 +307,7 @@ class TrainingRun:
             shutil.rmtree(tmp, ignore_errors=True)
             raise (disk_full(exc, final) or exc) from exc
         self._prune_checkpoints()
+        self._last_checkpoint = time.perf_counter()
         return final
 
     def _state_dict(self) -> dict[str, Any]:
@@ -386,13 +397,15 @@ def run_training(
     num_threads: int | None = None,
     yield_cpu: CpuYielder | None = None,
     ground: Grounder | None = None,
+    checkpoint_seconds: float | None = None,
 ) -> dict[str, Any]:
     """Fine-tune ``model_source`` (a resolved folder or HF id) on ``train_rows``; see the module docs.
 
     Resumes from ``out_dir/checkpoints`` when a previous attempt left checkpoints there. Writes
     the final model to ``out_dir/model``. ``num_threads`` sets torch's intra-op threads for the
     duration of the run only. ``yield_cpu`` (``ml.cpu_share``) pauses the run while chats are
-    answered on this machine.
+    answered on this machine. ``checkpoint_seconds``: also checkpoint when that long has passed
+    since the last checkpoint (evaluations checkpoint too), so a killed run loses at most that much.
     """
     if not train_rows:
         raise JobError("the dataset has no training rows: import a dataset with a non-empty train split")
@@ -402,7 +415,7 @@ def run_training(
         torch.set_num_threads(num_threads)
     try:
         run = TrainingRun(spec, _load_base(model_source, spec, train_rows), train_rows, val_rows, out_dir, ctx,
-                          yield_cpu, ground)
+                          yield_cpu, ground, checkpoint_seconds=checkpoint_seconds)
         drawn, split = composition(run.train_rows), composition(train_rows)
         ctx.event("log", f"training {run.total_steps} steps ({run.steps_per_epoch}/epoch) on {run.device}, "
                          f"precision {run.precision}, {len(run.train)} examples drawn from {len(train_rows)}, covering "

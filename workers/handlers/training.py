@@ -94,7 +94,8 @@ def handle_train(job_id: int, params: dict[str, Any], ctx: JobContext) -> dict[s
     settings = get_settings()
     ground = grounder(spec.dataset_id, train_rows, spec.grounding.k, ctx) if spec.grounding else None
     result = run_training(spec, train_rows, val_rows, source, ctx.work_dir, ctx,
-                          num_threads=settings.torch_thread_count, yield_cpu=background_yielder(), ground=ground)
+                          num_threads=settings.torch_thread_count, yield_cpu=background_yielder(), ground=ground,
+                          checkpoint_seconds=settings.checkpoint_minutes * 60 or None)
     cancelled = bool(result.pop("cancelled", False))
     history = result.pop("history", [])
     name = spec.output_name or f"ft-{job_id}"

@@ -153,6 +153,26 @@ def test_resume_after_kill(tiny_causal: Path, tmp_path: Path, reference_run: dic
     assert _losses(result) == pytest.approx(_losses(reference_run), rel=1e-5)
 
 
+def test_a_run_also_checkpoints_on_time_and_resumes_from_there(tiny_causal: Path, tmp_path: Path) -> None:  # noqa: F811
+    """Between evaluations (none here before the end) a checkpoint is saved once ``checkpoint_seconds``
+    have passed: a run killed after step 5 resumes from step 5, not from 0, and continues as if never killed."""
+    def train(out: Path, ctx: LocalContext, seconds: float | None) -> dict:
+        return run_training(_spec(eval_every=1000), support_rows(16), support_rows(4, offset=1), tiny_causal, out,
+                            ctx, checkpoint_seconds=seconds)
+
+    uninterrupted = train(tmp_path / "ref", LocalContext(work_dir=tmp_path / "ref"), None)
+    out = tmp_path / "killed"
+    with pytest.raises(SystemExit):
+        train(out, KilledContext(work_dir=out, kill_after_checks=5), 1e-9)  # due after every step
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-5"]  # the earlier ones pruned
+    ctx = LocalContext(work_dir=out)
+    result = train(out, ctx, 3600.0)  # not due again: the final evaluation's checkpoint is the only one
+    assert result["resumed_from_step"] == 5 and result["steps"] == 8
+    assert [m for _, m, _ in ctx.events if m.startswith("checkpoint at step")] == []
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-8"]
+    assert _losses(result) == pytest.approx(_losses(uninterrupted), rel=1e-5)
+
+
 def test_cancel_raises(tiny_causal: Path, tmp_path: Path) -> None:  # noqa: F811
     with pytest.raises(JobCancelled):
         _train(tiny_causal, tmp_path, LocalContext(work_dir=tmp_path, cancel_after_checks=3))
