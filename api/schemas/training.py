@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from csra.specs import EvaluateSpec, TrainSpec
+from csra.specs import REPLY_TOKENS, EvaluateSpec, MaxNewTokens, TrainSpec
 
 MAX_SWEEP = 32  # configs in one sweep
 MAX_GRID_KEYS = 16
@@ -47,6 +47,9 @@ class SweepCreate(BaseModel):
     )
     evaluate: bool = Field(True, description="evaluate every resulting model and the baseline at the end")
     eval_max_samples: int = Field(300, ge=1)
+    eval_max_new_tokens: MaxNewTokens = Field(
+        REPLY_TOKENS, description="longest generated reply in that evaluation (its `max_new_tokens`)"
+    )
     dry_run: bool = Field(False, description=DRY_RUN)
 
     @model_validator(mode="after")

@@ -117,5 +117,6 @@ def submit_sweep(db: Session, body: SweepCreate, caller: Caller) -> Job:
         "dataset_id": body.dataset_id, "base_model": body.base_model,
         "configs": [s.model_dump(mode="json") for s in specs],
         "evaluate": body.evaluate, "eval_max_samples": body.eval_max_samples,
+        "eval_max_new_tokens": body.eval_max_new_tokens,
     }
     return jobs.submit(db, JobKind.SWEEP, params, caller=caller, dataset_id=body.dataset_id)

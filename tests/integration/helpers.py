@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 from typing import Any
 
 import httpx
+import pandas as pd
 
 
 def wait_job(api: httpx.Client, job_id: int, timeout: float = 120, until: set[str] | None = None) -> dict[str, Any]:
@@ -19,6 +21,18 @@ def wait_job(api: httpx.Client, job_id: int, timeout: float = 120, until: set[st
         if time.monotonic() > deadline:
             raise TimeoutError(f"job {job_id} still {job['status']} after {timeout} s: {job}")
         time.sleep(0.2)
+
+
+def bitext_sample(imports: Path, bitext_path: Path, per_intent: int, seed: int = 0) -> Path:
+    """A stratified draw of the Bitext copy (``per_intent`` rows of each of its 27 intents) written to
+    the stack's ``imports`` folder. For tests whose evaluations embed the train split (a whole copy
+    is minutes on two cores) but need every intent, not the copy's size."""
+    path = imports / f"bitext-{per_intent}-per-intent.csv"
+    if not path.exists():
+        rows = pd.read_csv(bitext_path)
+        drawn = rows.groupby("intent", group_keys=False).sample(n=per_intent, random_state=seed)
+        drawn.to_csv(path, index=False)
+    return path
 
 
 def import_path(api: httpx.Client, path: str, **options: Any) -> dict[str, Any]:

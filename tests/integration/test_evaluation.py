@@ -6,15 +6,16 @@ import json
 
 import pytest
 
-from tests.integration.helpers import wait_job
+from tests.integration.helpers import bitext_sample, wait_job
 
 METRICS = ("rouge_l", "bleu", "chrf", "semantic_similarity", "heuristic_quality", "too_verbose",
            "asks_needless_details", "repetitive", "off_tone", "unfinished", "latency_ms_mean", "tokens_per_second")
 
 
 @pytest.fixture(scope="module")
-def dataset(api_module, bitext_path) -> int:
-    r = api_module.post("/datasets", json={"name": "eval", "source": str(bitext_path)})
+def dataset(api_module, stack, bitext_path) -> int:
+    source = bitext_sample(stack.root / "imports", bitext_path, per_intent=30)  # 810 rows, 27 intents
+    r = api_module.post("/datasets", json={"name": "eval", "source": str(source)})
     assert wait_job(api_module, r.json()["job"]["id"])["status"] == "succeeded"
     return r.json()["dataset"]["id"]
 
@@ -108,7 +109,7 @@ def test_sweep_evaluates_its_models_against_the_baseline(api_module, dataset):
     r = api_module.post("/jobs/sweep", json={
         "dataset_id": dataset, "configs": [{"learning_rate": 1e-3}, {"learning_rate": 5e-4, "batch_size": 4}],
         "base": {"max_train_samples": 16, "max_eval_samples": 8, "epochs": 1},
-        "evaluate": True, "eval_max_samples": 27})
+        "evaluate": True, "eval_max_samples": 27, "eval_max_new_tokens": 12})
     assert r.status_code == 202, r.text
     done = wait_job(api_module, r.json()["id"], timeout=400)
     assert done["status"] == "succeeded", done["error"]
@@ -116,6 +117,8 @@ def test_sweep_evaluates_its_models_against_the_baseline(api_module, dataset):
     assert len(board) == 3 and board[-1]["model_name"] == "baseline"
     assert all(row["metrics"] and "rouge_l" in row["metrics"] for row in board)
     assert done["result"]["evaluation_status"] == "succeeded"
+    evaluation = api_module.get(f"/jobs/{done['result']['evaluate_job_id']}").json()
+    assert evaluation["params"]["max_new_tokens"] == 12  # the sweep's evaluation settings reach its evaluation
 
 
 def test_cli_eval_prints_the_leaderboard(stack, dataset, finetuned):

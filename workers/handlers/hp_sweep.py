@@ -84,6 +84,8 @@ def _evaluation_phase(job_id: int, params: dict[str, Any], models: list[int]) ->
         config = {"model_ids": [get_settings().baseline_name, *map(str, models)],
                   "dataset_id": params["dataset_id"], "split": "test",
                   "max_samples": params.get("eval_max_samples", 300)}
+        if "eval_max_new_tokens" in params:  # a sweep queued before the setting existed: the evaluation's default
+            config["max_new_tokens"] = params["eval_max_new_tokens"]
         raise WaitForChildren(_start(job_id, jobs.JobKind.EVALUATE, [config], params["dataset_id"]))
     _wait_unless_done(evaluations)
     ev = evaluations[0]
