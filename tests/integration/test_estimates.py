@@ -13,7 +13,7 @@ from tests.integration.helpers import import_path, wait_job
 from tests.stack import wait_until
 
 # a run of the tiny model long enough (seconds) to report an ETA several times
-RUN = {"method": "lora", "precision": "fp32", "epochs": 1, "batch_size": 8, "max_train_samples": 2000,
+RUN = {"method": "lora", "precision": "fp32", "epochs": 1, "batch_size": 8, "max_train_samples": 800,
        "max_eval_samples": 16, "logging_steps": 5, "lora_r": 4}
 
 
@@ -57,9 +57,9 @@ def test_estimate_calibrates_then_matches_the_run(api_module, dataset):
     assert est["throughput"]["source"] == "calibration", est  # nothing measured lora/fp32 here before
     assert est["throughput"]["device"] == "cpu" and est["throughput"]["precision"] == "fp32"
     train = est["splits"]["train"]
-    assert train["rows_used"] == 2000 and train["rows"] == dataset["stats"]["tokens"]["splits"]["train"]["rows"]
-    assert est["steps"] == 250 and est["steps_per_epoch"] == 250 and est["evaluations"] == 1
-    assert est["estimated_seconds"] > 0 and not est["confirm"] and "250 steps" in est["summary"]
+    assert train["rows_used"] == 800 and train["rows"] == dataset["stats"]["tokens"]["splits"]["train"]["rows"]
+    assert est["steps"] == 100 and est["steps_per_epoch"] == 100 and est["evaluations"] == 1
+    assert est["estimated_seconds"] > 0 and not est["confirm"] and "100 steps" in est["summary"]
 
     job = api.post("/jobs/train", json={"dataset_id": dataset["id"], **RUN}).json()
     running = wait_until(lambda: (j := api.get(f"/jobs/{job['id']}").json())["eta_seconds"] and j, 120, 0.05,
@@ -96,18 +96,18 @@ def test_sweep_and_evaluation_dry_runs(api, dataset):
 
 def test_cli_train_prints_the_estimate_and_asks_above_the_threshold(stack, api, dataset):
     base = [sys.executable, "-m", "csra.cli", "train", "--dataset", str(dataset["id"]), "--method", "lora",
-            "--set", "precision=\"fp32\"", "--set", "lora_r=4", "--max-train-samples", "2000", "--batch-size", "8"]
+            "--set", "precision=\"fp32\"", "--set", "lora_r=4", "--max-train-samples", "800", "--batch-size", "8"]
     before = _count_jobs(api)
     long = subprocess.run([*base, "--epochs", "100000"], env=stack.env, capture_output=True, text=True, timeout=120,
                           stdin=subprocess.DEVNULL)
     assert long.returncode == 1, long.stderr
     said = " ".join(long.stderr.split())  # rich wraps lines to the terminal width
-    assert "estimate: 2,000 rows" in said and "pass --yes" in said and "Traceback" not in said
+    assert "estimate: 800 rows" in said and "pass --yes" in said and "Traceback" not in said
     assert _count_jobs(api) == before  # not started
     short = subprocess.run([*base, "--epochs", "1", "--set", "max_eval_samples=8", "--yes"], env=stack.env,
                            capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
     assert short.returncode == 0, short.stderr
-    assert "estimate: 2,000 rows" in " ".join(short.stderr.split()) and "succeeded" in short.stderr
+    assert "estimate: 800 rows" in " ".join(short.stderr.split()) and "succeeded" in short.stderr
 
 
 def test_without_a_train_worker_the_estimate_says_so(stack, api, dataset):

@@ -22,9 +22,10 @@ both_databases = pytest.mark.databases("sqlite", "postgresql")
 
 @pytest.fixture(scope="module")
 def big_csv(stack, bitext_path) -> Path:
-    """~150k distinct rows: an import that runs long enough (seconds) to be cancelled or killed."""
+    """~42k distinct rows: an import that runs long enough (seconds) to be cancelled, killed or outlast a
+    Redis restart, and short enough to run to its end twice in a test (a retry starts it again)."""
     src = pd.read_csv(bitext_path)
-    reps = 15
+    reps = 4
     big = pd.concat([src.assign(instruction=src["instruction"] + f" (case {i})") for i in range(reps)])
     path = stack.root / "imports" / "big.csv"
     big.to_csv(path, index=False)
@@ -100,7 +101,7 @@ def test_killed_worker_job_is_retried_and_finishes(api, big_csv):
     # re-run either by the sweep (heartbeat went stale) or by Celery's redelivery of the unacked message
     assert any(m.startswith("running (attempt 2)") for m in messages), messages
     ds = api.get(f"/datasets/{created['dataset']['id']}").json()
-    assert ds["status"] == "ready" and ds["row_count"] > 100_000
+    assert ds["status"] == "ready" and ds["row_count"] > 40_000
 
 
 @both_databases

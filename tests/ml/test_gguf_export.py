@@ -216,15 +216,15 @@ def test_an_adapter_whose_base_is_not_a_folder_says_so(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_smollm2_round_trips_to_the_shipped_gguf(tmp_path_factory: pytest.TempPathFactory) -> None:
+def test_smollm2_round_trips_to_the_shipped_gguf(tmp_path_factory: pytest.TempPathFactory,
+                                                 smollm2_folder: Path) -> None:
     """The baseline (converted by transformers from the SmolLM2 GGUF csra ships) exports back to the
     same vocabulary and, within F16 rounding, the same weights: the q/k permutation is right."""
     import gguf
 
-    from models_store.loading import ensure_baseline, smollm2_gguf_path
+    from models_store.loading import smollm2_gguf_path
 
-    folder = ensure_baseline(tmp_path_factory.mktemp("store"))
-    result = export_gguf(folder, tmp_path_factory.mktemp("gguf") / "smollm2-f16.gguf", "f16")
+    result = export_gguf(smollm2_folder, tmp_path_factory.mktemp("gguf") / "smollm2-f16.gguf", "f16")
     shipped, ours = gguf.GGUFReader(smollm2_gguf_path()), gguf.GGUFReader(result.path)
     for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.merges",
                 "tokenizer.chat_template", "tokenizer.ggml.eos_token_id", "llama.rope.freq_base"):

@@ -81,9 +81,9 @@ def test_gguf_path_and_missing_package(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.mark.slow
-def test_ensure_baseline_converts_once(tmp_path: Path) -> None:
-    store = tmp_path / "models"
-    folder = ensure_baseline(store)
+def test_ensure_baseline_converts_once(smollm2_folder: Path) -> None:
+    folder = smollm2_folder  # converted by ensure_baseline into an empty store (tests/conftest.py)
+    store = folder.parent
     assert folder == (store / "baseline").resolve()
     assert not [p for p in store.iterdir() if p.name.startswith(".baseline.tmp")]  # no temp leftovers
     config = json.loads((folder / "config.json").read_text())

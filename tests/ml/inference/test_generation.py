@@ -18,7 +18,7 @@ from ml.inference.selfcheck import prepare_model
 from ml.inference.tokens import TextStream, stop_tokens
 from ml.inference.types import GenerationRequest
 from ml.prompting import example_prompt
-from models_store.loading import LoadedModel, ensure_baseline, load_model_and_tokenizer
+from models_store.loading import LoadedModel, load_model_and_tokenizer
 from tests.fixtures_models import tiny_causal, tiny_seq2seq  # noqa: F401
 
 MESSAGES = [
@@ -410,8 +410,8 @@ def test_engine_loads_models_on_its_own_thread(causal: LoadedModel) -> None:
 
 
 @pytest.fixture(scope="session")
-def smollm2(tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
-    return load_model_and_tokenizer(ensure_baseline(tmp_path_factory.mktemp("store")))
+def smollm2(smollm2_folder: Path) -> LoadedModel:
+    return load_model_and_tokenizer(smollm2_folder)
 
 
 @pytest.mark.slow
