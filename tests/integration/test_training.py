@@ -88,7 +88,7 @@ def test_cancel_training_registers_nothing(api, dataset_id):
 
 
 def test_killed_training_resumes_from_its_last_checkpoint(api, dataset_id):
-    job = _train(api, dataset_id=dataset_id, epochs=40, batch_size=4, max_train_samples=32, eval_every=20,
+    job = _train(api, dataset_id=dataset_id, epochs=12, batch_size=4, max_train_samples=32, eval_every=20,
                  max_eval_samples=8, logging_steps=10, output_name="tiny-resumed")
     job_id = job["id"]
 
@@ -102,7 +102,7 @@ def test_killed_training_resumes_from_its_last_checkpoint(api, dataset_id):
     done = wait_job(api, job_id, timeout=300)
     assert done["status"] == "succeeded", done["error"]
     assert done["attempts"] == 2 and done["result"]["resumed_from_step"] >= 40
-    assert done["result"]["steps"] == 320
+    assert done["result"]["steps"] == 96  # killed just after step 40: most of the run is after the restart
     logs = [e["message"] for e in api.get(f"/jobs/{job_id}/events", params={"kind": "log"}).json()["data"]]
     assert any("resumed from step" in m for m in logs)
 
