@@ -94,11 +94,6 @@ class Settings(BaseSettings):
 
     time_limit_import: float = Field(3600, gt=0, description="seconds an import job may run (per attempt)")
     time_limit_train: float = Field(48 * 3600, gt=0, description="seconds a training job may run (per attempt)")
-    checkpoint_minutes: float = Field(
-        10.0, ge=0, description="training also saves a checkpoint (without evaluating) once this many minutes have "
-        "passed since its last one, so a run whose worker dies resumes near where it stopped, not at its last "
-        "evaluation; 0 = only at evaluations (`eval_every`)",
-    )
     time_limit_evaluate: float = Field(12 * 3600, gt=0, description="seconds an evaluation job may run")
     time_limit_sweep: float = Field(7 * 24 * 3600, gt=0, description="seconds a hyper-parameter sweep may run")
     time_limit_generate: float = Field(600, gt=0, description="seconds a generation job may run")
@@ -106,6 +101,11 @@ class Settings(BaseSettings):
     time_limit_export: float = Field(3600, gt=0, description="seconds a model export (GGUF) may run")
     time_limit_grace_seconds: float = Field(
         60, ge=1, description="after its time limit a job stops at its next step; this much later it is killed"
+    )
+    checkpoint_minutes: float = Field(
+        10.0, ge=0, description="training also saves a checkpoint (without evaluating) once this many minutes have "
+        "passed since its last one, so a run whose worker dies resumes near where it stopped, not at its last "
+        "evaluation; 0 = only at evaluations (`eval_every`)",
     )
 
     baseline_name: str = Field("baseline", description="model-store name of the default base model")

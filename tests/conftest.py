@@ -26,8 +26,9 @@ def bitext_path() -> Path:
 
 @pytest.fixture(scope="session")
 def smollm2_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The real SmolLM2-135M baseline, converted once for the session (about 30 s on two cores) by the
-    code the product runs (``ensure_baseline``); ``tests/models_store/test_loading.py`` converts its own."""
+    """The real SmolLM2-135M baseline, converted once for the session (about 30 s on two cores) into an
+    empty store by the code the product runs (``ensure_baseline``; ``tests/models_store/test_loading.py``
+    checks what that conversion left)."""
     from models_store.loading import ensure_baseline
 
     return ensure_baseline(tmp_path_factory.mktemp("smollm2-store"))
