@@ -140,6 +140,10 @@ def test_a_huge_sweep_grid_is_refused_from_its_list_lengths(client: TestClient) 
     grid = {"learning_rate": [1e-4] * 8, "batch_size": [8] * 8}  # each list short, the product too big
     _refused(client.post("/jobs/sweep", json={"dataset_id": 1, "grid": grid}), 422, "at most 32", "8 x 8")
     _refused(client.post("/jobs/sweep", json={"dataset_id": 1, "grid": {"epochs": []}}), 422, "at least 1")
+    for tokens in (0, 5000):  # the evaluation's own bounds (csra.specs.MaxNewTokens)
+        _refused(client.post("/jobs/sweep", json={"dataset_id": 1, "configs": [{}], "eval_max_new_tokens": tokens}),
+                 422, "eval_max_new_tokens")
+    assert _count("/jobs", client) == 0
 
 
 def test_sweep_size_is_computed_without_expanding() -> None:
