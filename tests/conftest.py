@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -56,15 +54,7 @@ def _start_stack(root: Path, **settings: str) -> Stack:
     port = free_port()
     st = Stack(root=root, redis=server, env=stack_env(root, server.url, port, **settings), api_port=port)
     try:
-        subprocess.run([sys.executable, "-m", "csra.cli", "migrate"], env=st.env, check=True, capture_output=True)
-        # a tiny random model registered as "baseline": the real code paths, in seconds
-        subprocess.run([sys.executable, "-m", "csra.cli", "models", "init", "--tiny"], env=st.env, check=True,
-                       capture_output=True)
-        st.start_worker("default", "--beat")
-        st.start_worker("train")
-        st.start_worker("generate")
-        st.csra("api", "api")
-        st.wait_ready(("default", "train", "generate", "maintenance"))
+        st.boot((("default", "--beat"), ("train",), ("generate",)))
     except BaseException:
         st.stop()
         raise

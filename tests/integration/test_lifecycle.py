@@ -12,7 +12,7 @@ import pytest
 import redis
 from celery import Celery
 
-from tests.integration.helpers import import_path, wait_job
+from tests.integration.helpers import bitext_sample, import_path, wait_job
 from tests.stack import wait_until
 
 # on PostgreSQL too (tests/conftest.py), all but the long ones: a killed import retried to its end is
@@ -30,6 +30,12 @@ def big_csv(stack, bitext_path) -> Path:
     path = stack.root / "imports" / "big.csv"
     big.to_csv(path, index=False)
     return path
+
+
+@pytest.fixture(scope="module")
+def small_csv(stack, bitext_path) -> Path:
+    """270 rows of every intent: an import that finishes in a second or two, to show a stack takes work."""
+    return bitext_sample(stack.root / "imports", bitext_path, per_intent=10)
 
 
 def _consumer_control(stack, command: str, worker: str) -> bool:
@@ -117,7 +123,7 @@ def test_killed_twice_fails_with_a_clear_error(api, big_csv):
 
 
 @both_databases
-def test_redis_down_answers_503_and_creates_nothing(stack, api, bitext_path):
+def test_redis_down_answers_503_and_creates_nothing(stack, api, bitext_path, small_csv):
     jobs_before = api.get("/jobs").json()["count"]
     datasets_before = api.get("/datasets").json()["count"]
     stack.redis.stop()
@@ -131,11 +137,11 @@ def test_redis_down_answers_503_and_creates_nothing(stack, api, bitext_path):
     finally:
         stack.redis.start()
     stack.wait_ready(("default", "train"))
-    created = import_path(api, str(bitext_path))
+    created = import_path(api, str(small_csv))
     assert wait_job(api, created["job"]["id"])["status"] == "succeeded"
 
 
-def test_redis_restart_while_a_job_runs_keeps_worker_and_job(stack, api, big_csv, bitext_path):
+def test_redis_restart_while_a_job_runs_keeps_worker_and_job(stack, api, big_csv, small_csv):
     """A Redis restart mid-job: the worker reconnects (it does not die) and the running job finishes once."""
     created = import_path(api, str(big_csv))
     job_id = created["job"]["id"]
@@ -148,14 +154,14 @@ def test_redis_restart_while_a_job_runs_keeps_worker_and_job(stack, api, big_csv
     assert job["status"] == "succeeded" and job["attempts"] == 1, job
     assert worker.poll() is None, stack.logs()  # the same worker process, still alive
     stack.wait_ready(("default", "train"))
-    again = import_path(api, str(bitext_path))  # and it still takes new work
+    again = import_path(api, str(small_csv))  # and it still takes new work
     assert wait_job(api, again["job"]["id"])["status"] == "succeeded"
 
 
 @both_databases
-def test_message_lost_in_a_redis_restart_is_re_enqueued(stack, api, bitext_path):
+def test_message_lost_in_a_redis_restart_is_re_enqueued(stack, api, small_csv):
     name = _pause_default(stack, api)
-    created = import_path(api, str(bitext_path))
+    created = import_path(api, str(small_csv))
     job_id = created["job"]["id"]
     client = redis.Redis.from_url(stack.redis.url)
     assert client.llen("default") == 1

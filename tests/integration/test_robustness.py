@@ -9,8 +9,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -93,14 +91,7 @@ def limited(tmp_path_factory: pytest.TempPathFactory, bitext_path: Path) -> Iter
                     CSRA_STALE_AFTER_SECONDS="60", CSRA_HEARTBEAT_SECONDS="1")
     st = Stack(root=root, redis=server, env=env, api_port=port)
     try:
-        subprocess.run([sys.executable, "-m", "csra.cli", "migrate"], env=st.env, check=True, capture_output=True)
-        subprocess.run([sys.executable, "-m", "csra.cli", "models", "init", "--tiny"], env=st.env, check=True,
-                       capture_output=True)
-        st.start_worker("default")
-        st.start_worker("train")
-        st.start_worker("generate")
-        st.csra("api", "api")
-        st.wait_ready(("default", "train", "generate"))
+        st.boot((("default",), ("train",), ("generate",)))
         yield st
     finally:
         st.stop()

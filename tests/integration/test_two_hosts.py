@@ -14,8 +14,6 @@ import hashlib
 import importlib.util
 import json
 import shutil
-import subprocess
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,12 +63,7 @@ def hosts(tmp_path_factory: pytest.TempPathFactory, postgres: PostgresServer) ->
     a = _host(root / "host-a", redis, **shared)
     b = _host(root / "host-b", redis, **shared)
     try:
-        for cmd in (["migrate"], ["models", "init", "--tiny"]):  # once, from host A
-            subprocess.run([sys.executable, "-m", "csra.cli", *cmd], env=a.env, check=True, capture_output=True)
-        a.start_worker("default", "--beat")
-        a.start_worker("train")
-        a.csra("api", "api")
-        a.wait_ready(("default", "train", "maintenance"))
+        a.boot((("default", "--beat"), ("train",)))  # migrates and makes the baseline once, from host A
         yield Hosts(a, b, redis, store)
     finally:
         for host in (a, b):
