@@ -334,7 +334,7 @@ def stack_env(root: Path, redis_url: str, api_port: int, **extra: str) -> dict[s
         CSRA_LOST_MESSAGE_AFTER_SECONDS="3",
         CSRA_MAX_ATTEMPTS="2",
         CSRA_IMPORT_ROOTS=f'["{root / "imports"}"]',
-        CSRA_TORCH_THREADS="0",
+        CSRA_TORCH_THREADS="1",  # a core stays free for the rest (the UI tests drive a browser beside training)
         CSRA_MAX_UPLOAD_MB="2",
         CSRA_GEN_STREAM_EVERY_MS="0",  # the tests read every decoded piece (tests/workers/test_stream.py: coalescing)
         PYTHONUNBUFFERED="1",

@@ -31,7 +31,7 @@ class Up:
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("CSRA_")}
         self.env.update(CSRA_DATA_DIR=str(root / "var"), CSRA_API_PORT=str(self.port),
-                        CSRA_REDIS_PORT=str(self.redis_port), CSRA_TORCH_THREADS="0", CSRA_HEARTBEAT_SECONDS="0.5",
+                        CSRA_REDIS_PORT=str(self.redis_port), CSRA_TORCH_THREADS="1", CSRA_HEARTBEAT_SECONDS="0.5",
                         CSRA_STALE_AFTER_SECONDS="4", CSRA_REAP_INTERVAL_SECONDS="1",
                         CSRA_LOST_MESSAGE_AFTER_SECONDS="4", CSRA_MAX_ATTEMPTS="3", PYTHONUNBUFFERED="1")
         self.proc: subprocess.Popen[bytes] | None = None
