@@ -251,22 +251,14 @@ class Stack:
         finally:
             self.stop_proc(name)
 
-    def boot(self, workers: tuple[tuple[str, ...], ...], api: bool = True) -> None:
+    def boot(self, workers: tuple[tuple[str, ...], ...]) -> None:
         """Migrate the database, register a tiny random model as "baseline" (the real code paths, in
-        seconds), start ``workers`` (each ``(queue, *extra args)``) and the API, and wait until all answer.
-
-        The model is made while the processes start, not before: both are mostly imports, and the
-        machine's two cores take them together in about two thirds of the time one after the other."""
+        seconds), start ``workers`` (each ``(queue, *extra args)``) and the API, and wait until all answer."""
         self.run_cli("migrate")
-        init = subprocess.Popen([sys.executable, "-m", "csra.cli", "models", "init", "--tiny"], env=self.env,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        for queue, *extra in workers:
-            self.start_worker(queue, *extra)
-        if api:
+        with tiny_baseline(self.env):
+            for queue, *extra in workers:
+                self.start_worker(queue, *extra)
             self.csra("api", "api")
-        out, _ = init.communicate(timeout=120)
-        if init.returncode != 0:
-            raise RuntimeError(f"`csra models init --tiny` exited with {init.returncode}:\n{out.decode()[-3000:]}")
         beat = any("--beat" in extra for _, *extra in workers)  # that worker also runs the maintenance loop
         self.wait_ready(tuple(queue for queue, *_ in workers) + (("maintenance",) if beat else ()))
 
@@ -320,6 +312,21 @@ class Stack:
 
     def logs(self) -> str:
         return "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in self.root.glob("*.log"))
+
+
+@contextmanager
+def tiny_baseline(env: dict[str, str]) -> Iterator[None]:
+    """``csra models init --tiny`` (a tiny random model registered as "baseline") while the block starts
+    the stack's processes, then wait for it (it must succeed). Both are mostly imports: the machine's two
+    cores take them together in about two thirds of the time one after the other."""
+    init = subprocess.Popen([sys.executable, "-m", "csra.cli", "models", "init", "--tiny"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        yield
+    finally:
+        out, _ = init.communicate(timeout=120)
+    if init.returncode != 0:
+        raise RuntimeError(f"`csra models init --tiny` exited with {init.returncode}:\n{out.decode()[-3000:]}")
 
 
 def stack_env(root: Path, redis_url: str, api_port: int, **extra: str) -> dict[str, str]:

@@ -21,7 +21,7 @@ import psutil
 import pytest
 
 from tests.integration.helpers import wait_job
-from tests.stack import free_port, wait_until
+from tests.stack import free_port, tiny_baseline, wait_until
 
 
 class Up:
@@ -41,15 +41,10 @@ class Up:
 
     def start(self) -> None:
         self.csra("migrate")
-        # the tiny baseline is made while `csra up` starts its parts (both mostly imports: together they
-        # take the two cores), not before it
-        init = subprocess.Popen([sys.executable, "-m", "csra.cli", "models", "init", "--tiny"], env=self.env,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        log = (self.root / "up.log").open("wb")
-        self.proc = subprocess.Popen([sys.executable, "-m", "csra.cli", "up", "--no-ui", "--skip-model-init"],
-                                     env=self.env, stdout=log, stderr=subprocess.STDOUT)
-        out, _ = init.communicate(timeout=120)
-        assert init.returncode == 0, f"`csra models init --tiny` failed:\n{out.decode()[-3000:]}"
+        with tiny_baseline(self.env):  # made while `csra up` starts its parts
+            log = (self.root / "up.log").open("wb")
+            self.proc = subprocess.Popen([sys.executable, "-m", "csra.cli", "up", "--no-ui", "--skip-model-init"],
+                                         env=self.env, stdout=log, stderr=subprocess.STDOUT)
         wait_until(self.ready, 120, 0.5, "csra up")
 
     def health(self) -> dict[str, Any]:
