@@ -30,6 +30,19 @@ CSS = """
 .csra-estimate {font-size: var(--text-sm); margin-top: 4px}
 """
 
+# Escape leaves a dropdown. Gradio 6.31's Dropdown closes its list on Escape but keeps the focus,
+# and it opens the list only on a focus event: the next click opened nothing, and a focused box
+# never showed its choices' new labels (the Train tab's "● running 45%"). Leaving the box closes the
+# list and puts back the selected choice's label, which is what Escape means there anyway.
+HEAD = """<script>
+document.addEventListener("keydown", (e) => {
+  const box = e.target;
+  if (e.key === "Escape" && box instanceof HTMLInputElement && box.getAttribute("role") === "combobox") {
+    setTimeout(() => box.blur(), 0);
+  }
+}, true);
+</script>"""
+
 
 def load_header() -> str:
     c = client()
@@ -134,6 +147,7 @@ def launch(host: str, port: int) -> None:
         server_port=port,
         show_error=True,
         css=CSS,
+        head=HEAD,
         footer_links=["api"],
         auth=sign_in if login else None,
         auth_message="Sign in with your key's name and the key `csra keys create` printed for you." if login else None,

@@ -122,6 +122,16 @@ def test_the_train_tab_follows_every_training_job(page, ui_url, stack):
         except TimeoutError:
             raise AssertionError(f"job {cli_job} {name} not listed; the list showed {seen[-3:]}") from None
         expect(followed).to_have_value(re.compile(rf"^#{mine} "))
+        # Escape closes the list and the next click opens it again (the UI's `HEAD` script: Gradio
+        # alone kept the focus on Escape, and the click opened nothing)
+        options = page.get_by_role("option")
+        followed.click()
+        expect(options.filter(has_text=f"#{cli_job} {name}")).to_be_visible()
+        page.keyboard.press("Escape")
+        expect(options).to_have_count(0)
+        followed.click()
+        expect(options.filter(has_text=f"#{cli_job} {name}")).to_be_visible()
+        followed.blur()
 
         # Cancel works on the followed job (and frees the train worker for the CLI's)
         page.locator("#train-cancel").click()
