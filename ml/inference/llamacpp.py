@@ -37,6 +37,12 @@ in a batch of 16, 15 of 16 the same as csra's torch engine.
 Why one unified KV cache with flash attention (llama.cpp's default, "auto"): measured on the 2-core
 machine, 1 thread, SmolLM2 f16, 16 concurrent 32-token replies: 106 tokens/s aggregate (67 alone);
 with one KV cache per sequence (``kv_unified`` off) 68 tokens/s, with flash attention off 87.
+Measured again on a 2-core Zen 3 (2026-12-04, 2 threads, the 16 chat prompts of ``bench/generate.py``,
+64 tokens, the two layouts alternated in one process): a KV stream per sequence, with the running
+sequences kept at consecutive ids (what llama.cpp needs to decode streams together) and prompt starts
+copied between streams, was 0.94x the unified cache's tokens/s at 2,048 cells a sequence and 1.07x
+at 512. Its attention scans only its own cells (1.15x in a bare llama_decode loop), but llama.cpp copies
+only whole streams, and the prefix cache and the compaction copy one at almost every join and finish.
 """
 
 from __future__ import annotations
