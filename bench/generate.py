@@ -322,6 +322,8 @@ def main() -> None:
     p.add_argument("--poll", type=float, default=None, metavar="SECONDS",
                    help="poll GET /jobs/{id} at this interval instead of waiting on the SSE stream")
     args = p.parse_args()
+    if args.rounds < 1:
+        p.error(f"--rounds must be at least 1, not {args.rounds}")
     global POLL_INTERVAL, WAIT_LABEL
     POLL_INTERVAL = args.poll
     WAIT_LABEL = "the SSE stream" if args.poll is None else f"polling every {args.poll * 1000:.0f} ms"
