@@ -31,6 +31,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -247,61 +248,81 @@ def llamacpp_in_process(model_dir: Path, gguf: Path, threads: int | None = None
         yield one
 
 
+@dataclass
+class OneAtATime:
+    """Each backend's requests one after the other: p50 ms, tokens/s, and how many texts equal the first
+    backend's; and the f16 file called in this process right after each message (empty without f16)."""
+
+    p50_ms: dict[str, float] = field(default_factory=dict)
+    tokens_per_s: dict[str, float] = field(default_factory=dict)
+    same: dict[str, int] = field(default_factory=dict)
+    direct_ms: list[float] = field(default_factory=list)
+
+
+def one_at_a_time(c: httpx.Client, model: str, model_dir: Path, msgs: list[str], max_new: int, chosen: list[str],
+                  threads: int | None) -> OneAtATime:
+    out = OneAtATime()
+    reference: list[str] = []
+    with contextlib.ExitStack() as stack:
+        # llama.cpp f16 called in this process, each message right after the same message through the
+        # stack: the 1.2x goal's ratio, with both sides measured in the same minute
+        direct = stack.enter_context(llamacpp_in_process(model_dir, model_dir / "exports" / f"{model}-f16.gguf",
+                                                         threads)) if F16 in chosen else None
+        for backend in chosen:
+            end_to_end(c, model, msgs[0], max_new, backend)  # warm: loaded once
+            runs = []
+            for m in msgs:
+                runs.append(end_to_end(c, model, m, max_new, backend))
+                if backend == F16 and direct is not None:
+                    out.direct_ms.append(direct(m, max_new))
+            texts = [d["result"]["raw_text"] for _, d in runs]
+            reference = reference or texts  # the first backend's (torch's, by default)
+            out.tokens_per_s[backend] = (sum(d["result"]["completion_tokens"] for _, d in runs)
+                                         / (sum(ms for ms, _ in runs) / 1000))
+            out.p50_ms[backend] = p50([ms for ms, _ in runs])
+            out.same[backend] = sum(a == b for a, b in zip(texts, reference, strict=True))
+    return out
+
+
+def interleaved_bursts(c: httpx.Client, url: str, model: str, n: int, max_new: int, chosen: list[str],
+                       rounds: int) -> dict[str, list[tuple[float, int]]]:
+    """n at once: one burst of every backend per round, rounds one after the other. The shared 2-core
+    machines drift by 20-30% from one minute to the next, so bursts measured a backend at a time would
+    compare one backend's good minutes with another's bad ones; within a round they share them."""
+    bursts: dict[str, list[tuple[float, int]]] = {b: [] for b in chosen}
+    for _ in range(rounds):
+        for backend in chosen:
+            bursts[backend].append(concurrent_tokens_per_second(c, url, model, n, max_new, backend))
+    return bursts
+
+
 def backends(c: httpx.Client, url: str, model: str, model_dir: Path, n: int, max_new: int,
              chosen: list[str], threads: int | None, rounds: int) -> None:
     import platform
 
     ensure_exports(c, model)
-    msgs = MESSAGES[:n]
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())
     print(f"\nbackends: {model}, {n} messages one at a time and {n} at once, greedy, max_new_tokens {max_new}, "
           f"waiting by {WAIT_LABEL}; CPU {cpu}, {len(__import__('os').sched_getaffinity(0))} cores")
     print(f"   {'backend':<17}{'p50 ms/request':>15}{'tokens/s alone':>16}{f'tokens/s x{n}':>15}"
           f"{'max batch':>10}{'same text as torch':>20}   x{n} vs {chosen[0]}")
-    reference: list[str] = []
-    stack_p50: dict[str, float] = {}
-    alone: dict[str, float] = {}
-    same: dict[str, int] = {}
-    direct_ms: list[float] = []
-    gguf = model_dir / "exports" / f"{model}-f16.gguf"
-    with contextlib.ExitStack() as stack:
-        # llama.cpp f16 called in this process, each message right after the same message through the
-        # stack: the 1.2x goal's ratio, with both sides measured in the same minute
-        direct = stack.enter_context(llamacpp_in_process(model_dir, gguf, threads)) if F16 in chosen else None
-        for backend in chosen:  # one request at a time
-            end_to_end(c, model, msgs[0], max_new, backend)  # warm: loaded once
-            runs = []
-            for m in msgs:
-                runs.append(end_to_end(c, model, m, max_new, backend))
-                if backend == F16 and direct is not None:
-                    direct_ms.append(direct(m, max_new))
-            texts = [d["result"]["raw_text"] for _, d in runs]
-            reference = reference or texts  # the first backend's (torch's, by default)
-            alone[backend] = sum(d["result"]["completion_tokens"] for _, d in runs) / (sum(ms for ms, _ in runs) / 1000)
-            stack_p50[backend] = p50([ms for ms, _ in runs])
-            same[backend] = sum(a == b for a, b in zip(texts, reference, strict=True))
-    # n at once: one burst of every backend per round, rounds one after the other. The shared 2-core
-    # machines drift by 20-30% from one minute to the next, so bursts measured a backend at a time
-    # would compare one backend's good minutes with another's bad ones; within a round they share them.
-    bursts: dict[str, list[tuple[float, int]]] = {b: [] for b in chosen}
-    for _ in range(rounds):
-        for backend in chosen:
-            bursts[backend].append(concurrent_tokens_per_second(c, url, model, n, max_new, backend))
+    alone = one_at_a_time(c, model, model_dir, MESSAGES[:n], max_new, chosen, threads)
+    bursts = interleaved_bursts(c, url, model, n, max_new, chosen, rounds)
     first = chosen[0]
     for backend in chosen:
         tps = [t for t, _ in bursts[backend]]
         vs = [t / f for t, (f, _) in zip(tps, bursts[first], strict=True)]
         versus = "" if backend == first else f"{p50(vs):>7.2f}x ({min(vs):.2f}-{max(vs):.2f})"
-        print(f"   {backend:<17}{stack_p50[backend]:>15.0f}{alone[backend]:>16.1f}{p50(tps):>15.1f}"
-              f"{max(b for _, b in bursts[backend]):>10}{same[backend]:>17}/{n}   {versus}")
+        print(f"   {backend:<17}{alone.p50_ms[backend]:>15.0f}{alone.tokens_per_s[backend]:>16.1f}{p50(tps):>15.1f}"
+              f"{max(b for _, b in bursts[backend]):>10}{alone.same[backend]:>17}/{n}   {versus}")
     print(f"   (x{n}: the median of {rounds} bursts; vs {first}: the median and range of the ratios within a round; "
           f"every burst: {', '.join(f'{b} ' + ' '.join(f'{t:.0f}' for t, _ in bursts[b]) for b in chosen)})")
-    if not direct_ms:
+    if not alone.direct_ms:
         return
-    ratio = stack_p50[F16] / p50(direct_ms)
+    ratio = alone.p50_ms[F16] / p50(alone.direct_ms)
     print(f"   llama.cpp f16 in this process ({threads or 'all'} threads), each message right after it went through "
-          f"the stack: p50 {p50(direct_ms):.0f} ms/request; through the stack {ratio:.2f}x "
+          f"the stack: p50 {p50(alone.direct_ms):.0f} ms/request; through the stack {ratio:.2f}x "
           f"[{'meets' if ratio <= 1.2 else 'MISSES'} the 1.2x goal]")
 
 
