@@ -47,6 +47,10 @@ class Settings(BaseSettings):
         validation_alias=AliasChoices("CSRA_REAP_INTERVAL_SECONDS", "CSRA_SWEEP_INTERVAL_SECONDS",
                                       "reap_interval_seconds"),
     )
+    consumer_stall_seconds: float = Field(
+        30.0, gt=0, description="a worker with room that took none of the messages waiting in its queues this long "
+        "reconnects its consumer (workers.watchdog)"
+    )
     lost_message_after_seconds: float = Field(
         30.0, gt=0, description="a queued job whose message is nowhere in Redis this long is re-sent"
     )

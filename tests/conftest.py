@@ -96,6 +96,17 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         metafunc.parametrize("stack", marker.args, indirect=True, scope="module")
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[pytest.TestReport]:
+    """A failing test (or fixture) that ran against a stack shows the tail of that stack's process logs: a
+    worker that stopped taking jobs is otherwise only a timeout (the logs go when the stack does)."""
+    report: pytest.TestReport = yield
+    st = getattr(item, "funcargs", {}).get("stack")
+    if report.failed and isinstance(st, Stack):
+        report.sections.append(("stack logs", st.logs()))
+    return report
+
+
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "databases(*names): run the module's stack tests on each database "
                             "(sqlite, postgresql)")

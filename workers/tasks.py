@@ -18,9 +18,11 @@ from db.jobs import JobKind
 from workers import runner
 from workers.handlers.imports import handle_import  # preloaded before the pool forks (pandas is slow to import)
 from workers.presence import Presence
+from workers.watchdog import ConsumerWatchdog
 
 app = get_celery()
 app.steps["worker"].add(Presence)
+app.steps["consumer"].add(ConsumerWatchdog)
 
 
 class JobTask(Task):
