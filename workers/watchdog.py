@@ -3,16 +3,16 @@
 Celery's Redis consumer has a long record of going quiet after a broker reconnect: the process is
 up, its event loop turns (its presence key stays fresh, so ``GET /health`` lists it), and the jobs
 wait in its queue for good (celery #8030, #8091, #9054, #10205; #10302 still saw it on 5.6.3). Our
-CI saw a worker that looked like it once on Celery 5.7: after its pool processes were killed twice and
-Redis restarted, the default worker started nothing more for the rest of the run (its logs were not
-kept; ``tests/conftest.py`` now attaches a stack's logs to a failing test). Nothing in Celery
-notices; a person restarts the worker. This step notices instead, from inside the event loop,
-every ``CHECK_SECONDS``: when one of the queues this consumer consumes has held a message for
+CI saw a worker that looked like it once on Celery 5.7: after its pool processes were killed twice
+and Redis restarted, the default worker started nothing more for the rest of the run (its logs were
+not kept; ``tests/conftest.py`` now attaches a stack's logs to a failing test). Nothing in Celery
+notices; a person restarts the worker. This step notices instead, from inside the event loop, every
+``CHECK_SECONDS``: when one of the queues this consumer consumes has held a message for
 ``consumer_stall_seconds`` while the worker had room for it (it held fewer messages than its
-prefetch limit) and received none, the consumer is restarted through Celery's own lost-connection path, as a Redis restart would: a connection error
-raised from a timer of the event loop propagates out of it (``Hub.propagate_errors``), Celery closes
-the connection, reconnects and consumes again. Jobs that are running keep running
-(``worker_cancel_long_running_tasks_on_connection_loss`` is off).
+prefetch limit) and received none, the consumer is restarted through Celery's own lost-connection
+path, as a Redis restart would: a connection error raised from a timer of the event loop propagates
+out of it (``Hub.propagate_errors``), Celery closes the connection, reconnects and consumes again.
+Jobs that are running keep running (``worker_cancel_long_running_tasks_on_connection_loss`` is off).
 
 Written here, not taken from a library: the check needs Celery's consumer internals (its queues, its
 prefetch limit, the requests it holds) and its event loop, which only a bootstep sees.
