@@ -30,6 +30,7 @@ from celery.signals import task_received
 from celery.worker.state import reserved_requests
 from redis.exceptions import ConnectionError as RedisConnectionError
 
+from csra.redis_conn import get_redis
 from csra.settings import get_settings
 
 logger = logging.getLogger(__name__)
@@ -86,15 +87,11 @@ class ConsumerWatchdog(bootsteps.StartStopStep):
     def __init__(self, c: Any, **kwargs: Any) -> None:
         self.tref: Any = None
         self.clock = StallClock(get_settings().consumer_stall_seconds)
-        self.client: redis.Redis | None = None
         self.consumer: Any = None
 
     def start(self, c: Any) -> None:
         self.consumer = c
         self.clock.since = None
-        if self.client is None:
-            self.client = redis.Redis.from_url(get_settings().effective_redis_url, socket_timeout=2,
-                                               socket_connect_timeout=2)
         task_received.connect(self._received, sender=c, weak=False)
         if self.tref is not None:
             self.tref.cancel()
@@ -114,12 +111,13 @@ class ConsumerWatchdog(bootsteps.StartStopStep):
         ``cancel_consumer`` is not one of them), and those queues' names."""
         c = self.consumer
         task_consumer = getattr(c, "task_consumer", None)
-        if task_consumer is None or self.client is None:
+        if task_consumer is None:
             return 0, []
         names = [q.name for q in task_consumer.queues if task_consumer.consuming_from(q.name)]
         # kombu keeps a Redis queue's messages in a list named after it (messages sent with a priority
         # go to suffixed lists; csra sends none)
-        return sum(int(self.client.llen(name)) for name in names), names
+        client = get_redis()  # the process's client (csra.redis_conn): short timeouts, reconnects by itself
+        return sum(int(client.llen(name)) for name in names), names
 
     def _check(self) -> None:
         c = self.consumer
