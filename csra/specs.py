@@ -154,7 +154,8 @@ class TrainSpec(_Spec):
 
 
 # llamacpp serves the first export in CSRA_GEN_GGUF_PREFERENCE; llamacpp:<quantization> that export
-Backend = Literal["auto", "torch", "llamacpp", "llamacpp:f16", "llamacpp:q8_0", "llamacpp:q4_k_m", "llamacpp:q4_0"]
+Backend = Literal["auto", "torch", "llamacpp", "llamacpp:f16", "llamacpp:bf16", "llamacpp:q8_0", "llamacpp:q4_k_m",
+                  "llamacpp:q4_0"]
 
 
 class GenerationSettings(_Spec):
@@ -231,7 +232,7 @@ class GenerateSpec(GenerateRequest):
     reply_to: ReplyTo | None = Field(None, description="the chat's assistant turn this job answers")
 
 
-GgufQuantization = Literal["f16", "q8_0", "q4_k_m", "q4_0"]
+GgufQuantization = Literal["f16", "bf16", "q8_0", "q4_k_m", "q4_0"]
 # the Hugging Face architectures ml.export converts to GGUF (checked against it by its tests)
 GGUF_ARCHITECTURES = ("LlamaForCausalLM",)
 EXPORTS_DIR = "exports"  # the folder inside a model's store folder that holds its exported files
@@ -261,6 +262,7 @@ class EvaluateSpec(_Spec):
     temperature: float = Field(0.0, ge=0, le=2)
     batch_size: int = Field(16, ge=1, le=128)
     seed: int = 42
-    backend: Literal["torch", "llamacpp:f16", "llamacpp:q8_0", "llamacpp:q4_k_m", "llamacpp:q4_0"] = Field(
+    backend: Literal["torch", "llamacpp:f16", "llamacpp:bf16", "llamacpp:q8_0", "llamacpp:q4_k_m",
+                     "llamacpp:q4_0"] = Field(
         "torch", description="torch: csra's engine (exact: greedy text the same alone or batched); llamacpp:<q>: "
         "each model's GGUF export at that quantization, to measure what serving it through llama.cpp costs")

@@ -34,7 +34,8 @@ class ExportRequest(BaseModel):
 
     format: Literal["gguf"] = Field("gguf", description="GGUF: llama.cpp, Ollama, LM Studio")
     quantization: GgufQuantization = Field("f16", description=(
-        "f16 (exact), q8_0, q4_k_m or q4_0 (smaller, approximate; q4_0 decodes fastest in batches on x86)"))
+        "f16 (exact), bf16 (the fastest on CPUs with AVX512_BF16, where llama.cpp was built for them), q8_0, "
+        "q4_k_m or q4_0 (smaller, approximate; q4_0 decodes fastest in batches on x86)"))
 
 
 class ModelFile(BaseModel):

@@ -26,6 +26,7 @@ from ml.export import llama
 from ml.export.errors import ExportError, UnsupportedArchitecture
 from ml.export.source import ExportSource, is_lora_adapter, load_source, read_config
 from ml.export.vocab import add_vocab
+from ml.inference.llamacpp_build import unusable_reason
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +39,7 @@ SUPPORTED_ARCHITECTURES: dict[str, str] = {"LlamaForCausalLM": llama.ARCH_NAME}
 
 _FILE_TYPES: dict[Quantization, gguf.LlamaFileType] = {
     "f16": gguf.LlamaFileType.MOSTLY_F16,
+    "bf16": gguf.LlamaFileType.MOSTLY_BF16,
     "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
     "q4_k_m": gguf.LlamaFileType.MOSTLY_Q4_K_M,
     "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0,
@@ -82,21 +84,22 @@ def architecture_of(config: dict[str, Any]) -> str:
 
 
 def llama_cpp_quantizer_available() -> bool:
-    """Whether llama-cpp-python (llama.cpp's quantizer, needed for ``q4_k_m``) is installed."""
-    try:
-        import llama_cpp  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    """Whether llama.cpp's quantizer (needed for ``q4_k_m``) can run here: llama-cpp-python installed
+    and built for a CPU this one covers (``ml.inference.llamacpp_build``)."""
+    return unusable_reason() is None
 
 
 # --------------------------------------------------------------------------- writing
 
 
 def _encode(name: str, data: np.ndarray, quantization: Quantization) -> tuple[np.ndarray, gguf.GGMLQuantizationType]:
-    """A tensor in the file's type: norms and 1-D tensors F32 (as llama.cpp wants), the rest F16 or Q8_0."""
+    """A tensor in the file's type: norms and 1-D tensors F32 (as llama.cpp wants), the rest F16, BF16 or
+    Q8_0 (``gguf.quants`` rounds to BF16 as convert_hf_to_gguf does: to nearest even)."""
     if data.ndim <= 1 or name.endswith("_norm.weight"):
         return data.astype(np.float32), gguf.GGMLQuantizationType.F32
+    if quantization == "bf16":
+        bf16 = gguf.GGMLQuantizationType.BF16
+        return gguf.quants.quantize(data.astype(np.float32), bf16), bf16
     if quantization == "q8_0":
         try:
             return gguf.quants.quantize(data, gguf.GGMLQuantizationType.Q8_0), gguf.GGMLQuantizationType.Q8_0
@@ -105,9 +108,9 @@ def _encode(name: str, data: np.ndarray, quantization: Quantization) -> tuple[np
     return data.astype(np.float16), gguf.GGMLQuantizationType.F16
 
 
-def write_gguf(source: ExportSource, path: Path, quantization: Literal["f16", "q8_0"],
+def write_gguf(source: ExportSource, path: Path, quantization: Literal["f16", "bf16", "q8_0"],
                progress: Progress | None = None) -> None:
-    """Write ``source`` as one GGUF file at ``path`` (F16 or Q8_0 weights), metadata first."""
+    """Write ``source`` as one GGUF file at ``path`` (F16, BF16 or Q8_0 weights), metadata first."""
     writer = gguf.GGUFWriter(path=None, arch=llama.ARCH_NAME)
     writer.add_type(gguf.GGUFType.MODEL)
     writer.add_name(source.name)
@@ -129,11 +132,11 @@ def write_gguf(source: ExportSource, path: Path, quantization: Literal["f16", "q
 
 def quantize_with_llama_cpp(src: Path, dst: Path, quantization: Quantization) -> None:
     """Re-quantize the F16 GGUF ``src`` into ``dst`` with llama.cpp's quantizer (K-quant recipes)."""
-    try:
-        import llama_cpp
-    except ImportError as exc:
-        raise ExportError(f"{quantization} needs llama.cpp's quantizer, which is not installed: {LLAMA_CPP_HINT}") \
-            from exc
+    reason = unusable_reason()
+    if reason is not None:
+        raise ExportError(f"{quantization} needs llama.cpp's quantizer: {reason}")
+    import llama_cpp
+
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = int(_FILE_TYPES[quantization])
     params.nthread = 0  # llama.cpp: all hardware threads
@@ -191,7 +194,7 @@ def export_gguf(
 ) -> GgufExport:
     """Export the causal LM in ``model_dir`` (a model folder or a LoRA adapter folder) to ``out_path``.
 
-    ``quantization``: ``f16``, ``q8_0`` (both written in Python by ``gguf``), ``q4_k_m`` or ``q4_0`` (an
+    ``quantization``: ``f16``, ``bf16``, ``q8_0`` (written in Python by ``gguf``), ``q4_k_m`` or ``q4_0`` (an
     F16 file re-quantized by llama.cpp; needs llama-cpp-python). ``progress(fraction, stage)`` is called
     along the way (raising in it aborts the export and leaves nothing behind). ``base_model``: the
     base model folder of a LoRA adapter whose config does not name a local one.
@@ -203,9 +206,9 @@ def export_gguf(
     architecture = architecture_of(config)
     llama.check_config(config)
     requantized = quant in LLAMA_CPP_QUANTIZED
-    if requantized and not llama_cpp_quantizer_available():
+    if requantized and (reason := unusable_reason()) is not None:
         raise ExportError(f"{quant} needs llama.cpp's quantizer (gguf {gguf_version()} has no Python quantizer "
-                          f"for it), which is not installed: {LLAMA_CPP_HINT}")
+                          f"for it): {reason}. Elsewhere: {LLAMA_CPP_HINT}")
 
     def report(fraction: float, stage: str) -> None:
         if progress is not None:

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from ml.inference.llamacpp_build import unusable_reason
 from ml.inference.tokens import StopTokens, stop_tokens
 from ml.prompting import end_token_ids
 from models_store.loading import LoadedModel
@@ -122,6 +123,8 @@ class _Model:
     """
 
     def __init__(self, path: str, n_ctx: int, n_seq_max: int, n_threads: int) -> None:
+        if (reason := unusable_reason()) is not None:  # before the import: it runs the build's code
+            raise LlamaCppLoadError(f"cannot load GGUF model {path}: {reason}")
         import llama_cpp
 
         self.lib = llama_cpp

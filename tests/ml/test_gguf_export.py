@@ -41,7 +41,7 @@ def tiny(tiny_causal: Path) -> LoadedModel:  # noqa: F811
 @pytest.fixture(scope="module")
 def exports(tiny_causal: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, GgufExport]:  # noqa: F811
     out = tmp_path_factory.mktemp("gguf")
-    return {q: export_gguf(tiny_causal, out / f"tiny-{q}.gguf", q) for q in ("f16", "q8_0")}
+    return {q: export_gguf(tiny_causal, out / f"tiny-{q}.gguf", q) for q in ("f16", "bf16", "q8_0")}
 
 
 def _open(llama_cpp: Any, path: Path) -> Any:
@@ -71,7 +71,7 @@ def _greedy(llm: Any, ids: list[int], n: int, stop: frozenset[int]) -> list[int]
 # --------------------------------------------------------------------------- the file
 
 
-@pytest.mark.parametrize("quantization", ["f16", "q8_0"])
+@pytest.mark.parametrize("quantization", ["f16", "bf16", "q8_0"])
 def test_metadata_has_the_chat_template_csra_renders_with(exports: dict[str, GgufExport], tiny: LoadedModel,
                                                          quantization: str) -> None:
     result = exports[quantization]
@@ -89,7 +89,7 @@ def test_metadata_has_the_chat_template_csra_renders_with(exports: dict[str, Ggu
     assert meta["llama.block_count"] == config.num_hidden_layers
     assert meta["llama.attention.head_count_kv"] == config.num_key_value_heads
     assert meta["llama.context_length"] == config.max_position_embeddings
-    weights = "Q8_0" if quantization == "q8_0" else "F16"
+    weights = {"q8_0": "Q8_0", "bf16": "BF16"}.get(quantization, "F16")
     assert set(result.tensor_types) == {weights, "F32"}  # norms stay F32; tied embeddings: no output.weight
 
 
@@ -101,9 +101,9 @@ def test_unsupported_architecture_names_it_and_the_supported_ones(tiny_seq2seq: 
 
 
 def test_unknown_quantization_is_a_value_error(tiny_causal: Path, tmp_path: Path) -> None:  # noqa: F811
-    with pytest.raises(ValueError, match=r"unknown GGUF quantization 'q3'.*f16, q8_0, q4_k_m"):
+    with pytest.raises(ValueError, match=r"unknown GGUF quantization 'q3'.*f16, bf16, q8_0, q4_k_m"):
         export_gguf(tiny_causal, tmp_path / "x.gguf", "q3")  # type: ignore[arg-type]
-    assert QUANTIZATIONS == ("f16", "q8_0", "q4_k_m", "q4_0")
+    assert QUANTIZATIONS == ("f16", "bf16", "q8_0", "q4_k_m", "q4_0")
 
 
 def test_a_failed_export_leaves_the_old_file_and_no_temporary_one(tiny_causal: Path, tmp_path: Path) -> None:  # noqa: F811
@@ -144,7 +144,7 @@ def test_the_transcript_template_renders_like_csra_without_a_chat_template(tiny:
 # --------------------------------------------------------------------------- run by llama.cpp
 
 
-@pytest.mark.parametrize("quantization", ["f16", "q8_0"])
+@pytest.mark.parametrize("quantization", ["f16", "bf16", "q8_0"])
 def test_llama_cpp_runs_the_export_like_csra(llama_cpp: Any, exports: dict[str, GgufExport], tiny: LoadedModel,
                                              quantization: str) -> None:
     llm = _open(llama_cpp, exports[quantization].path)
@@ -243,4 +243,4 @@ def test_the_api_and_the_converter_agree_on_what_exports() -> None:
     from ml.export import QUANTIZATIONS, SUPPORTED_ARCHITECTURES
 
     assert set(GGUF_ARCHITECTURES) == set(SUPPORTED_ARCHITECTURES)
-    assert QUANTIZATIONS == ("f16", "q8_0", "q4_k_m", "q4_0")
+    assert QUANTIZATIONS == ("f16", "bf16", "q8_0", "q4_k_m", "q4_0")

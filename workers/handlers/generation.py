@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import importlib.util
 import logging
 import threading
 import time
@@ -40,6 +39,7 @@ from csra.specs import DEFAULT_INSTRUCTION, RETRIEVAL, GenerateSpec, Grounding
 from csra.streams import publish_start
 from db.models import Setting
 from db.session import session_scope
+from ml.inference.llamacpp_build import native_bf16, unusable_reason
 from ml.memory.grounding import allowed_slots, outside_contract
 from ml.memory.memory import INTENT_VOTERS, Hit, vote
 from models_store.naming import preferred_gguf
@@ -98,8 +98,10 @@ def llamacpp_engine() -> LlamaCppEngine:
         return _llama_engine
 
 
-def llamacpp_installed() -> bool:
-    return importlib.util.find_spec("llama_cpp") is not None
+def serving_order(preference: list[str]) -> list[str]:
+    """``CSRA_GEN_GGUF_PREFERENCE`` as this worker applies it: bf16 only where llama.cpp multiplies it with
+    the CPU's bf16 dot products (elsewhere it is slower than f16 and less exact)."""
+    return [q for q in preference if q != "bf16" or native_bf16()]
 
 
 def choose_backend(spec: GenerateSpec, row: dict[str, Any]) -> tuple[str, Path | None]:
@@ -116,15 +118,18 @@ def choose_backend(spec: GenerateSpec, row: dict[str, Any]) -> tuple[str, Path |
             raise  # llama.cpp was asked for: an unreachable store retries the job, a corrupt export fails it
         logger.warning("the model store's exports of %s cannot be fetched: serving it with what this host has",
                        row["name"], exc_info=True)
-    gguf = preferred_gguf(Path(row["path"]), [quant] if quant else s.gen_gguf_preference)
+    gguf = preferred_gguf(Path(row["path"]), [quant] if quant else serving_order(s.gen_gguf_preference))
+    unusable = unusable_reason()
     if asked == "auto":
-        return ("llamacpp", gguf) if gguf is not None and llamacpp_installed() else ("torch", None)
+        if gguf is not None and unusable is not None:
+            logger.warning("serving %s through torch, not its GGUF export: %s", row["name"], unusable)
+        return ("llamacpp", gguf) if gguf is not None and unusable is None else ("torch", None)
     if gguf is None:
         raise JobError(f"model {row['name']!r} has no GGUF export{' at ' + quant if quant else ''} for llama.cpp to "
                        f"serve: POST /models/{row['name']}/export (or csra models export {row['name']}) makes one; "
                        "or ask for backend torch")
-    if not llamacpp_installed():
-        raise JobError("backend llamacpp needs llama-cpp-python on the generate worker (make setup builds it); "
+    if unusable is not None:
+        raise JobError(f"backend llamacpp cannot run on this generate worker: {unusable}; "
                        "ask for backend torch meanwhile")
     return "llamacpp", gguf
 
