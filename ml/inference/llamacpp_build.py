@@ -19,6 +19,7 @@ other), which is one line of that file; off Linux there is no check (``None``).
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import sys
 from pathlib import Path
@@ -37,6 +38,7 @@ def isa_flags(cpuinfo: str) -> frozenset[str]:
     return frozenset()
 
 
+@functools.cache  # asked before every llama.cpp job; the CPU does not change under a running process
 def this_cpu() -> frozenset[str] | None:
     """This CPU's instruction-set flags; ``None`` where ``/proc/cpuinfo`` cannot be read (not Linux)."""
     try:
