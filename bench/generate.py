@@ -16,8 +16,8 @@ With ``--backends``, instead, side by side in one run for torch and llama.cpp at
 the whole stack (API, queue, worker, SSE), 16 concurrent requests' aggregate tokens/s (``--rounds``
 rounds, one burst of every backend per round: the median of each backend's bursts, and the median of
 its ratios to the first backend's burst of the same round), and greedy agreement with torch; and
-llama.cpp called in this process on the f16 file, each message right after the same message went
-through the stack (the 1.2x goal). Interleaved because these shared 2-core machines drift by 20-30%
+llama.cpp called in this process on the ``--direct`` file (default f16), each message right after the same
+message went through the stack (the 1.2x goal). Interleaved because these shared 2-core machines drift by 20-30%
 from one minute to the next: measured a backend at a time, the same code gave 1.04x and 1.39x.
 """
 
@@ -173,8 +173,7 @@ def first_token(url: str, headers: dict[str, str], model: str, n: int, max_new: 
     print(f"\n3. time to first streamed token p50: {p50(ttft):.1f} ms (n={len(ttft)})")
 
 
-F16 = "llamacpp:f16"
-BACKENDS = ["torch", F16, "llamacpp:bf16", "llamacpp:q8_0", "llamacpp:q4_k_m", "llamacpp:q4_0"]
+BACKENDS = ["torch", "llamacpp:f16", "llamacpp:bf16", "llamacpp:q8_0", "llamacpp:q4_k_m", "llamacpp:q4_0"]
 
 
 def ensure_exports(c: httpx.Client, model: str, chosen: list[str]) -> None:
@@ -252,7 +251,8 @@ def llamacpp_in_process(model_dir: Path, gguf: Path, threads: int | None = None
 @dataclass
 class OneAtATime:
     """Each backend's requests one after the other: p50 ms, tokens/s, and how many texts equal the first
-    backend's; and the f16 file called in this process right after each message (empty without f16)."""
+    backend's; and the --direct file called in this process right after each message (empty when that
+    backend is not among those measured)."""
 
     p50_ms: dict[str, float] = field(default_factory=dict)
     tokens_per_s: dict[str, float] = field(default_factory=dict)
@@ -261,20 +261,21 @@ class OneAtATime:
 
 
 def one_at_a_time(c: httpx.Client, model: str, model_dir: Path, msgs: list[str], max_new: int, chosen: list[str],
-                  threads: int | None) -> OneAtATime:
+                  threads: int | None, direct_quant: str = "f16") -> OneAtATime:
     out = OneAtATime()
     reference: list[str] = []
     with contextlib.ExitStack() as stack:
-        # llama.cpp f16 called in this process, each message right after the same message through the
-        # stack: the 1.2x goal's ratio, with both sides measured in the same minute
-        direct = stack.enter_context(llamacpp_in_process(model_dir, model_dir / "exports" / f"{model}-f16.gguf",
-                                                         threads)) if F16 in chosen else None
+        # llama.cpp called in this process on the --direct file, each message right after the same message
+        # through the stack: the 1.2x goal's ratio, with both sides measured in the same minute
+        served = f"llamacpp:{direct_quant}"
+        gguf = model_dir / "exports" / f"{model}-{direct_quant}.gguf"
+        direct = stack.enter_context(llamacpp_in_process(model_dir, gguf, threads)) if served in chosen else None
         for backend in chosen:
             end_to_end(c, model, msgs[0], max_new, backend)  # warm: loaded once
             runs = []
             for m in msgs:
                 runs.append(end_to_end(c, model, m, max_new, backend))
-                if backend == F16 and direct is not None:
+                if backend == served and direct is not None:
                     out.direct_ms.append(direct(m, max_new))
             failed = next((d for _, d in runs if d.get("result") is None), None)
             if failed is not None:
@@ -301,7 +302,7 @@ def interleaved_bursts(c: httpx.Client, url: str, model: str, n: int, max_new: i
 
 
 def backends(c: httpx.Client, url: str, model: str, model_dir: Path, n: int, max_new: int,
-             chosen: list[str], threads: int | None, rounds: int) -> None:
+             chosen: list[str], threads: int | None, rounds: int, direct_quant: str = "f16") -> None:
     import platform
 
     ensure_exports(c, model, chosen)
@@ -316,7 +317,7 @@ def backends(c: httpx.Client, url: str, model: str, model_dir: Path, n: int, max
           "this CPU" + (" with AVX512_BF16: bf16 exports use it" if native_bf16() else " (no bf16 dot products)")))
     print(f"   {'backend':<17}{'p50 ms/request':>15}{'tokens/s alone':>16}{f'tokens/s x{n}':>15}"
           f"{'max batch':>10}{'same text as torch':>20}   x{n} vs {chosen[0]}")
-    alone = one_at_a_time(c, model, model_dir, MESSAGES[:n], max_new, chosen, threads)
+    alone = one_at_a_time(c, model, model_dir, MESSAGES[:n], max_new, chosen, threads, direct_quant)
     bursts = interleaved_bursts(c, url, model, n, max_new, chosen, rounds)
     first = chosen[0]
     for backend in chosen:
@@ -329,9 +330,9 @@ def backends(c: httpx.Client, url: str, model: str, model_dir: Path, n: int, max
           f"every burst: {', '.join(f'{b} ' + ' '.join(f'{t:.0f}' for t, _ in bursts[b]) for b in chosen)})")
     if not alone.direct_ms:
         return
-    ratio = alone.p50_ms[F16] / p50(alone.direct_ms)
-    print(f"   llama.cpp f16 in this process ({threads or 'all'} threads), each message right after it went through "
-          f"the stack: p50 {p50(alone.direct_ms):.0f} ms/request; through the stack {ratio:.2f}x "
+    ratio = alone.p50_ms[f"llamacpp:{direct_quant}"] / p50(alone.direct_ms)
+    print(f"   llama.cpp {direct_quant} in this process ({threads or 'all'} threads), each message right after it "
+          f"went through the stack: p50 {p50(alone.direct_ms):.0f} ms/request; through the stack {ratio:.2f}x "
           f"[{'meets' if ratio <= 1.2 else 'MISSES'} the 1.2x goal]")
 
 
@@ -347,6 +348,8 @@ def main() -> None:
     p.add_argument("--backends", nargs="?", const=",".join(BACKENDS), default=None,
                    help="torch vs llama.cpp f16/q8_0/q4_k_m side by side (or a comma-separated subset)")
     p.add_argument("--threads", type=int, default=None, help="llama.cpp threads of the in-process run")
+    p.add_argument("--direct", default="f16", help="--backends: the export llama.cpp also runs in this process, "
+                   "each message right after the same message through the stack (the 1.2x latency goal)")
     p.add_argument("--rounds", type=int, default=5,
                    help="--backends: rounds of concurrent bursts, one burst of every backend per round")
     p.add_argument("--poll", type=float, default=None, metavar="SECONDS",
@@ -364,7 +367,7 @@ def main() -> None:
         print(f"csra at {args.url}, model {args.model} ({model_dir})")
         if args.backends:
             backends(c, args.url, args.model, model_dir, args.requests, args.max_new_tokens,
-                     args.backends.split(","), args.threads, args.rounds)
+                     args.backends.split(","), args.threads, args.rounds, args.direct)
             return
         overhead(c, args.model, model_dir, 8, args.max_new_tokens)
         throughput(c, args.url, args.model, args.requests, args.max_new_tokens)
