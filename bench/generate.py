@@ -310,11 +310,12 @@ def backends(c: httpx.Client, url: str, model: str, model_dir: Path, n: int, max
                 if line.startswith("model name")), platform.processor())
     print(f"\nbackends: {model}, {n} messages one at a time and {n} at once, greedy, max_new_tokens {max_new}, "
           f"waiting by {WAIT_LABEL}; CPU {cpu}, {len(__import__('os').sched_getaffinity(0))} cores")
-    from ml.inference.llamacpp_build import built_for, native_bf16
+    from ml.inference.llamacpp_build import built_for, native_bf16, unusable_reason
 
-    build = built_for()
-    print("llama.cpp built for " + ("an unrecorded CPU (portable build?)" if build is None else
-          "this CPU" + (" with AVX512_BF16: bf16 exports use it" if native_bf16() else " (no bf16 dot products)")))
+    unusable = unusable_reason()
+    print(f"llama.cpp: {unusable}" if unusable is not None else "llama.cpp built for " + (
+        "an unrecorded CPU (portable build?)" if built_for() is None else
+        "a CPU this one covers" + (" with AVX512_BF16: bf16 exports use it" if native_bf16() else " (no bf16 dot products)")))
     print(f"   {'backend':<17}{'p50 ms/request':>15}{'tokens/s alone':>16}{f'tokens/s x{n}':>15}"
           f"{'max batch':>10}{'same text as torch':>20}   x{n} vs {chosen[0]}")
     alone = one_at_a_time(c, model, model_dir, MESSAGES[:n], max_new, chosen, threads, direct_quant)

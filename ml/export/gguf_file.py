@@ -83,12 +83,6 @@ def architecture_of(config: dict[str, Any]) -> str:
     return str(arch)
 
 
-def llama_cpp_quantizer_available() -> bool:
-    """Whether llama.cpp's quantizer (needed for ``q4_k_m``) can run here: llama-cpp-python installed
-    and built for a CPU this one covers (``ml.inference.llamacpp_build``)."""
-    return unusable_reason() is None
-
-
 # --------------------------------------------------------------------------- writing
 
 

@@ -119,19 +119,19 @@ def choose_backend(spec: GenerateSpec, row: dict[str, Any]) -> tuple[str, Path |
         logger.warning("the model store's exports of %s cannot be fetched: serving it with what this host has",
                        row["name"], exc_info=True)
     gguf = preferred_gguf(Path(row["path"]), [quant] if quant else serving_order(s.gen_gguf_preference))
-    unusable = unusable_reason()
-    if asked == "auto":
-        if gguf is not None and unusable is not None:
-            logger.warning("serving %s through torch, not its GGUF export: %s", row["name"], unusable)
-        return ("llamacpp", gguf) if gguf is not None and unusable is None else ("torch", None)
     if gguf is None:
+        if asked == "auto":
+            return "torch", None
         raise JobError(f"model {row['name']!r} has no GGUF export{' at ' + quant if quant else ''} for llama.cpp to "
                        f"serve: POST /models/{row['name']}/export (or csra models export {row['name']}) makes one; "
                        "or ask for backend torch")
-    if unusable is not None:
-        raise JobError(f"backend llamacpp cannot run on this generate worker: {unusable}; "
-                       "ask for backend torch meanwhile")
-    return "llamacpp", gguf
+    unusable = unusable_reason()
+    if unusable is None:
+        return "llamacpp", gguf
+    if asked == "auto":
+        logger.warning("serving %s through torch, not its GGUF export: %s", row["name"], unusable)
+        return "torch", None
+    raise JobError(f"backend llamacpp cannot run on this generate worker: {unusable}; ask for backend torch meanwhile")
 
 
 @functools.lru_cache(maxsize=8)
