@@ -315,7 +315,8 @@ def backends(c: httpx.Client, url: str, model: str, model_dir: Path, n: int, max
     unusable = unusable_reason()
     print(f"llama.cpp: {unusable}" if unusable is not None else "llama.cpp built for " + (
         "an unrecorded CPU (portable build?)" if built_for() is None else
-        "a CPU this one covers" + (" with AVX512_BF16: bf16 exports use it" if native_bf16() else " (no bf16 dot products)")))
+        "a CPU this one covers"
+        + (" with AVX512_BF16: bf16 exports use it" if native_bf16() else " (no bf16 dot products)")))
     print(f"   {'backend':<17}{'p50 ms/request':>15}{'tokens/s alone':>16}{f'tokens/s x{n}':>15}"
           f"{'max batch':>10}{'same text as torch':>20}   x{n} vs {chosen[0]}")
     alone = one_at_a_time(c, model, model_dir, MESSAGES[:n], max_new, chosen, threads, direct_quant)
