@@ -6,6 +6,7 @@ any other models named) on the test split, stratified by intent.
     python bench/grounded.py --url http://127.0.0.1:8000 --models retrieval,smollm2-bitext-grounded \
         --samples 300 --samples all
     python bench/grounded.py --ungrounded --model smollm2-bitext --train-rows 1200 --models smollm2-bitext
+    python bench/grounded.py --split validation --length-floor 0 --length-floor 0.8 --models smollm2-bitext-grounded
 
 
 Each step is skipped when its result already exists (the dataset, the memory, the model), so a rerun
@@ -71,6 +72,11 @@ def main() -> None:
     p.add_argument("--train-rows", type=int, default=TRAIN["max_train_samples"], help="stratified training rows")
     p.add_argument("--k", type=int, default=None, help="exemplars per prompt (default: the Grounding default)")
     p.add_argument("--exemplar-tokens", type=int, default=None, help="each exemplar cut to this many tokens")
+    p.add_argument("--split", default="test", choices=("test", "validation"),
+                   help="evaluated on (choose a length floor on validation, then measure it once on test)")
+    p.add_argument("--length-floor", action="append", type=float, default=None,
+                   help="evaluate grounded models with this length floor instead of their own (repeatable: one "
+                        "evaluation per value)")
     p.add_argument("--ungrounded", action="store_true",
                    help="train --model WITHOUT grounding on the same rows and steps (the like-for-like comparison)")
     args = p.parse_args()
@@ -89,16 +95,21 @@ def main() -> None:
         out["train"] = {"minutes": minutes(done), **{k: done["result"].get(k) for k in
                         ("best_val_loss", "tokens_seen", "tokens_per_second", "steps", "precision")}}
         print("training:", json.dumps(out["train"]))
-    for n in args.samples or ["300"]:
-        body = {"model_ids": args.models.split(","), "dataset_id": ds, "max_samples": None if n == "all" else int(n)}
+    for n, floor in ((n, f) for n in args.samples or ["300"] for f in args.length_floor or [None]):
+        body = {"model_ids": args.models.split(","), "dataset_id": ds, "max_samples": None if n == "all" else int(n),
+                "split": args.split, "length_floor": floor}
         job = api.post("/jobs/evaluate", json=body)
         job.raise_for_status()
-        done = wait(api, job.json()["id"], f"evaluate {n}")
+        what = f"{args.split} {n}" + ("" if floor is None else f" floor {floor}")
+        done = wait(api, job.json()["id"], f"evaluate {what}")
         ev = api.get(f"/evaluations/{done['result']['evaluation_id']}").json()
         table = {m: {k: ev["metrics"][m]["overall"].get(k) for k in METRICS} for m in body["model_ids"]}
-        out[f"eval_{n}"] = {"evaluation": ev["id"], "minutes": minutes(done), "sample": ev["sample"], "metrics": table}
-        print(f"\nevaluation {ev['id']}: {ev['sample']['examples']} test rows, {ev['sample']['intents']} of "
-              f"{ev['sample']['split_intents']} intents, {minutes(done)} min")
+        out[f"eval_{what}"] = {"evaluation": ev["id"], "minutes": minutes(done), "sample": ev["sample"],
+                               "metrics": table, "grounding": {m: ev["metrics"][m].get("grounding")
+                                                               for m in body["model_ids"]}}
+        print(f"\nevaluation {ev['id']}: {ev['sample']['examples']} {args.split} rows, {ev['sample']['intents']} of "
+              f"{ev['sample']['split_intents']} intents, {minutes(done)} min"
+              + ("" if floor is None else f", length floor {floor}"))
         print("model".ljust(28) + "".join(k[:10].rjust(11) for k in METRICS))
         for m, row in table.items():
             print(m.ljust(28) + "".join(("-" if v is None else f"{v:.3f}").rjust(11) for v in row.values()))

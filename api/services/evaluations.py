@@ -94,7 +94,8 @@ def leaderboard(db: Session, dataset_id: int, metric: str) -> dict[str, Any]:
         for name, agg in (ev.metrics or {}).items():
             if "overall" in agg:
                 latest[name] = {"model": name, "evaluation_id": ev.id, "split": ev.split, "sample": ev.sample,
-                                "metrics": agg["overall"]}
+                                "metrics": agg["overall"], "backend": agg.get("backend"),
+                                "grounding": agg.get("grounding")}  # as evaluated (a length floor may differ)
     models = {m.name: m for m in db.scalars(select(Model).where(Model.name.in_(list(latest))))}
     rows = []
     for name, row in latest.items():

@@ -187,7 +187,8 @@ def beam_search(loaded: LoadedModel, row: Row) -> None:
     model: Any = loaded.model  # transformers types generate() loosely
     out = model.generate(
         input_ids=ids, attention_mask=torch.ones_like(ids), num_beams=req.num_beams, do_sample=False,
-        max_new_tokens=req.max_new_tokens, eos_token_id=stops, pad_token_id=pad_id(loaded), early_stopping=True,
+        max_new_tokens=req.max_new_tokens, min_new_tokens=req.min_new_tokens or None, eos_token_id=stops,
+        pad_token_id=pad_id(loaded), early_stopping=True,
     )
     generated = out[0].tolist()
     if loaded.arch == "causal":

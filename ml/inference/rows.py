@@ -45,6 +45,13 @@ class Row:
             raise RuntimeError("generation ended without a result for this request")
         return self.result
 
+    def ends_masked(self) -> list[int]:
+        """The end-token ids this row may not pick yet (``min_new_tokens`` not reached); multi-token end
+        sequences are not masked."""
+        if len(self.generated) >= self.request.min_new_tokens:
+            return []
+        return sorted(self.stops.ids)
+
     def stop_if_cancelled(self) -> None:
         """Finish now, as "cancelled", when the caller no longer wants this reply (no more text is streamed)."""
         stop = self.request.should_stop
@@ -88,6 +95,10 @@ class Row:
 def sample_rows(rows: Sequence[Row], logits: torch.Tensor) -> list[int]:
     """The next token of each row (greedy rows in one argmax, sampled rows one by one)."""
     logits = logits.float().cpu()  # rows sample with CPU generators: the same seeded text on every device
+    for i, row in enumerate(rows):
+        masked = row.ends_masked()
+        if masked:
+            logits[i, masked] = float("-inf")  # this row's own logits only: batch invariance is kept
     tokens = torch.argmax(logits, dim=-1).tolist()
     for i, row in enumerate(rows):
         row.peak_batch = max(row.peak_batch, len(rows))
@@ -105,6 +116,8 @@ def make_rows(loaded: LoadedModel, requests: Sequence[GenerationRequest],
     for i, req in enumerate(requests):
         if req.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, not {req.max_new_tokens}")
+        if req.min_new_tokens < 0:
+            raise ValueError(f"min_new_tokens must be >= 0, not {req.min_new_tokens}")
         ids = list(prompt_ids[i]) if prompt_ids is not None else encode_prompt(loaded, req.prompt)
         limit = max_prompt_tokens(loaded, req.max_new_tokens)
         if limit is not None and len(ids) > limit:

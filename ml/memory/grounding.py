@@ -9,6 +9,7 @@ flagged to the agent (and counted by evaluation as ``slots_outside_contract``).
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 from csra.profile import SLOT_RE, STANDARD_SLOTS, Profile
 
@@ -40,3 +41,12 @@ def allowed_slots(profile: Profile | None, exemplars: Iterable[str]) -> set[str]
 def outside_contract(reply: str, allowed: set[str]) -> list[str]:
     """The placeholders of ``reply`` that neither the profile nor the exemplars know, as written."""
     return sorted(spelling for name, spelling in slots_in(reply).items() if name not in allowed)
+
+
+def reply_floor(tokenizer: Any, nearest_reply: str | None, share: float, max_new_tokens: int) -> int:
+    """The fewest tokens a grounded reply may have: ``share`` of the nearest approved answer's length
+    (0 without a floor or an answer), below ``max_new_tokens``."""
+    if share <= 0 or not nearest_reply:
+        return 0
+    length = len(tokenizer(nearest_reply, add_special_tokens=False)["input_ids"])
+    return max(0, min(int(share * length), max_new_tokens - 1))

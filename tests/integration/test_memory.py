@@ -205,5 +205,19 @@ def test_a_grounded_model_is_trained_served_and_evaluated_on_its_exemplars(api, 
     assert metrics["retrieval"]["overall"]["rouge_l"] > 0.3
     assert metrics["tiny-grounded"]["overall"]["intent_match"] is not None
     assert metrics["tiny-grounded"]["grounding"]["k"] == 2 and metrics["retrieval"]["grounding"] is None
+    assert metrics["tiny-grounded"]["grounding"]["length_floor"] == model["training_config"]["grounding"].get(
+        "length_floor", 0.0)
+    # a length floor measured before it is served: the evaluation says which one it used
+    too_long = api.post("/jobs/evaluate", json={"model_ids": ["tiny-grounded"], "dataset_id": memory_dataset,
+                                                "length_floor": 3})
+    assert too_long.status_code == 422 and "length_floor" in json.dumps(too_long.json()["detail"])
+    ev = api.post("/jobs/evaluate", json={"model_ids": ["tiny-grounded"], "dataset_id": memory_dataset,
+                                          "max_new_tokens": 4, "max_samples": 4, "length_floor": 1.0})
+    finished = wait_job(api, ev.json()["id"], timeout=300)
+    assert finished["status"] == "succeeded", finished["error"]
+    floored = api.get(f"/evaluations/{finished['result']['evaluation_id']}").json()["metrics"]["tiny-grounded"]
+    assert floored["grounding"]["length_floor"] == 1.0 and floored["grounding"]["k"] == 2
+    board = {r["model"]: r for r in api.get("/leaderboard", params={"dataset_id": memory_dataset}).json()["data"]}
+    assert board["tiny-grounded"]["grounding"]["length_floor"] == 1.0  # the board says how it was measured
     board = api.get("/leaderboard", params={"dataset_id": memory_dataset}).json()["data"]
     assert "retrieval" in {row["model"] for row in board}

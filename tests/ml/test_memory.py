@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from csra.profile import Profile
-from ml.memory.grounding import allowed_slots, outside_contract, slots_in
+from ml.memory.grounding import allowed_slots, outside_contract, reply_floor, slots_in
 from ml.memory.index import VectorIndex
 from ml.memory.memory import AnswerMemory, Entry, vote
 from tests.fixtures_models import tiny_causal  # noqa: F401
@@ -125,6 +125,18 @@ def test_grounded_prompts_carry_the_exemplars_and_keep_the_system_rules(tiny_cau
     fitted = conversation_prompt(tok, system, turns, max_tokens=300)
     assert "warm, friendly tone" in fitted and "[1] Exemplar." in fitted  # the rules stay
     assert "question 5" in fitted and "question 0" not in fitted  # the oldest turns go first
+
+
+def test_the_length_floor_is_a_share_of_the_nearest_answer(tiny_causal: Path) -> None:  # noqa: F811
+    from models_store.loading import load_model_and_tokenizer
+
+    tok = load_model_and_tokenizer(tiny_causal).tokenizer
+    answer = " ".join(["word"] * 40)
+    n = len(tok(answer, add_special_tokens=False)["input_ids"])
+    assert reply_floor(tok, answer, 0.5, 384) == int(0.5 * n) > 0
+    assert reply_floor(tok, answer, 1.5, 384) == int(1.5 * n)
+    assert reply_floor(tok, answer, 1.0, 10) == 9  # below max_new_tokens: the reply can still end
+    assert reply_floor(tok, answer, 0.0, 384) == 0 and reply_floor(tok, None, 0.8, 384) == 0
 
 
 

@@ -26,6 +26,7 @@ from csra.specs import RETRIEVAL, EvaluateSpec, Grounding
 from db.models import Evaluation, EvaluationExample, Job, JobEvent, Model
 from db.session import session_scope
 from ml.importing.columns import UNKNOWN as UNKNOWN_INTENT
+from ml.memory.grounding import reply_floor
 from ml.sampling import composition, stratified_sample
 from models_store.registry import ensure_baseline_registered, find_model_row
 from workers.handlers.generation import load_profile
@@ -145,9 +146,9 @@ def _predict(row: dict[str, Any], examples: list[dict[str, Any]], spec: Evaluate
         if not invariance["batch_invariant"]:
             ctx.event("log", f"{row['name']}: batch invariance is OFF on this worker ({invariance['detail']}); "
                              "batched greedy replies may differ from one-at-a-time ones")
-        prompts = _prompts(loaded.tokenizer, row, examples, neighbours)
+        prompts, floors = _prompts(loaded.tokenizer, row, examples, neighbours, spec)
         todo = [i for i in range(len(examples)) if saved is None or i not in saved.results]
-        requests = [GenerationRequest(prompt=prompts[i], max_new_tokens=spec.max_new_tokens,
+        requests = [GenerationRequest(prompt=prompts[i], max_new_tokens=spec.max_new_tokens, min_new_tokens=floors[i],
                                       temperature=spec.temperature, seed=spec.seed, num_beams=spec.num_beams)
                     for i in todo]
         already = len(examples) - len(todo)
@@ -205,9 +206,10 @@ def _predict_llamacpp(row: dict[str, Any], examples: list[dict[str, Any]], spec:
                        f'{{"quantization": "{quant}"}} makes one')
     tokenizer, arch = load_tokenizer(row["path"])
     decoder = ReplyDecoder.from_tokenizer(tokenizer, arch)
-    prompts = _prompts(tokenizer, row, examples, neighbours)
-    requests = [GenerationRequest(prompt=p, max_new_tokens=spec.max_new_tokens, temperature=spec.temperature,
-                                  seed=spec.seed, num_beams=spec.num_beams) for p in prompts]
+    prompts, floors = _prompts(tokenizer, row, examples, neighbours, spec)
+    requests = [GenerationRequest(prompt=p, max_new_tokens=spec.max_new_tokens, min_new_tokens=floor,
+                                  temperature=spec.temperature, seed=spec.seed, num_beams=spec.num_beams)
+                for p, floor in zip(prompts, floors, strict=True)]
     t0 = time.perf_counter()
     with LlamaCppEngine(max_batch_size=spec.batch_size) as engine:
         try:
@@ -229,20 +231,36 @@ def _predict_llamacpp(row: dict[str, Any], examples: list[dict[str, Any]], spec:
     return prompts, results, time.perf_counter() - t0, None
 
 
-def _prompts(tokenizer: Any, row: dict[str, Any], examples: list[dict[str, Any]],
-             neighbours: Neighbours | None) -> list[str]:
+def _prompts(tokenizer: Any, row: dict[str, Any], examples: list[dict[str, Any]], neighbours: Neighbours | None,
+             spec: EvaluateSpec) -> tuple[list[str], list[int]]:
+    """Each example's prompt and the fewest tokens its reply may have (a grounded model's length floor)."""
     from ml.prompting import example_prompt, truncate_tokens
 
-    grounding = Grounding.model_validate(row["grounding"]) if row.get("grounding") else None
+    grounding = _grounding(row, spec)
     if grounding is None:
-        return [example_prompt(tokenizer, e["instruction"], e["input"]) for e in examples]
+        return [example_prompt(tokenizer, e["instruction"], e["input"]) for e in examples], [0] * len(examples)
     if neighbours is None:
         raise JobError(f"{row['name']} was trained grounded, but the answer memory of this dataset could not be "
                        "prepared (see the job log)")
-    return [example_prompt(tokenizer, e["instruction"], e["input"],
-                           [truncate_tokens(tokenizer, x, grounding.max_exemplar_tokens)
-                            for x in neighbours.exemplars(i, grounding.k)], grounding.template)
-            for i, e in enumerate(examples)]
+    prompts, floors = [], []
+    for i, e in enumerate(examples):
+        exemplars = neighbours.exemplars(i, grounding.k)
+        prompts.append(example_prompt(tokenizer, e["instruction"], e["input"],
+                                      [truncate_tokens(tokenizer, x, grounding.max_exemplar_tokens)
+                                       for x in exemplars], grounding.template))
+        floors.append(reply_floor(tokenizer, exemplars[0] if exemplars else None, grounding.length_floor,
+                                  spec.max_new_tokens))
+    return prompts, floors
+
+
+def _grounding(row: dict[str, Any], spec: EvaluateSpec) -> Grounding | None:
+    """How the model is grounded in this evaluation: as it was trained, with the evaluation's length floor."""
+    if not row.get("grounding"):
+        return None
+    grounding = Grounding.model_validate(row["grounding"])
+    if spec.length_floor is None:
+        return grounding
+    return grounding.model_copy(update={"length_floor": spec.length_floor})
 
 
 def _score(examples: list[dict[str, Any]], results: list[Any], wall: float, neighbours: Neighbours | None,
@@ -401,7 +419,9 @@ def _evaluate_one(eval_id: int, ref: str, examples: list[dict[str, Any]], spec: 
     scores, agg = _score(examples, results, wall, neighbours, contract_k)
     agg["batch_invariance"] = invariance
     agg["backend"] = "retrieval" if row.get("kind") == RETRIEVAL else spec.backend
-    agg["grounding"] = row.get("grounding")  # a grounded model saw each example's nearest training answers
+    grounding = None if row.get("kind") == RETRIEVAL else _grounding(row, spec)
+    # a grounded model saw each example's nearest training answers
+    agg["grounding"] = grounding.model_dump() if grounding is not None else row.get("grounding")
     _store(eval_id, row, examples, prompts, results, scores, agg)
     checkpoint.unlink(missing_ok=True)
     ctx.event("metric", f"{row['name']}: rouge_l {agg['overall'].get('rouge_l', 0):.3f}",

@@ -202,6 +202,29 @@ def test_end_token_stops_a_row(tiny_causal: Path) -> None:  # noqa: F811
     assert (results[1].finish_reason, results[1].completion_tokens) == ("length", 2)
 
 
+def test_min_new_tokens_masks_the_end_tokens_until_reached(tiny_causal: Path) -> None:  # noqa: F811
+    loaded = lively(load_model_and_tokenizer(tiny_causal))
+    end = loaded.tokenizer.convert_tokens_to_ids("<|im_end|>")
+
+    def always_end(module: torch.nn.Module, args: tuple, logits: torch.Tensor) -> torch.Tensor:
+        logits = logits.clone()
+        logits[..., end] = 1e4  # every row would end at its first token
+        return logits
+
+    prepare_model(loaded)
+    loaded.model.get_output_embeddings().register_forward_hook(always_end)
+    p = prompts(loaded, 2)
+    floor = GenerationRequest(p[0], 20, min_new_tokens=5)
+    results = generate_batch(loaded, [floor, GenerationRequest(p[1], 20)])
+    # the floored row cannot end before 5 tokens and ends at once after; its neighbour is not affected
+    assert (results[0].finish_reason, results[0].completion_tokens) == ("stop", 6)
+    assert end not in results[0].token_ids[:5] and results[0].token_ids[5] == end
+    assert (results[1].finish_reason, results[1].completion_tokens) == ("stop", 1)
+    assert generate_batch(loaded, [floor])[0].token_ids == results[0].token_ids  # alone as batched
+    with pytest.raises(ValueError, match="min_new_tokens"):
+        generate_batch(loaded, [GenerationRequest(p[0], 4, min_new_tokens=-1)])
+
+
 def test_beam_search_request(causal: LoadedModel) -> None:
     p = prompts(causal, 2)
     results = generate_batch(causal, [GenerationRequest(p[0], 6, num_beams=2), GenerationRequest(p[1], 6)])

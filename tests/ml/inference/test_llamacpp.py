@@ -21,7 +21,7 @@ from csra.specs import DEFAULT_INSTRUCTION
 from ml.export import export_gguf
 from ml.inference.batches import generate_batch
 from ml.inference.llamacpp import LlamaCppEngine, LlamaCppLoadError, ReplyDecoder
-from ml.inference.tokens import encode_prompt
+from ml.inference.tokens import StopTokens, encode_prompt
 from ml.inference.types import GenerationRequest, GenerationResult
 from ml.prompting import example_prompt
 from models_store.loading import LoadedModel, load_model_and_tokenizer, load_tokenizer
@@ -180,6 +180,21 @@ def test_max_new_tokens_ends_with_length(engine: LlamaCppEngine, gguf: Path, tin
                                         decoder: ReplyDecoder) -> None:
     res = _alone(engine, gguf, tiny, decoder, MESSAGES[2], max_new_tokens=3)
     assert (res.finish_reason, res.completion_tokens, len(res.token_ids)) == ("length", 3, 3)
+
+
+def test_min_new_tokens_masks_the_end_tokens_until_reached(engine: LlamaCppEngine, gguf: Path, tiny: LoadedModel,
+                                                           decoder: ReplyDecoder) -> None:
+    first = _alone(engine, gguf, tiny, decoder, MESSAGES[3], max_new_tokens=8).token_ids
+    # a decoder for which the reply's greedy first token ends it: without a floor the reply ends there
+    ending = ReplyDecoder(decoder.tokenizer, StopTokens(frozenset({first[0]})))
+    prompt, ids = _prompt(tiny, MESSAGES[3])
+    plain = engine.submit(gguf, ids, GenerationRequest(prompt, max_new_tokens=8), ending).result(TIMEOUT)
+    assert (plain.finish_reason, plain.token_ids) == ("stop", first[:1])
+    floored = engine.submit(gguf, ids, GenerationRequest(prompt, max_new_tokens=8, min_new_tokens=4),
+                            ending).result(TIMEOUT)
+    assert len(floored.token_ids) >= 4 and first[0] not in floored.token_ids[:4]
+    with pytest.raises(ValueError, match="min_new_tokens"):
+        _alone(engine, gguf, tiny, decoder, MESSAGES[3], max_new_tokens=8, min_new_tokens=-1)
 
 
 def test_should_stop_cancels_mid_reply(engine: LlamaCppEngine, gguf: Path, tiny: LoadedModel,
