@@ -77,6 +77,7 @@ def main() -> None:
     p.add_argument("--length-floor", action="append", type=float, default=None,
                    help="evaluate grounded models with this length floor instead of their own (repeatable: one "
                         "evaluation per value)")
+    p.add_argument("--backend", default="torch", help="the evaluation's backend (llamacpp:bf16 ... needs an export)")
     p.add_argument("--ungrounded", action="store_true",
                    help="train --model WITHOUT grounding on the same rows and steps (the like-for-like comparison)")
     args = p.parse_args()
@@ -97,10 +98,10 @@ def main() -> None:
         print("training:", json.dumps(out["train"]))
     for n, floor in ((n, f) for n in args.samples or ["300"] for f in args.length_floor or [None]):
         body = {"model_ids": args.models.split(","), "dataset_id": ds, "max_samples": None if n == "all" else int(n),
-                "split": args.split, "length_floor": floor}
+                "split": args.split, "length_floor": floor, "backend": args.backend}
         job = api.post("/jobs/evaluate", json=body)
         job.raise_for_status()
-        what = f"{args.split} {n}" + ("" if floor is None else f" floor {floor}")
+        what = f"{args.split} {n} {args.backend}" + ("" if floor is None else f" floor {floor}")
         done = wait(api, job.json()["id"], f"evaluate {what}")
         ev = api.get(f"/evaluations/{done['result']['evaluation_id']}").json()
         table = {m: {k: ev["metrics"][m]["overall"].get(k) for k in METRICS} for m in body["model_ids"]}

@@ -14,6 +14,7 @@ turn, a dataset); only after that commit are token streams ended and waiting par
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import time
@@ -171,6 +172,22 @@ def _outcome_of_result(result: dict[str, Any], wall: float) -> Outcome:
         return Outcome(jobs.JobStatus.CANCELLED, result=result, stage="cancelled",
                        message="cancelled (kept the best checkpoint)")
     return Outcome(jobs.JobStatus.SUCCEEDED, result=result, stage="done")
+
+
+def imported(module: str, name: str) -> Handler:
+    """The handler ``module.name``, imported when its job runs, inside ``execute``.
+
+    Handlers are imported lazily so a worker loads only what its jobs need (an import worker never
+    loads torch). Imported inside ``execute``, one that cannot be imported (a package missing on
+    this host, an upgrade applied to the files under a running worker) fails its job with the import
+    error instead of leaving the job queued for ever.
+    """
+
+    def handler(job_id: int, params: dict[str, Any], ctx: DbJobContext) -> dict[str, Any]:
+        run: Handler = getattr(importlib.import_module(module), name)
+        return run(job_id, params, ctx)
+
+    return handler
 
 
 def execute(job_id: int, kind: str, handler: Handler) -> None:

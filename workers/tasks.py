@@ -25,6 +25,17 @@ app.steps["worker"].add(Presence)
 app.steps["consumer"].add(ConsumerWatchdog)
 
 
+# each job kind's handler (module, function), imported when a job of that kind runs: see runner.imported
+HANDLERS: dict[str, tuple[str, str]] = {
+    JobKind.TRAIN: ("workers.handlers.training", "handle_train"),
+    JobKind.SWEEP: ("workers.handlers.hp_sweep", "handle_hp_sweep"),
+    JobKind.GENERATE: ("workers.handlers.generation", "handle_generation"),
+    JobKind.EVALUATE: ("workers.handlers.evaluation", "handle_evaluate"),
+    JobKind.MEMORY: ("workers.handlers.memory", "handle_memory_rebuild"),
+    JobKind.EXPORT: ("workers.handlers.export", "handle_export"),
+}
+
+
 class JobTask(Task):
     """A task that runs one job row. A job Celery killed at its hard time limit is failed, naming the limit.
 
@@ -46,44 +57,32 @@ def run_import(job_id: int) -> None:
 
 @app.task(name=TASK_NAMES[JobKind.TRAIN], base=JobTask, kind=JobKind.TRAIN)
 def run_training(job_id: int) -> None:
-    from workers.handlers.training import handle_train
-
-    runner.execute(job_id, JobKind.TRAIN, handle_train)
+    runner.execute(job_id, JobKind.TRAIN, runner.imported(*HANDLERS[JobKind.TRAIN]))
 
 
 @app.task(name=TASK_NAMES[JobKind.SWEEP], base=JobTask, kind=JobKind.SWEEP)
 def run_hp_sweep(job_id: int) -> None:
-    from workers.handlers.hp_sweep import handle_hp_sweep
-
-    runner.execute(job_id, JobKind.SWEEP, handle_hp_sweep)
+    runner.execute(job_id, JobKind.SWEEP, runner.imported(*HANDLERS[JobKind.SWEEP]))
 
 
 @app.task(name=TASK_NAMES[JobKind.GENERATE], base=JobTask, kind=JobKind.GENERATE)
 def run_generation(job_id: int) -> None:
-    from workers.handlers.generation import handle_generation
-
-    runner.execute(job_id, JobKind.GENERATE, handle_generation)
+    runner.execute(job_id, JobKind.GENERATE, runner.imported(*HANDLERS[JobKind.GENERATE]))
 
 
 @app.task(name=TASK_NAMES[JobKind.EVALUATE], base=JobTask, kind=JobKind.EVALUATE)
 def run_evaluation(job_id: int) -> None:
-    from workers.handlers.evaluation import handle_evaluate
-
-    runner.execute(job_id, JobKind.EVALUATE, handle_evaluate)
+    runner.execute(job_id, JobKind.EVALUATE, runner.imported(*HANDLERS[JobKind.EVALUATE]))
 
 
 @app.task(name=TASK_NAMES[JobKind.MEMORY], base=JobTask, kind=JobKind.MEMORY)
 def run_memory_rebuild(job_id: int) -> None:
-    from workers.handlers.memory import handle_memory_rebuild
-
-    runner.execute(job_id, JobKind.MEMORY, handle_memory_rebuild)
+    runner.execute(job_id, JobKind.MEMORY, runner.imported(*HANDLERS[JobKind.MEMORY]))
 
 
 @app.task(name=TASK_NAMES[JobKind.EXPORT], base=JobTask, kind=JobKind.EXPORT)
 def run_export(job_id: int) -> None:
-    from workers.handlers.export import handle_export
-
-    runner.execute(job_id, JobKind.EXPORT, handle_export)
+    runner.execute(job_id, JobKind.EXPORT, runner.imported(*HANDLERS[JobKind.EXPORT]))
 
 
 @app.task(name=REAPER_TASK)

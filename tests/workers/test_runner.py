@@ -117,3 +117,32 @@ def test_a_failed_import_leaves_no_examples(db) -> None:
         s.flush()
         assert ds.status == "failed" and ds.error == "the worker was lost" and ds.row_count == 0
         assert s.query(DatasetExample).filter_by(dataset_id=ds.id).count() == 0
+
+
+def test_a_handler_that_cannot_be_imported_fails_its_job_with_the_import_error(db) -> None:
+    """Not left queued for ever (as when a worker still running old code met a newer handler module)."""
+    from db.session import session_scope
+    from workers.runner import execute, imported
+
+    with session_scope() as s:
+        job_id = jobs.new_job(s, "evaluate", {}).id
+    execute(job_id, "evaluate", imported("workers.handlers.no_such_module", "handle"))
+    with session_scope() as s:
+        job = s.get(Job, job_id)
+        assert job.status == "failed" and "ModuleNotFoundError" in job.error and "no_such_module" in job.error
+    with session_scope() as s:
+        job_id = jobs.new_job(s, "evaluate", {}).id
+    execute(job_id, "evaluate", imported("workers.runner", "no_such_handler"))
+    with session_scope() as s:
+        assert "no_such_handler" in s.get(Job, job_id).error
+
+
+def test_every_task_names_a_handler_that_exists() -> None:
+    import importlib
+
+    from db.jobs import JobKind
+    from workers.tasks import HANDLERS
+
+    assert set(HANDLERS) == {k for k in JobKind if k != JobKind.IMPORT}  # imports run a preloaded handler
+    for module, name in HANDLERS.values():
+        assert callable(getattr(importlib.import_module(module), name))
