@@ -7,6 +7,7 @@ any other models named) on the test split, stratified by intent.
         --samples 300 --samples all
     python bench/grounded.py --ungrounded --model smollm2-bitext --train-rows 1200 --models smollm2-bitext
     python bench/grounded.py --split validation --length-floor 0 --length-floor 0.8 --models smollm2-bitext-grounded
+    python bench/grounded.py --split validation --copy-bias 1 --copy-bias 3 --backend llamacpp:bf16
 
 
 Each step is skipped when its result already exists (the dataset, the memory, the model), so a rerun
@@ -77,6 +78,8 @@ def main() -> None:
     p.add_argument("--length-floor", action="append", type=float, default=None,
                    help="evaluate grounded models with this length floor instead of their own (repeatable: one "
                         "evaluation per value)")
+    p.add_argument("--copy-bias", action="append", type=float, default=None,
+                   help="evaluate grounded models with this copy bias instead of their own (repeatable)")
     p.add_argument("--backend", default="torch", help="the evaluation's backend (llamacpp:bf16 ... needs an export)")
     p.add_argument("--ungrounded", action="store_true",
                    help="train --model WITHOUT grounding on the same rows and steps (the like-for-like comparison)")
@@ -96,12 +99,15 @@ def main() -> None:
         out["train"] = {"minutes": minutes(done), **{k: done["result"].get(k) for k in
                         ("best_val_loss", "tokens_seen", "tokens_per_second", "steps", "precision")}}
         print("training:", json.dumps(out["train"]))
-    for n, floor in ((n, f) for n in args.samples or ["300"] for f in args.length_floor or [None]):
+    runs = [(n, f, b) for n in args.samples or ["300"] for f in args.length_floor or [None]
+            for b in args.copy_bias or [None]]
+    for n, floor, bias in runs:
         body = {"model_ids": args.models.split(","), "dataset_id": ds, "max_samples": None if n == "all" else int(n),
-                "split": args.split, "length_floor": floor, "backend": args.backend}
+                "split": args.split, "length_floor": floor, "copy_bias": bias, "backend": args.backend}
         job = api.post("/jobs/evaluate", json=body)
         job.raise_for_status()
-        what = f"{args.split} {n} {args.backend}" + ("" if floor is None else f" floor {floor}")
+        what = (f"{args.split} {n} {args.backend}" + ("" if floor is None else f" floor {floor}")
+                + ("" if bias is None else f" copy bias {bias}"))
         done = wait(api, job.json()["id"], f"evaluate {what}")
         ev = api.get(f"/evaluations/{done['result']['evaluation_id']}").json()
         table = {m: {k: ev["metrics"][m]["overall"].get(k) for k in METRICS} for m in body["model_ids"]}
@@ -110,7 +116,7 @@ def main() -> None:
                                                                for m in body["model_ids"]}}
         print(f"\nevaluation {ev['id']}: {ev['sample']['examples']} {args.split} rows, {ev['sample']['intents']} of "
               f"{ev['sample']['split_intents']} intents, {minutes(done)} min"
-              + ("" if floor is None else f", length floor {floor}"))
+              + ("" if floor is None else f", length floor {floor}") + ("" if bias is None else f", copy bias {bias}"))
         print("model".ljust(28) + "".join(k[:10].rjust(11) for k in METRICS))
         for m, row in table.items():
             print(m.ljust(28) + "".join(("-" if v is None else f"{v:.3f}").rjust(11) for v in row.values()))

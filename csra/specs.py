@@ -79,6 +79,8 @@ class Grounding(_Spec):
     # ROUGE-L and added repetitive replies without reaching retrieval's BLEU (README, 2026-12-04).
     length_floor: float = Field(0.0, ge=0, le=1.5, description="the reply may not end before this share of the "
                                 "nearest approved answer's length in tokens (0: no floor)")
+    copy_bias: float = Field(0.0, ge=0, le=20, description="added to the logits of the tokens that continue the "
+                             "reply along one of the whole exemplars (0: off; ml.inference.copying)")
 
     @field_validator("template")
     @classmethod
@@ -271,6 +273,8 @@ class EvaluateSpec(_Spec):
     length_floor: float | None = Field(None, ge=0, le=1.5, description="grounded models only: the share of the "
                                        "nearest approved answer's length a reply must reach, instead of the model's "
                                        "own (to measure a setting before serving it)")
+    copy_bias: float | None = Field(None, ge=0, le=20, description="grounded models only: the copy bias along "
+                                    "the whole exemplars, instead of the model's own")
     backend: Literal["torch", "llamacpp:f16", "llamacpp:bf16", "llamacpp:q8_0", "llamacpp:q4_k_m",
                      "llamacpp:q4_0"] = Field(
         "torch", description="torch: csra's engine (exact: greedy text the same alone or batched); llamacpp:<q>: "

@@ -16,7 +16,9 @@ from typing import Any
 
 import torch
 from transformers.cache_utils import DynamicLayer
+from transformers.generation.logits_process import LogitsProcessor, LogitsProcessorList
 
+from ml.inference.copying import Copier
 from ml.inference.rows import Row, sample_rows
 from models_store.loading import LoadedModel
 
@@ -179,16 +181,34 @@ def decode_seq2seq(loaded: LoadedModel, rows: list[Row], check_cancelled: Callab
             check_cancelled()
 
 
+class _BeamCopyBias(LogitsProcessor):
+    """The row's copy bias on every beam (``Row.copied`` of that beam's reply so far, replayed by a fresh
+    ``Copier``: beams reorder between steps, so no beam owns a copier's state)."""
+
+    def __init__(self, row: Row, start: int) -> None:
+        self.row, self.start = row, start
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        assert self.row.copy is not None
+        for beam in range(input_ids.shape[0]):
+            boosted = self.row.copied(input_ids[beam, self.start:].tolist(), Copier(self.row.copy.guides))
+            if boosted:
+                scores[beam, boosted] += self.row.request.copy_bias
+        return scores
+
+
 def beam_search(loaded: LoadedModel, row: Row) -> None:
     """``model.generate`` with beams for one request (beam search needs no per-row sampling)."""
     req = row.request
     ids = torch.tensor([row.prompt_ids], dtype=torch.long, device=loaded.model.device)
     stops = sorted(row.stops.ids) or None
     model: Any = loaded.model  # transformers types generate() loosely
+    start = len(row.prompt_ids) if loaded.arch == "causal" else 1  # where each beam's reply starts
     out = model.generate(
         input_ids=ids, attention_mask=torch.ones_like(ids), num_beams=req.num_beams, do_sample=False,
         max_new_tokens=req.max_new_tokens, min_new_tokens=req.min_new_tokens or None, eos_token_id=stops,
         pad_token_id=pad_id(loaded), early_stopping=True,
+        logits_processor=LogitsProcessorList([_BeamCopyBias(row, start)]) if row.copy is not None else None,
     )
     generated = out[0].tolist()
     if loaded.arch == "causal":

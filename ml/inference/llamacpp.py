@@ -71,7 +71,7 @@ from ml.inference.llamacpp_model import (  # noqa: F401  (re-exported: the worke
 )
 from ml.inference.owner_thread import IDLE_EXIT_SECONDS, OwnerThread
 from ml.inference.prompt_sharing import fed, longest_start, step_entries
-from ml.inference.rows import Row
+from ml.inference.rows import Row, check_steering
 from ml.inference.tokens import TextStream
 from ml.inference.types import GenerationRequest, GenerationResult
 
@@ -112,8 +112,7 @@ def _validate(prompt_ids: Sequence[int], request: GenerationRequest) -> None:
                          "use num_beams=1 or csra's torch engine")
     if request.max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, not {request.max_new_tokens}")
-    if request.min_new_tokens < 0:
-        raise ValueError(f"min_new_tokens must be >= 0, not {request.min_new_tokens}")
+    check_steering(request)
     if request.temperature < 0:
         raise ValueError(f"temperature must be >= 0, not {request.temperature}")
     if not 0 < request.top_p <= 1:
@@ -517,9 +516,7 @@ class LlamaCppEngine:
         for seq, index in zip(list(self._active), outputs, strict=True):
             row = seq.row
             row.peak_batch = max(row.peak_batch, size)
-            masked = row.ends_masked()
-            if masked:
-                model.logits(index)[masked] = -np.inf  # a view of llama.cpp's buffer, which its sampler reads
+            row.steer(model.logits(index))  # a view of llama.cpp's buffer, which its sampler reads
             if seq.sampler is not None:
                 token = int(model.lib.llama_sampler_sample(seq.sampler, model.ctx, index))
             else:

@@ -6,9 +6,11 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
+from ml.inference.copying import END, Copier, Guides
 from ml.inference.sampling import new_generator, sample_token
 from ml.inference.tokens import StopTokens, TextStream, encode_prompt, max_prompt_tokens, stop_tokens
 from ml.inference.types import GenerationRequest, GenerationResult
@@ -34,6 +36,11 @@ class Row:
     on_done: Callable[[GenerationResult], None] | None = None
     logits: list[torch.Tensor] | None = None  # each step's logits, kept only by the self-check
     peak_batch: int = 1
+    copy: Copier | None = field(init=False, default=None)
+
+    def __post_init__(self) -> None:
+        if self.request.copy_bias and self.request.guides:
+            self.copy = Copier(Guides.build(self.request.guides))
 
     @property
     def done(self) -> bool:
@@ -51,6 +58,26 @@ class Row:
         if len(self.generated) >= self.request.min_new_tokens:
             return []
         return sorted(self.stops.ids)
+
+    def copied(self, generated: Sequence[int], copier: Copier | None = None) -> list[int]:
+        """The tokens the copy bias favours after ``generated`` (a guide's end: this row's end tokens), by
+        ``copier`` (default: the row's own, which follows the row's reply step by step)."""
+        copier = copier or self.copy
+        if copier is None:
+            return []
+        following = copier.next_tokens(generated)
+        return sorted({t for t in following if t != END} | (self.stops.ids if END in following else set()))
+
+    def steer(self, logits: Any) -> None:
+        """Edit this row's logits (a 1-d torch tensor or numpy array, in place) before its token is
+        chosen: the copy bias along its guides, then the end tokens it may not pick yet. Both engines
+        call it, so their grounded replies follow the same rules."""
+        boosted = self.copied(self.generated)
+        if boosted:
+            logits[boosted] += self.request.copy_bias
+        masked = self.ends_masked()
+        if masked:
+            logits[masked] = float("-inf")
 
     def stop_if_cancelled(self) -> None:
         """Finish now, as "cancelled", when the caller no longer wants this reply (no more text is streamed)."""
@@ -92,13 +119,19 @@ class Row:
                 logger.warning("a finished-row callback failed", exc_info=True)
 
 
+def check_steering(req: GenerationRequest) -> None:
+    """The request's length floor and copy bias are usable (a ValueError naming the field if not)."""
+    if req.min_new_tokens < 0:
+        raise ValueError(f"min_new_tokens must be >= 0, not {req.min_new_tokens}")
+    if not req.copy_bias >= 0:  # also NaN
+        raise ValueError(f"copy_bias must be >= 0, not {req.copy_bias}")
+
+
 def sample_rows(rows: Sequence[Row], logits: torch.Tensor) -> list[int]:
     """The next token of each row (greedy rows in one argmax, sampled rows one by one)."""
     logits = logits.float().cpu()  # rows sample with CPU generators: the same seeded text on every device
     for i, row in enumerate(rows):
-        masked = row.ends_masked()
-        if masked:
-            logits[i, masked] = float("-inf")  # this row's own logits only: batch invariance is kept
+        row.steer(logits[i])  # this row's own logits only: batch invariance is kept
     tokens = torch.argmax(logits, dim=-1).tolist()
     for i, row in enumerate(rows):
         row.peak_batch = max(row.peak_batch, len(rows))
@@ -116,8 +149,7 @@ def make_rows(loaded: LoadedModel, requests: Sequence[GenerationRequest],
     for i, req in enumerate(requests):
         if req.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, not {req.max_new_tokens}")
-        if req.min_new_tokens < 0:
-            raise ValueError(f"min_new_tokens must be >= 0, not {req.min_new_tokens}")
+        check_steering(req)
         ids = list(prompt_ids[i]) if prompt_ids is not None else encode_prompt(loaded, req.prompt)
         limit = max_prompt_tokens(loaded, req.max_new_tokens)
         if limit is not None and len(ids) > limit:

@@ -8,10 +8,12 @@ flagged to the agent (and counted by evaluation as ``slots_outside_contract``).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from csra.profile import SLOT_RE, STANDARD_SLOTS, Profile
+from csra.specs import Grounding
 
 
 def slot_name(raw: str) -> str:
@@ -43,10 +45,28 @@ def outside_contract(reply: str, allowed: set[str]) -> list[str]:
     return sorted(spelling for name, spelling in slots_in(reply).items() if name not in allowed)
 
 
-def reply_floor(tokenizer: Any, nearest_reply: str | None, share: float, max_new_tokens: int) -> int:
-    """The fewest tokens a grounded reply may have: ``share`` of the nearest approved answer's length
-    (0 without a floor or an answer), below ``max_new_tokens``."""
-    if share <= 0 or not nearest_reply:
-        return 0
-    length = len(tokenizer(nearest_reply, add_special_tokens=False)["input_ids"])
-    return max(0, min(int(share * length), max_new_tokens - 1))
+@dataclass(frozen=True)
+class Steering:
+    """How decoding holds a grounded reply to its exemplars: the ``GenerationRequest`` fields of the same names."""
+
+    min_new_tokens: int = 0
+    guides: tuple[tuple[int, ...], ...] = ()
+    copy_bias: float = 0.0
+
+
+def steering(tokenizer: Any, grounding: Grounding | None, exemplars: Sequence[str], max_new_tokens: int) -> Steering:
+    """A grounded reply's length floor (``grounding.length_floor`` of the nearest approved answer's length,
+    below ``max_new_tokens``) and its copy guides (the whole exemplars, nearest first); nothing for an
+    ungrounded model or without exemplars."""
+    if grounding is None or not exemplars:
+        return Steering()
+
+    def ids(text: str) -> tuple[int, ...]:
+        return tuple(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    floor = 0
+    if grounding.length_floor > 0:
+        floor = max(0, min(int(grounding.length_floor * len(ids(exemplars[0]))), max_new_tokens - 1))
+    if grounding.copy_bias <= 0:
+        return Steering(floor)
+    return Steering(floor, tuple(ids(x) for x in exemplars), grounding.copy_bias)

@@ -211,13 +211,19 @@ def test_a_grounded_model_is_trained_served_and_evaluated_on_its_exemplars(api, 
     too_long = api.post("/jobs/evaluate", json={"model_ids": ["tiny-grounded"], "dataset_id": memory_dataset,
                                                 "length_floor": 3})
     assert too_long.status_code == 422 and "length_floor" in json.dumps(too_long.json()["detail"])
+    negative = api.post("/jobs/evaluate", json={"model_ids": ["tiny-grounded"], "dataset_id": memory_dataset,
+                                                "copy_bias": -1})
+    assert negative.status_code == 422 and "copy_bias" in json.dumps(negative.json()["detail"])
     ev = api.post("/jobs/evaluate", json={"model_ids": ["tiny-grounded"], "dataset_id": memory_dataset,
-                                          "max_new_tokens": 4, "max_samples": 4, "length_floor": 1.0})
+                                          "max_new_tokens": 4, "max_samples": 4, "length_floor": 1.0,
+                                          "copy_bias": 2.0})
     finished = wait_job(api, ev.json()["id"], timeout=300)
     assert finished["status"] == "succeeded", finished["error"]
     floored = api.get(f"/evaluations/{finished['result']['evaluation_id']}").json()["metrics"]["tiny-grounded"]
     assert floored["grounding"]["length_floor"] == 1.0 and floored["grounding"]["k"] == 2
+    assert floored["grounding"]["copy_bias"] == 2.0
     board = {r["model"]: r for r in api.get("/leaderboard", params={"dataset_id": memory_dataset}).json()["data"]}
     assert board["tiny-grounded"]["grounding"]["length_floor"] == 1.0  # the board says how it was measured
+    assert board["tiny-grounded"]["grounding"]["copy_bias"] == 2.0
     board = api.get("/leaderboard", params={"dataset_id": memory_dataset}).json()["data"]
     assert "retrieval" in {row["model"] for row in board}

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from csra.profile import Profile
-from ml.memory.grounding import allowed_slots, outside_contract, reply_floor, slots_in
+from csra.specs import Grounding
+from ml.memory.grounding import Steering, allowed_slots, outside_contract, slots_in, steering
 from ml.memory.index import VectorIndex
 from ml.memory.memory import AnswerMemory, Entry, vote
 from tests.fixtures_models import tiny_causal  # noqa: F401
@@ -127,16 +128,23 @@ def test_grounded_prompts_carry_the_exemplars_and_keep_the_system_rules(tiny_cau
     assert "question 5" in fitted and "question 0" not in fitted  # the oldest turns go first
 
 
-def test_the_length_floor_is_a_share_of_the_nearest_answer(tiny_causal: Path) -> None:  # noqa: F811
+def test_steering_floors_the_length_and_guides_by_the_exemplars(tiny_causal: Path) -> None:  # noqa: F811
     from models_store.loading import load_model_and_tokenizer
 
     tok = load_model_and_tokenizer(tiny_causal).tokenizer
-    answer = " ".join(["word"] * 40)
+    answer, other = " ".join(["word"] * 40), "Another approved answer."
     n = len(tok(answer, add_special_tokens=False)["input_ids"])
-    assert reply_floor(tok, answer, 0.5, 384) == int(0.5 * n) > 0
-    assert reply_floor(tok, answer, 1.5, 384) == int(1.5 * n)
-    assert reply_floor(tok, answer, 1.0, 10) == 9  # below max_new_tokens: the reply can still end
-    assert reply_floor(tok, answer, 0.0, 384) == 0 and reply_floor(tok, None, 0.8, 384) == 0
+
+    def floor(share: float, max_new_tokens: int = 384) -> int:
+        return steering(tok, Grounding(length_floor=share), [answer, other], max_new_tokens).min_new_tokens
+
+    assert floor(0.5) == int(0.5 * n) > 0 and floor(1.5) == int(1.5 * n)  # of the nearest answer's length
+    assert floor(1.0, 10) == 9  # below max_new_tokens: the reply can still end
+    assert steering(tok, Grounding(), [answer], 384) == Steering()  # the defaults: neither floor nor copy bias
+    assert steering(tok, None, [answer], 384) == Steering() == steering(tok, Grounding(length_floor=1), [], 384)
+    copy = steering(tok, Grounding(copy_bias=2.5), [answer, other], 384)
+    assert copy.copy_bias == 2.5 and copy.min_new_tokens == 0
+    assert copy.guides == tuple(tuple(tok(x, add_special_tokens=False)["input_ids"]) for x in (answer, other))
 
 
 

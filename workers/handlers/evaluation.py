@@ -26,7 +26,7 @@ from csra.specs import RETRIEVAL, EvaluateSpec, Grounding
 from db.models import Evaluation, EvaluationExample, Job, JobEvent, Model
 from db.session import session_scope
 from ml.importing.columns import UNKNOWN as UNKNOWN_INTENT
-from ml.memory.grounding import reply_floor
+from ml.memory.grounding import Steering, steering
 from ml.sampling import composition, stratified_sample
 from models_store.registry import ensure_baseline_registered, find_model_row
 from workers.handlers.generation import load_profile
@@ -146,10 +146,11 @@ def _predict(row: dict[str, Any], examples: list[dict[str, Any]], spec: Evaluate
         if not invariance["batch_invariant"]:
             ctx.event("log", f"{row['name']}: batch invariance is OFF on this worker ({invariance['detail']}); "
                              "batched greedy replies may differ from one-at-a-time ones")
-        prompts, floors = _prompts(loaded.tokenizer, row, examples, neighbours, spec)
+        prompts, steers = _prompts(loaded.tokenizer, row, examples, neighbours, spec)
         todo = [i for i in range(len(examples)) if saved is None or i not in saved.results]
-        requests = [GenerationRequest(prompt=prompts[i], max_new_tokens=spec.max_new_tokens, min_new_tokens=floors[i],
-                                      temperature=spec.temperature, seed=spec.seed, num_beams=spec.num_beams)
+        requests = [GenerationRequest(prompt=prompts[i], max_new_tokens=spec.max_new_tokens,
+                                      **dataclasses.asdict(steers[i]), temperature=spec.temperature, seed=spec.seed,
+                                      num_beams=spec.num_beams)
                     for i in todo]
         already = len(examples) - len(todo)
         if already:
@@ -206,10 +207,10 @@ def _predict_llamacpp(row: dict[str, Any], examples: list[dict[str, Any]], spec:
                        f'{{"quantization": "{quant}"}} makes one')
     tokenizer, arch = load_tokenizer(row["path"])
     decoder = ReplyDecoder.from_tokenizer(tokenizer, arch)
-    prompts, floors = _prompts(tokenizer, row, examples, neighbours, spec)
-    requests = [GenerationRequest(prompt=p, max_new_tokens=spec.max_new_tokens, min_new_tokens=floor,
+    prompts, steers = _prompts(tokenizer, row, examples, neighbours, spec)
+    requests = [GenerationRequest(prompt=p, max_new_tokens=spec.max_new_tokens, **dataclasses.asdict(steer),
                                   temperature=spec.temperature, seed=spec.seed, num_beams=spec.num_beams)
-                for p, floor in zip(prompts, floors, strict=True)]
+                for p, steer in zip(prompts, steers, strict=True)]
     t0 = time.perf_counter()
     with LlamaCppEngine(max_batch_size=spec.batch_size) as engine:
         try:
@@ -232,35 +233,35 @@ def _predict_llamacpp(row: dict[str, Any], examples: list[dict[str, Any]], spec:
 
 
 def _prompts(tokenizer: Any, row: dict[str, Any], examples: list[dict[str, Any]], neighbours: Neighbours | None,
-             spec: EvaluateSpec) -> tuple[list[str], list[int]]:
-    """Each example's prompt and the fewest tokens its reply may have (a grounded model's length floor)."""
+             spec: EvaluateSpec) -> tuple[list[str], list[Steering]]:
+    """Each example's prompt and how decoding holds its reply to the exemplars (a grounded model's length
+    floor and copy bias)."""
     from ml.prompting import example_prompt, truncate_tokens
 
     grounding = _grounding(row, spec)
     if grounding is None:
-        return [example_prompt(tokenizer, e["instruction"], e["input"]) for e in examples], [0] * len(examples)
+        return [example_prompt(tokenizer, e["instruction"], e["input"]) for e in examples], [Steering()] * len(examples)
     if neighbours is None:
         raise JobError(f"{row['name']} was trained grounded, but the answer memory of this dataset could not be "
                        "prepared (see the job log)")
-    prompts, floors = [], []
+    prompts, steers = [], []
     for i, e in enumerate(examples):
         exemplars = neighbours.exemplars(i, grounding.k)
         prompts.append(example_prompt(tokenizer, e["instruction"], e["input"],
                                       [truncate_tokens(tokenizer, x, grounding.max_exemplar_tokens)
                                        for x in exemplars], grounding.template))
-        floors.append(reply_floor(tokenizer, exemplars[0] if exemplars else None, grounding.length_floor,
-                                  spec.max_new_tokens))
-    return prompts, floors
+        steers.append(steering(tokenizer, grounding, exemplars, spec.max_new_tokens))
+    return prompts, steers
 
 
 def _grounding(row: dict[str, Any], spec: EvaluateSpec) -> Grounding | None:
-    """How the model is grounded in this evaluation: as it was trained, with the evaluation's length floor."""
+    """How the model is grounded in this evaluation: as it was trained, with the evaluation's length floor
+    and copy bias where it sets them."""
     if not row.get("grounding"):
         return None
     grounding = Grounding.model_validate(row["grounding"])
-    if spec.length_floor is None:
-        return grounding
-    return grounding.model_copy(update={"length_floor": spec.length_floor})
+    changes = {k: v for k, v in (("length_floor", spec.length_floor), ("copy_bias", spec.copy_bias)) if v is not None}
+    return grounding.model_copy(update=changes)
 
 
 def _score(examples: list[dict[str, Any]], results: list[Any], wall: float, neighbours: Neighbours | None,

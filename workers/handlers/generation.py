@@ -24,7 +24,7 @@ import threading
 import time
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -40,7 +40,7 @@ from csra.streams import publish_start
 from db.models import Setting
 from db.session import session_scope
 from ml.inference.llamacpp_build import native_bf16, unusable_reason
-from ml.memory.grounding import allowed_slots, outside_contract, reply_floor
+from ml.memory.grounding import Steering, allowed_slots, outside_contract, steering
 from ml.memory.memory import INTENT_VOTERS, Hit, vote
 from models_store.naming import preferred_gguf
 from models_store.registry import fetch_exports, find_model_row
@@ -276,11 +276,11 @@ def _prompt(tokenizer: Any, budget: int | None, spec: GenerateSpec, grounding: G
     return conversation_prompt(tokenizer, system, spec.conversation(), budget)
 
 
-def _floor(tokenizer: Any, spec: GenerateSpec, grounding: Grounding | None, context: MemoryContext | None) -> int:
-    """The fewest tokens a grounded reply may have (``Grounding.length_floor`` of the nearest answer's length)."""
-    if grounding is None or context is None or not context.hits:
-        return 0
-    return reply_floor(tokenizer, context.hits[0].entry.reply, grounding.length_floor, spec.max_new_tokens)
+def _steering(tokenizer: Any, spec: GenerateSpec, grounding: Grounding | None, context: MemoryContext | None
+              ) -> Steering:
+    """A grounded reply's length floor and copy guides, from the exemplars its prompt shows."""
+    exemplars = [h.entry.reply for h in context.hits[: grounding.k]] if grounding and context else []
+    return steering(tokenizer, grounding, exemplars, spec.max_new_tokens)
 
 
 def _retrieved(job_id: int, row: dict[str, Any], context: MemoryContext | None) -> dict[str, Any]:
@@ -314,7 +314,7 @@ def _generated(job_id: int, row: dict[str, Any], spec: GenerateSpec, ctx: JobCon
     stream = _Stream(job_id)
     prompt = _prompt(loaded.tokenizer, max_prompt_tokens(loaded, spec.max_new_tokens), spec, grounding, context)
     request = GenerationRequest(prompt=prompt, max_new_tokens=spec.max_new_tokens,
-                                min_new_tokens=_floor(loaded.tokenizer, spec, grounding, context),
+                                **asdict(_steering(loaded.tokenizer, spec, grounding, context)),
                                 temperature=spec.temperature, top_p=spec.top_p, seed=spec.seed,
                                 on_text=stream.on_text, should_stop=stream.stopped.is_set)
     ctx.progress(0.05, "generating")
@@ -364,7 +364,7 @@ def _generated_llamacpp(job_id: int, row: dict[str, Any], spec: GenerateSpec, ct
     stream = _Stream(job_id)
     prompt = _prompt(tokenizer, prompt_budget(info.n_ctx_seq, spec.max_new_tokens), spec, grounding, context)
     request = GenerationRequest(prompt=prompt, max_new_tokens=spec.max_new_tokens,
-                                min_new_tokens=_floor(tokenizer, spec, grounding, context),
+                                **asdict(_steering(tokenizer, spec, grounding, context)),
                                 temperature=spec.temperature, top_p=spec.top_p, seed=spec.seed, on_text=stream.on_text,
                                 should_stop=stream.stopped.is_set)
     ctx.progress(0.05, "generating")

@@ -225,6 +225,25 @@ def test_min_new_tokens_masks_the_end_tokens_until_reached(tiny_causal: Path) ->
         generate_batch(loaded, [GenerationRequest(p[0], 4, min_new_tokens=-1)])
 
 
+def test_a_copy_bias_follows_the_guide_to_its_end(causal: LoadedModel) -> None:
+    end = causal.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    p = prompts(causal, 3)
+    plain = alone(causal, [GenerationRequest(x, 12) for x in p])
+    guide = tuple(causal.tokenizer("Your refund is on its way", add_special_tokens=False)["input_ids"])
+    assert plain[0].token_ids[: len(guide)] != list(guide)
+    copied = GenerationRequest(p[0], 40, guides=(guide,), copy_bias=1e3)
+    unbiased = GenerationRequest(p[2], 12, guides=(guide,))
+    results = generate_batch(causal, [copied, GenerationRequest(p[1], 12), unbiased])
+    # a bias far above the logits writes the guide and ends where it ends; the other rows are untouched
+    assert results[0].token_ids == [*guide, end] and results[0].finish_reason == "stop"
+    assert [r.token_ids for r in results[1:]] == [r.token_ids for r in plain[1:]]  # no bias: no change
+    assert generate_batch(causal, [copied])[0].token_ids == results[0].token_ids  # alone as batched
+    beams = generate_batch(causal, [GenerationRequest(p[0], 40, num_beams=2, guides=(guide,), copy_bias=1e3)])
+    assert beams[0].token_ids == [*guide, end]  # beam search follows it too
+    with pytest.raises(ValueError, match="copy_bias"):
+        generate_batch(causal, [GenerationRequest(p[0], 4, guides=(guide,), copy_bias=-1.0)])
+
+
 def test_beam_search_request(causal: LoadedModel) -> None:
     p = prompts(causal, 2)
     results = generate_batch(causal, [GenerationRequest(p[0], 6, num_beams=2), GenerationRequest(p[1], 6)])

@@ -197,6 +197,20 @@ def test_min_new_tokens_masks_the_end_tokens_until_reached(engine: LlamaCppEngin
         _alone(engine, gguf, tiny, decoder, MESSAGES[3], max_new_tokens=8, min_new_tokens=-1)
 
 
+def test_a_copy_bias_follows_the_guide_to_its_end(engine: LlamaCppEngine, gguf: Path, tiny: LoadedModel,
+                                                  decoder: ReplyDecoder) -> None:
+    guide = tuple(tiny.tokenizer("Your refund is on its way", add_special_tokens=False)["input_ids"])
+    end = tiny.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    prompt, ids = _prompt(tiny, MESSAGES[1])
+    request = GenerationRequest(prompt, max_new_tokens=40, guides=(guide,), copy_bias=1e3)
+    copied = engine.submit(gguf, ids, request, decoder).result(TIMEOUT)
+    assert copied.token_ids == [*guide, end] and copied.finish_reason == "stop"
+    # the same rule as csra's engine (Row.steer): the same tokens
+    assert generate_batch(tiny, [request])[0].token_ids == copied.token_ids
+    with pytest.raises(ValueError, match="copy_bias"):
+        _alone(engine, gguf, tiny, decoder, MESSAGES[1], max_new_tokens=8, guides=(guide,), copy_bias=-1.0)
+
+
 def test_should_stop_cancels_mid_reply(engine: LlamaCppEngine, gguf: Path, tiny: LoadedModel,
                                       decoder: ReplyDecoder) -> None:
     pieces: list[str] = []
