@@ -79,7 +79,9 @@ class Grounding(_Spec):
     # ROUGE-L and added repetitive replies without reaching retrieval's BLEU (README, 2026-12-04).
     length_floor: float = Field(0.0, ge=0, le=1.5, description="the reply may not end before this share of the "
                                 "nearest approved answer's length in tokens (0: no floor)")
-    copy_bias: float = Field(0.0, ge=0, le=20, description="added to the logits of the tokens that continue the "
+    # 2.5: the best of 1 / 2.5 / 5 on Bitext's validation split (README, "A copy bias"): ROUGE-L, BLEU, chrF
+    # and semantic similarity up, slots outside the contract from 8.7% of replies to 0.3%.
+    copy_bias: float = Field(2.5, ge=0, le=20, description="added to the logits of the tokens that continue the "
                              "reply along one of the whole exemplars (0: off; ml.inference.copying)")
 
     @field_validator("template")

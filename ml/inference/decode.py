@@ -18,7 +18,6 @@ import torch
 from transformers.cache_utils import DynamicLayer
 from transformers.generation.logits_process import LogitsProcessor, LogitsProcessorList
 
-from ml.inference.copying import Copier
 from ml.inference.rows import Row, sample_rows
 from models_store.loading import LoadedModel
 
@@ -182,16 +181,14 @@ def decode_seq2seq(loaded: LoadedModel, rows: list[Row], check_cancelled: Callab
 
 
 class _BeamCopyBias(LogitsProcessor):
-    """The row's copy bias on every beam (``Row.copied`` of that beam's reply so far, replayed by a fresh
-    ``Copier``: beams reorder between steps, so no beam owns a copier's state)."""
+    """The row's copy bias on every beam (``Row.copied`` of that beam's reply so far)."""
 
     def __init__(self, row: Row, start: int) -> None:
         self.row, self.start = row, start
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        assert self.row.copy is not None
         for beam in range(input_ids.shape[0]):
-            boosted = self.row.copied(input_ids[beam, self.start:].tolist(), Copier(self.row.copy.guides))
+            boosted = self.row.copied(input_ids[beam, self.start:].tolist())
             if boosted:
                 scores[beam, boosted] += self.row.request.copy_bias
         return scores

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from ml.inference.copying import END, Copier, Guides
+from ml.inference.copying import END, Guides
 from ml.inference.sampling import new_generator, sample_token
 from ml.inference.tokens import StopTokens, TextStream, encode_prompt, max_prompt_tokens, stop_tokens
 from ml.inference.types import GenerationRequest, GenerationResult
@@ -36,11 +36,11 @@ class Row:
     on_done: Callable[[GenerationResult], None] | None = None
     logits: list[torch.Tensor] | None = None  # each step's logits, kept only by the self-check
     peak_batch: int = 1
-    copy: Copier | None = field(init=False, default=None)
+    copy: Guides | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         if self.request.copy_bias and self.request.guides:
-            self.copy = Copier(Guides.build(self.request.guides))
+            self.copy = Guides.build(self.request.guides)
 
     @property
     def done(self) -> bool:
@@ -59,13 +59,11 @@ class Row:
             return []
         return sorted(self.stops.ids)
 
-    def copied(self, generated: Sequence[int], copier: Copier | None = None) -> list[int]:
-        """The tokens the copy bias favours after ``generated`` (a guide's end: this row's end tokens), by
-        ``copier`` (default: the row's own, which follows the row's reply step by step)."""
-        copier = copier or self.copy
-        if copier is None:
+    def copied(self, generated: Sequence[int]) -> list[int]:
+        """The tokens the copy bias favours after ``generated`` (a guide's end: this row's end tokens)."""
+        if self.copy is None:
             return []
-        following = copier.next_tokens(generated)
+        following = self.copy.next_tokens(generated)
         return sorted({t for t in following if t != END} | (self.stops.ids if END in following else set()))
 
     def steer(self, logits: Any) -> None:

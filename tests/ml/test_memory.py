@@ -140,10 +140,11 @@ def test_steering_floors_the_length_and_guides_by_the_exemplars(tiny_causal: Pat
 
     assert floor(0.5) == int(0.5 * n) > 0 and floor(1.5) == int(1.5 * n)  # of the nearest answer's length
     assert floor(1.0, 10) == 9  # below max_new_tokens: the reply can still end
-    assert steering(tok, Grounding(), [answer], 384) == Steering()  # the defaults: neither floor nor copy bias
+    off = Grounding(copy_bias=0)
+    assert steering(tok, off, [answer], 384) == Steering()  # neither floor nor copy bias
     assert steering(tok, None, [answer], 384) == Steering() == steering(tok, Grounding(length_floor=1), [], 384)
-    copy = steering(tok, Grounding(copy_bias=2.5), [answer, other], 384)
-    assert copy.copy_bias == 2.5 and copy.min_new_tokens == 0
+    copy = steering(tok, Grounding(), [answer, other], 384)  # the default: a copy bias along every exemplar
+    assert copy.copy_bias == Grounding().copy_bias > 0 and copy.min_new_tokens == 0
     assert copy.guides == tuple(tuple(tok(x, add_special_tokens=False)["input_ids"]) for x in (answer, other))
 
 
