@@ -7,7 +7,7 @@ any other models named) on the test split, stratified by intent.
         --samples 300 --samples all
     python bench/grounded.py --ungrounded --model smollm2-bitext --train-rows 1200 --models smollm2-bitext
     python bench/grounded.py --split validation --length-floor 0 --length-floor 0.8 --models smollm2-bitext-grounded
-    python bench/grounded.py --split validation --copy-bias 1 --copy-bias 3 --backend llamacpp:bf16
+    python bench/grounded.py --split validation --copy-bias 1 --copy-bias 2.5 --copy-bias 5 --backend llamacpp:bf16
 
 
 Each step is skipped when its result already exists (the dataset, the memory, the model), so a rerun

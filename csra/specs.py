@@ -19,6 +19,8 @@ Tone = Literal["neutral", "friendly", "strict_professional"]
 Temperature = Annotated[float, Field(ge=0, le=2, description="0 = greedy")]
 TopP = Annotated[float, Field(gt=0, le=1)]
 MaxNewTokens = Annotated[int, Field(ge=1, le=2048)]
+CopyBias = Annotated[float, Field(ge=0, le=20, description="added to the logits of the tokens that continue the "
+                                  "reply along one of the whole exemplars (0: off; ml.inference.copying)")]
 # The default reply length (chat, /v1, evaluation) and training's reply cut: 384 tokens hold 99.6% of
 # Bitext's replies (256 cut 6.8% of them, 192 cut 18%: check_refund_policy's replies average 334).
 REPLY_TOKENS = 384
@@ -81,8 +83,7 @@ class Grounding(_Spec):
                                 "nearest approved answer's length in tokens (0: no floor)")
     # 2.5: the best of 1 / 2.5 / 5 on Bitext's validation split (README, "A copy bias"): ROUGE-L, BLEU, chrF
     # and semantic similarity up, slots outside the contract from 8.7% of replies to 0.3%.
-    copy_bias: float = Field(2.5, ge=0, le=20, description="added to the logits of the tokens that continue the "
-                             "reply along one of the whole exemplars (0: off; ml.inference.copying)")
+    copy_bias: CopyBias = 2.5
 
     @field_validator("template")
     @classmethod
@@ -182,6 +183,8 @@ class GenerationSettings(_Spec):
     backend: Backend = Field("auto", description="auto: the deployment's CSRA_GEN_BACKEND; torch: csra's engine "
                              "(exact, batch-invariant); llamacpp[:quantization]: the model's GGUF export through "
                              "llama.cpp")
+    copy_bias: CopyBias | None = Field(None, description="grounded models only: instead of the model's own "
+                                       "(Grounding.copy_bias)")
 
 
 class GenerationOverrides(_Spec):
@@ -194,6 +197,7 @@ class GenerationOverrides(_Spec):
     ask_details_only_if_relevant: bool | None = None
     seed: int | None = None
     backend: Backend | None = None
+    copy_bias: CopyBias | None = None
 
 
 class ReplyTo(_Spec):
@@ -275,8 +279,7 @@ class EvaluateSpec(_Spec):
     length_floor: float | None = Field(None, ge=0, le=1.5, description="grounded models only: the share of the "
                                        "nearest approved answer's length a reply must reach, instead of the model's "
                                        "own (to measure a setting before serving it)")
-    copy_bias: float | None = Field(None, ge=0, le=20, description="grounded models only: the copy bias along "
-                                    "the whole exemplars, instead of the model's own")
+    copy_bias: CopyBias | None = Field(None, description="grounded models only: instead of the model's own")
     backend: Literal["torch", "llamacpp:f16", "llamacpp:bf16", "llamacpp:q8_0", "llamacpp:q4_k_m",
                      "llamacpp:q4_0"] = Field(
         "torch", description="torch: csra's engine (exact: greedy text the same alone or batched); llamacpp:<q>: "

@@ -192,6 +192,15 @@ def test_a_grounded_model_is_trained_served_and_evaluated_on_its_exemplars(api, 
     done = wait_job(api, gen.json()["id"])
     assert done["status"] == "succeeded", done["error"]
     assert done["result"]["grounded"] is True and done["result"]["intent"] == "cancel_order"
+    # a copy bias far above the tiny model's logits writes the exemplars' own words (the k=2 nearest answers)
+    copied = api.post("/jobs/generate", json={"model_id": "tiny-grounded", "message": "cancel order 3 please",
+                                              "max_new_tokens": 4, "copy_bias": 20})
+    done = wait_job(api, copied.json()["id"])
+    assert done["status"] == "succeeded", done["error"]
+    text = done["result"]["raw_text"]
+    assert text and any(text in s["reply"] for s in done["result"]["similar"][:2]), (text, done["result"]["similar"])
+    too_big = api.post("/jobs/generate", json={"model_id": "tiny-grounded", "message": "hi", "copy_bias": 21})
+    assert too_big.status_code == 422 and "copy_bias" in json.dumps(too_big.json()["detail"])
 
     ev = api.post("/jobs/evaluate", json={"model_ids": ["retrieval", "tiny-grounded"], "dataset_id": memory_dataset,
                                           "max_new_tokens": 4})
