@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,7 @@ HOLD_SECONDS = 0.5  # generation counts as active this long after its last touch
 TOUCH_EVERY = 0.05
 CHECK_EVERY = 0.01
 SLEEP = 0.02
+ASK_ENDING_EVERY = 0.5  # while paused, how often the job is asked whether it is to end
 
 
 class InteractiveSignal:
@@ -74,26 +76,34 @@ class CpuYielder:
     ``waited`` adds up the seconds it gave away (reported in training results).
     """
 
-    def __init__(self, signal: InteractiveSignal, max_wait: float = 30.0) -> None:
+    def __init__(self, signal: InteractiveSignal, max_wait: float = 30.0,
+                 ending: Callable[[], bool] | None = None) -> None:
         self.signal, self.max_wait = signal, max_wait
+        self.ending = ending  # True once the job is to end (cancelled): asked while it waits
         self.waited = 0.0
         self.pauses = 0
         self._checked = 0.0
         self._free_until = 0.0
+        self._ended = False
 
     def __call__(self, *_: Any) -> None:
         now = time.monotonic()
-        if now - self._checked < CHECK_EVERY or now < self._free_until:
+        if self._ended or now - self._checked < CHECK_EVERY or now < self._free_until:
             return
         self._checked = now
         if not self.signal.active():
             return
         self.pauses += 1
-        start = now
+        start = asked = now
         while self.signal.active():
             if time.monotonic() - start >= self.max_wait:
                 self._free_until = time.monotonic() + self.max_wait / 10
                 break
+            if self.ending is not None and time.monotonic() - asked >= ASK_ENDING_EVERY:
+                asked = time.monotonic()
+                if self.ending():  # a cancelled job stops pausing, so its own check ends it at once
+                    self._ended = True
+                    break
             time.sleep(SLEEP)
         self.waited += time.monotonic() - start
         self._checked = time.monotonic()

@@ -169,7 +169,7 @@ def _predict(row: dict[str, Any], examples: list[dict[str, Any]], spec: Evaluate
                 saved.append([todo[i] for i in indices], results, now - last[0])
             last[0] = now
 
-        yield_cpu = background_yielder()
+        yield_cpu = background_yielder(ctx)
 
         def each_step() -> None:
             ctx.check_cancelled()

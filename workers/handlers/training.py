@@ -9,13 +9,14 @@ from typing import Any
 import numpy as np
 from sqlalchemy import select
 
-from csra.jobctx import JobContext, JobError
+from csra.jobctx import JobCancelled, JobContext, JobError
 from csra.settings import get_settings
 from csra.specs import TrainSpec
 from db.models import Dataset, DatasetExample, DatasetStatus, Model
 from db.session import session_scope
 from ml.cpu_share import CpuYielder, InteractiveSignal
 from models_store.registry import register_model, resolve_base
+from workers.context import LostClaim
 from workers.handlers.calibration import record_throughput
 
 logger = logging.getLogger(__name__)
@@ -38,12 +39,21 @@ def load_split(dataset_id: int, split: str) -> list[dict[str, Any]]:
     return [r._asdict() for r in rows]
 
 
-def background_yielder() -> CpuYielder | None:
-    """Pauses a training or evaluation job while the generate worker on this machine answers chats."""
+def background_yielder(ctx: JobContext) -> CpuYielder | None:
+    """Pauses a training or evaluation job while the generate worker on this machine answers chats; a
+    cancel reaches a paused job within a second (it stops pausing, and its own check then ends it)."""
     settings = get_settings()
     if not settings.train_yields_to_chat:
         return None
-    return CpuYielder(InteractiveSignal(settings.interactive_signal_path), settings.train_yield_max_seconds)
+
+    def ending() -> bool:
+        try:
+            ctx.check_cancelled()
+        except (JobCancelled, JobError, LostClaim):  # raised again by the job's own check
+            return True
+        return False
+
+    return CpuYielder(InteractiveSignal(settings.interactive_signal_path), settings.train_yield_max_seconds, ending)
 
 
 def grounder(dataset_id: int, train_rows: list[dict[str, Any]], k: int, ctx: JobContext
@@ -94,7 +104,7 @@ def handle_train(job_id: int, params: dict[str, Any], ctx: JobContext) -> dict[s
     settings = get_settings()
     ground = grounder(spec.dataset_id, train_rows, spec.grounding.k, ctx) if spec.grounding else None
     result = run_training(spec, train_rows, val_rows, source, ctx.work_dir, ctx,
-                          num_threads=settings.torch_thread_count, yield_cpu=background_yielder(), ground=ground,
+                          num_threads=settings.torch_thread_count, yield_cpu=background_yielder(ctx), ground=ground,
                           checkpoint_seconds=settings.checkpoint_minutes * 60 or None)
     cancelled = bool(result.pop("cancelled", False))
     history = result.pop("history", [])
