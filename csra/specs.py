@@ -7,7 +7,7 @@ workers re-parse ``job.params`` with the same model.
 from __future__ import annotations
 
 import re
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -95,6 +95,15 @@ class Grounding(_Spec):
     def prompt_budget(self) -> int:
         """Prompt tokens a grounded example needs at least: the exemplars plus the usual prompt."""
         return self.k * (self.max_exemplar_tokens + 4) + 160
+
+
+def recorded_grounding(recorded: dict[str, Any] | None, **overrides: float | None) -> Grounding | None:
+    """A model's grounding as its registry row records it (None: not trained grounded), with each override
+    that is set (a request's or an evaluation's ``copy_bias``, ``length_floor``) in place of its own."""
+    if not recorded:
+        return None
+    grounding = Grounding.model_validate(recorded)
+    return grounding.model_copy(update={k: v for k, v in overrides.items() if v is not None})
 
 
 class TrainSpec(_Spec):

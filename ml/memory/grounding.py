@@ -64,9 +64,9 @@ def steering(tokenizer: Any, grounding: Grounding | None, exemplars: Sequence[st
     def ids(text: str) -> tuple[int, ...]:
         return tuple(tokenizer(text, add_special_tokens=False)["input_ids"])
 
+    guides = tuple(ids(x) for x in exemplars) if grounding.copy_bias > 0 else ()
     floor = 0
-    if grounding.length_floor > 0:
-        floor = max(0, min(int(grounding.length_floor * len(ids(exemplars[0]))), max_new_tokens - 1))
-    if grounding.copy_bias <= 0:
-        return Steering(floor)
-    return Steering(floor, tuple(ids(x) for x in exemplars), grounding.copy_bias)
+    if grounding.length_floor > 0:  # the nearest answer is tokenized once, also when it is a guide
+        nearest = len(guides[0]) if guides else len(ids(exemplars[0]))
+        floor = max(0, min(int(grounding.length_floor * nearest), max_new_tokens - 1))
+    return Steering(floor, guides, grounding.copy_bias if guides else 0.0)

@@ -22,7 +22,7 @@ from sqlalchemy import delete, insert, select
 
 from csra.jobctx import JobCancelled, JobContext, JobError
 from csra.settings import get_settings
-from csra.specs import RETRIEVAL, EvaluateSpec, Grounding
+from csra.specs import RETRIEVAL, EvaluateSpec, Grounding, recorded_grounding
 from db.models import Evaluation, EvaluationExample, Job, JobEvent, Model
 from db.session import session_scope
 from ml.importing.columns import UNKNOWN as UNKNOWN_INTENT
@@ -255,13 +255,8 @@ def _prompts(tokenizer: Any, row: dict[str, Any], examples: list[dict[str, Any]]
 
 
 def _grounding(row: dict[str, Any], spec: EvaluateSpec) -> Grounding | None:
-    """How the model is grounded in this evaluation: as it was trained, with the evaluation's length floor
-    and copy bias where it sets them."""
-    if not row.get("grounding"):
-        return None
-    grounding = Grounding.model_validate(row["grounding"])
-    changes = {k: v for k, v in (("length_floor", spec.length_floor), ("copy_bias", spec.copy_bias)) if v is not None}
-    return grounding.model_copy(update=changes)
+    """How the model is grounded in this evaluation: as trained, with the evaluation's overrides."""
+    return recorded_grounding(row.get("grounding"), length_floor=spec.length_floor, copy_bias=spec.copy_bias)
 
 
 def _score(examples: list[dict[str, Any]], results: list[Any], wall: float, neighbours: Neighbours | None,

@@ -35,7 +35,7 @@ from csra.memory import MemoryNotBuilt, embedder, serving_memory
 from csra.profile import Profile, fill_placeholders
 from csra.redis_conn import get_redis
 from csra.settings import get_settings
-from csra.specs import DEFAULT_INSTRUCTION, RETRIEVAL, GenerateSpec, Grounding
+from csra.specs import DEFAULT_INSTRUCTION, RETRIEVAL, GenerateSpec, Grounding, recorded_grounding
 from csra.streams import publish_start
 from db.models import Setting
 from db.session import session_scope
@@ -310,7 +310,7 @@ def _generated(job_id: int, row: dict[str, Any], spec: GenerateSpec, ctx: JobCon
     ctx.progress(0.02, "loading the model")
     loaded = _wait(engine.load_async(str(path), _loader(path)), ctx)  # on the engine thread: see BatchingEngine
     publish_invariance(row["name"], loaded.invariance)
-    grounding = _grounding(row, spec)
+    grounding = recorded_grounding(row.get("grounding"), copy_bias=spec.copy_bias)
     stream = _Stream(job_id)
     prompt = _prompt(loaded.tokenizer, max_prompt_tokens(loaded, spec.max_new_tokens), spec, grounding, context)
     request = GenerationRequest(prompt=prompt, max_new_tokens=spec.max_new_tokens,
@@ -321,14 +321,6 @@ def _generated(job_id: int, row: dict[str, Any], spec: GenerateSpec, ctx: JobCon
     res = _finish_wait(engine.submit(str(path), _loader(path), request), ctx, stream, row)
     return {**_reply(row, res, grounding, context), "backend": backend,
             "batch_invariant": (loaded.invariance or {}).get("batch_invariant")}
-
-
-def _grounding(row: dict[str, Any], spec: GenerateSpec) -> Grounding | None:
-    """How the model is grounded for this reply: as it was trained, with the request's copy bias if it sets one."""
-    if not row.get("grounding"):
-        return None
-    grounding = Grounding.model_validate(row["grounding"])
-    return grounding if spec.copy_bias is None else grounding.model_copy(update={"copy_bias": spec.copy_bias})
 
 
 def _finish_wait(future: Future[Any], ctx: JobContext, stream: _Stream, row: dict[str, Any]) -> Any:
@@ -364,7 +356,7 @@ def _generated_llamacpp(job_id: int, row: dict[str, Any], spec: GenerateSpec, ct
         raise JobError(f"llama.cpp could not load {gguf.name} ({e}); re-export the model, or ask for backend "
                        "torch") from None
     tokenizer, arch, decoder = _tokenizer(row["path"])
-    grounding = _grounding(row, spec)
+    grounding = recorded_grounding(row.get("grounding"), copy_bias=spec.copy_bias)
     stream = _Stream(job_id)
     prompt = _prompt(tokenizer, prompt_budget(info.n_ctx_seq, spec.max_new_tokens), spec, grounding, context)
     request = GenerationRequest(prompt=prompt, max_new_tokens=spec.max_new_tokens,
