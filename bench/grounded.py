@@ -8,6 +8,8 @@ any other models named) on the test split, stratified by intent.
     python bench/grounded.py --ungrounded --model smollm2-bitext --train-rows 1200 --models smollm2-bitext
     python bench/grounded.py --split validation --length-floor 0 --length-floor 0.8 --models smollm2-bitext-grounded
     python bench/grounded.py --split validation --copy-bias 1 --copy-bias 2.5 --copy-bias 5 --backend llamacpp:bf16
+    python bench/grounded.py --split validation --consensus-pool 0 --consensus-pool 8 --no-repeat-ngram 0 \
+        --no-repeat-ngram 16 --backend llamacpp:bf16
 
 
 Each step is skipped when its result already exists (the dataset, the memory, the model), so a rerun
@@ -18,6 +20,7 @@ bench/results/grounded-<time>.json.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import time
 from datetime import datetime
@@ -80,6 +83,11 @@ def main() -> None:
                         "evaluation per value)")
     p.add_argument("--copy-bias", action="append", type=float, default=None,
                    help="evaluate grounded models with this copy bias instead of their own (repeatable)")
+    p.add_argument("--consensus-pool", action="append", type=int, default=None,
+                   help="grounding exemplars chosen by consensus among this many nearest answers (repeatable; 0: "
+                        "the nearest)")
+    p.add_argument("--no-repeat-ngram", action="append", type=int, default=None,
+                   help="the loop guard: no repeated run of this many tokens (repeatable; 0: off)")
     p.add_argument("--backend", default="torch", help="the evaluation's backend (llamacpp:bf16 ... needs an export)")
     p.add_argument("--ungrounded", action="store_true",
                    help="train --model WITHOUT grounding on the same rows and steps (the like-for-like comparison)")
@@ -99,15 +107,17 @@ def main() -> None:
         out["train"] = {"minutes": minutes(done), **{k: done["result"].get(k) for k in
                         ("best_val_loss", "tokens_seen", "tokens_per_second", "steps", "precision")}}
         print("training:", json.dumps(out["train"]))
-    runs = [(n, f, b) for n in args.samples or ["300"] for f in args.length_floor or [None]
-            for b in args.copy_bias or [None]]
-    for n, floor, bias in runs:
+    # every combination of the decode settings asked for (None: the model's own)
+    settings = {"length_floor": args.length_floor, "copy_bias": args.copy_bias,
+                "consensus_pool": args.consensus_pool, "no_repeat_ngram_size": args.no_repeat_ngram}
+    combos = [dict(zip(settings, values, strict=True))
+              for values in itertools.product(*[v or [None] for v in settings.values()])]
+    for n, overrides in itertools.product(args.samples or ["300"], combos):
         body = {"model_ids": args.models.split(","), "dataset_id": ds, "max_samples": None if n == "all" else int(n),
-                "split": args.split, "length_floor": floor, "copy_bias": bias, "backend": args.backend}
+                "split": args.split, "backend": args.backend, **overrides}
         job = api.post("/jobs/evaluate", json=body)
         job.raise_for_status()
-        what = (f"{args.split} {n} {args.backend}" + ("" if floor is None else f" floor {floor}")
-                + ("" if bias is None else f" copy bias {bias}"))
+        what = f"{args.split} {n} {args.backend}" + "".join(f" {k} {v}" for k, v in overrides.items() if v is not None)
         done = wait(api, job.json()["id"], f"evaluate {what}")
         ev = api.get(f"/evaluations/{done['result']['evaluation_id']}").json()
         table = {m: {k: ev["metrics"][m]["overall"].get(k) for k in METRICS} for m in body["model_ids"]}
@@ -115,8 +125,7 @@ def main() -> None:
                                "metrics": table, "grounding": {m: ev["metrics"][m].get("grounding")
                                                                for m in body["model_ids"]}}
         print(f"\nevaluation {ev['id']}: {ev['sample']['examples']} {args.split} rows, {ev['sample']['intents']} of "
-              f"{ev['sample']['split_intents']} intents, {minutes(done)} min"
-              + ("" if floor is None else f", length floor {floor}") + ("" if bias is None else f", copy bias {bias}"))
+              f"{ev['sample']['split_intents']} intents, {minutes(done)} min, {what}")
         print("model".ljust(28) + "".join(k[:10].rjust(11) for k in METRICS))
         for m, row in table.items():
             print(m.ljust(28) + "".join(("-" if v is None else f"{v:.3f}").rjust(11) for v in row.values()))

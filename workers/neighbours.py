@@ -21,11 +21,12 @@ from csra.jobctx import JobContext
 from csra.memory import embedder, from_blob, group_keys
 from csra.profile import Profile
 from csra.settings import get_settings
+from csra.specs import Grounding
 from db.models import Dataset, MemoryEntry
 from db.session import session_scope
 from ml.inference.types import GenerationResult
 from ml.memory.embedder import DIM
-from ml.memory.grounding import allowed_slots, outside_contract
+from ml.memory.grounding import allowed_slots, answers_needed, grounding_exemplars, outside_contract
 from ml.memory.memory import AnswerMemory, Entry, Hit
 from ml.sampling import stratified_sample
 
@@ -135,10 +136,14 @@ class Neighbours:
                                  finish_reason="retrieval", latency_ms=0.0, first_token_ms=None)
                 for h in self.hits]
 
-    def exemplars(self, i: int, k: int) -> list[str]:
-        return [h.entry.reply for h in self.hits[i][:k]]
+    def exemplars(self, i: int, grounding: Grounding | None) -> list[str]:
+        """The approved answers example ``i``'s reply stands on: a grounded model's prompt exemplars, else
+        (the placeholder contract of an ungrounded model or retrieval) the ``CONTRACT_K`` nearest."""
+        if grounding is None:
+            return [h.entry.reply for h in self.hits[i][:CONTRACT_K]]
+        return [h.entry.reply for h in grounding_exemplars(grounding, self.hits[i][:answers_needed(grounding)])]
 
-    def judge(self, predictions: list[str], k: int = CONTRACT_K) -> list[dict[str, Any]]:
+    def judge(self, predictions: list[str], grounding: Grounding | None) -> list[dict[str, Any]]:
         """Per reply: ``intent_match`` (the intent its nearest training replies vote for, as the
         predicted intent) and ``slots_outside_contract`` (a placeholder neither the profile nor the
         exemplars know). ``intent_match`` is filled in by the caller, who knows the true intent."""
@@ -146,7 +151,7 @@ class Neighbours:
         out = []
         for i, (text, vec) in enumerate(zip(predictions, vectors, strict=True)):
             guess = self.memory.intent_of_reply(vec)
-            foreign = outside_contract(text, allowed_slots(self.profile, self.exemplars(i, k)))
+            foreign = outside_contract(text, allowed_slots(self.profile, self.exemplars(i, grounding)))
             out.append({"reply_intent": guess.intent if guess else None, "slots_outside_contract": bool(foreign),
                         "foreign_slots": foreign})
         return out

@@ -18,6 +18,7 @@ import torch
 from transformers.cache_utils import DynamicLayer
 from transformers.generation.logits_process import LogitsProcessor, LogitsProcessorList
 
+from ml.inference.loops import LoopGuard
 from ml.inference.rows import Row, sample_rows
 from models_store.loading import LoadedModel
 
@@ -180,17 +181,22 @@ def decode_seq2seq(loaded: LoadedModel, rows: list[Row], check_cancelled: Callab
             check_cancelled()
 
 
-class _BeamCopyBias(LogitsProcessor):
-    """The row's copy bias on every beam (``Row.copied`` of that beam's reply so far)."""
+class _BeamSteering(LogitsProcessor):
+    """The row's copy bias and loop guard on every beam (``Row.copied`` and ``LoopGuard`` of that beam's
+    reply so far)."""
 
     def __init__(self, row: Row, start: int) -> None:
         self.row, self.start = row, start
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         for beam in range(input_ids.shape[0]):
-            boosted = self.row.copied(input_ids[beam, self.start:].tolist())
+            reply = input_ids[beam, self.start:].tolist()
+            boosted = self.row.copied(reply)
             if boosted:
                 scores[beam, boosted] += self.row.request.copy_bias
+            banned = LoopGuard.of(reply, self.row.loops.n, self.row.loops.allowed).banned(reply)
+            if banned:
+                scores[beam, banned] = float("-inf")
         return scores
 
 
@@ -205,7 +211,7 @@ def beam_search(loaded: LoadedModel, row: Row) -> None:
         input_ids=ids, attention_mask=torch.ones_like(ids), num_beams=req.num_beams, do_sample=False,
         max_new_tokens=req.max_new_tokens, min_new_tokens=req.min_new_tokens or None, eos_token_id=stops,
         pad_token_id=pad_id(loaded), early_stopping=True,
-        logits_processor=LogitsProcessorList([_BeamCopyBias(row, start)]) if row.copy is not None else None,
+        logits_processor=LogitsProcessorList([_BeamSteering(row, start)]),
     )
     generated = out[0].tolist()
     if loaded.arch == "causal":

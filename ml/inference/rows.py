@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from ml.inference.copying import END, Guides
+from ml.inference.loops import LoopGuard, repeated_runs
 from ml.inference.sampling import new_generator, sample_token
 from ml.inference.tokens import StopTokens, TextStream, encode_prompt, max_prompt_tokens, stop_tokens
 from ml.inference.types import GenerationRequest, GenerationResult
@@ -37,10 +38,13 @@ class Row:
     logits: list[torch.Tensor] | None = None  # each step's logits, kept only by the self-check
     peak_batch: int = 1
     copy: Guides | None = field(init=False, default=None)
+    loops: LoopGuard = field(init=False)
 
     def __post_init__(self) -> None:
         if self.request.copy_bias and self.request.guides:
             self.copy = Guides.build(self.request.guides)
+        n = self.request.no_repeat_ngram_size
+        self.loops = LoopGuard(n, repeated_runs(self.request.guides, n) if n >= 2 else frozenset())
 
     @property
     def done(self) -> bool:
@@ -68,12 +72,13 @@ class Row:
 
     def steer(self, logits: Any) -> None:
         """Edit this row's logits (a 1-d torch tensor or numpy array, in place) before its token is
-        chosen: the copy bias along its guides, then the end tokens it may not pick yet. Both engines
-        call it, so their grounded replies follow the same rules."""
+        chosen: the copy bias along its guides, then the tokens it may not pick (those that would repeat
+        a run of ``no_repeat_ngram_size`` tokens, the end tokens before ``min_new_tokens``). Both engines
+        call it, so their replies follow the same rules."""
         boosted = self.copied(self.generated)
         if boosted:
             logits[boosted] += self.request.copy_bias
-        masked = self.ends_masked()
+        masked = self.loops.banned(self.generated) + self.ends_masked()
         if masked:
             logits[masked] = float("-inf")
 
@@ -118,11 +123,13 @@ class Row:
 
 
 def check_steering(req: GenerationRequest) -> None:
-    """The request's length floor and copy bias are usable (a ValueError naming the field if not)."""
+    """The request's length floor, copy bias and loop guard are usable (a ValueError naming the field if not)."""
     if req.min_new_tokens < 0:
         raise ValueError(f"min_new_tokens must be >= 0, not {req.min_new_tokens}")
     if not req.copy_bias >= 0:  # also NaN
         raise ValueError(f"copy_bias must be >= 0, not {req.copy_bias}")
+    if req.no_repeat_ngram_size < 0 or req.no_repeat_ngram_size == 1:
+        raise ValueError(f"no_repeat_ngram_size must be 0 (off) or at least 2, not {req.no_repeat_ngram_size}")
 
 
 def sample_rows(rows: Sequence[Row], logits: torch.Tensor) -> list[int]:

@@ -18,7 +18,9 @@ class GenerationRequest:
     ``prompt`` is already rendered (``ml.prompting.render_prompt``). ``min_new_tokens``: the reply
     cannot end (its end tokens are masked) before it has this many tokens; ``max_new_tokens`` still
     cuts it. ``guides`` (token ids of approved answers) with ``copy_bias`` > 0 nudge each step toward
-    the tokens that continue the reply along a guide (``ml.inference.copying``). ``temperature`` 0 means
+    the tokens that continue the reply along a guide (``ml.inference.copying``). ``no_repeat_ngram_size``
+    n > 0: the reply may not repeat a run of n tokens it already holds (``ml.inference.loops``; 0: off).
+    ``temperature`` 0 means
     greedy; ``seed`` makes sampling reproducible (None: a fresh random seed). ``num_beams`` > 1 uses
     beam search through ``model.generate`` (one request at a time, no streaming of partial text:
     ``on_text`` then gets the whole reply at once). ``on_text`` receives each new piece of decoded
@@ -32,6 +34,7 @@ class GenerationRequest:
     min_new_tokens: int = 0
     guides: tuple[tuple[int, ...], ...] = ()
     copy_bias: float = 0.0
+    no_repeat_ngram_size: int = 0
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int | None = None

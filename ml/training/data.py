@@ -87,7 +87,8 @@ class ExampleEncoder:
         return ids[: self.max_target]
 
     def _exemplars(self, row: dict[str, Any]) -> list[str]:
-        """A grounded example's exemplars (``row["exemplars"]``), each cut to the grounding's token budget."""
+        """A grounded example's exemplars (``row["exemplars"]``, chosen as chat and evaluation choose them:
+        ``ml.memory.grounding.grounding_exemplars``), each cut to the grounding's token budget."""
         if self.grounding is None:
             return []
         return [truncate_tokens(self.tokenizer, x, self.grounding.max_exemplar_tokens)

@@ -9,9 +9,18 @@ import pytest
 
 from csra.profile import Profile
 from csra.specs import Grounding
-from ml.memory.grounding import Steering, allowed_slots, outside_contract, slots_in, steering
+from ml.memory.grounding import (
+    Steering,
+    allowed_slots,
+    answers_needed,
+    by_consensus,
+    grounding_exemplars,
+    outside_contract,
+    slots_in,
+    steering,
+)
 from ml.memory.index import VectorIndex
-from ml.memory.memory import AnswerMemory, Entry, vote
+from ml.memory.memory import AnswerMemory, Entry, Hit, vote
 from tests.fixtures_models import tiny_causal  # noqa: F401
 
 
@@ -140,13 +149,63 @@ def test_steering_floors_the_length_and_guides_by_the_exemplars(tiny_causal: Pat
 
     assert floor(0.5) == int(0.5 * n) > 0 and floor(1.5) == int(1.5 * n)  # of the nearest answer's length
     assert floor(1.0, 10) == 9  # below max_new_tokens: the reply can still end
-    off = Grounding(copy_bias=0)
-    assert steering(tok, off, [answer], 384) == Steering()  # neither floor nor copy bias
-    assert steering(tok, None, [answer], 384) == Steering() == steering(tok, Grounding(length_floor=1), [], 384)
+    off = Grounding(copy_bias=0, no_repeat_ngram_size=0, length_floor=0)
+    assert steering(tok, off, [answer], 384) == Steering()  # neither floor, copy bias nor loop guard
+    assert steering(tok, None, [answer], 384) == Steering()  # an ungrounded model: nothing unless asked
+    assert steering(tok, None, [answer], 384, no_repeat_ngram_size=12) == Steering(no_repeat_ngram_size=12)
+    # without exemplars (the memory not built yet) a grounded model keeps its loop guard, nothing else
+    assert steering(tok, Grounding(length_floor=1), [], 384) == Steering(no_repeat_ngram_size=8)
+    assert steering(tok, Grounding(), [answer], 384, no_repeat_ngram_size=0).no_repeat_ngram_size == 0
     copy = steering(tok, Grounding(), [answer, other], 384)  # the default: a copy bias along every exemplar
-    assert copy.copy_bias == Grounding().copy_bias > 0 and copy.min_new_tokens == 0
+    assert copy.copy_bias == Grounding().copy_bias > 0 and copy.min_new_tokens == int(0.8 * n)
     assert copy.guides == tuple(tuple(tok(x, add_special_tokens=False)["input_ids"]) for x in (answer, other))
 
+
+SHARED = "To cancel your order, sign in to your account, open Orders, choose the order and click Cancel order."
+NEAREST_ODD = "Our team will be glad to help you with any issue regarding your purchase today."
+
+
+def test_consensus_puts_the_answers_the_others_share_first() -> None:
+    nearest = [NEAREST_ODD, SHARED + " We are here to help.", "Please contact us.", SHARED,
+               SHARED.replace("click", "press")]
+    order = by_consensus(nearest)
+    assert sorted(order) == list(range(5)) and order[-1] in (0, 2)  # the outliers last
+    assert set(order[:3]) == {1, 3, 4}
+    assert by_consensus(nearest[:2]) == [0, 1] and by_consensus([]) == []  # nothing to vote with: nearest first
+
+
+def hits(*answers: tuple[str, str]) -> list[Hit]:
+    """Nearest first: (reply, intent) pairs as the memory would find them."""
+    return [Hit(Entry(id=i, message=f"m{i}", reply=r, intent=intent), 1.0 - i / 100)
+            for i, (r, intent) in enumerate(answers)]
+
+
+def test_grounding_exemplars_are_the_nearest_or_the_consensus_of_a_pool() -> None:
+    nearest = hits((NEAREST_ODD, "a"), ("Please contact us.", "a"), (SHARED, "a"),
+                   (SHARED.replace("click", "press"), "a"), (SHARED + " Thanks!", "a"))
+    assert grounding_exemplars(Grounding(k=2, consensus_pool=0), nearest) == nearest[:2]  # 0: the k nearest
+    chosen = grounding_exemplars(Grounding(k=2, consensus_pool=5), nearest)
+    assert len(chosen) == 2 and all(SHARED[:40] in h.entry.reply for h in chosen)
+    below_k = grounding_exemplars(Grounding(k=3, consensus_pool=2), [nearest[2], nearest[0], nearest[3]])
+    assert len(below_k) == 3 and below_k[-1] == nearest[0]  # a pool below k: the k nearest, in consensus order
+    assert answers_needed(Grounding(k=3, consensus_pool=8)) == 8
+    assert answers_needed(Grounding(k=3, consensus_pool=0)) == 3
+    assert answers_needed(None) == 0
+    with pytest.raises(ValueError, match="consensus_pool"):
+        Grounding(consensus_pool=9)
+
+
+def test_the_nearest_answer_decides_the_intent_the_consensus_the_wording() -> None:
+    """Five answers of another intent agree with each other; the nearest answer's intent still wins, and
+    its own answers fill the prompt before any other intent's (nearest first) when there are fewer than k."""
+    other = [(SHARED + f" Reference {i}.", "switch_account") for i in range(5)]
+    nearest = hits(("Edit your profile under Settings, then save it.", "edit_account"), *other[:2],
+                   ("To edit your account, open Settings and change the details.", "edit_account"), *other[2:])
+    chosen = grounding_exemplars(Grounding(k=3, consensus_pool=8), nearest)
+    assert [h.entry.intent for h in chosen] == ["edit_account", "edit_account", "switch_account"]
+    assert chosen[2] == nearest[1]  # the nearest of the others fills the third place
+    unknown = hits(*[(reply, "") for reply, _ in [(NEAREST_ODD, ""), *other]])  # no intents: the whole pool
+    assert all(SHARED[:40] in h.entry.reply for h in grounding_exemplars(Grounding(k=3, consensus_pool=8), unknown))
 
 
 @pytest.mark.parametrize("first,second", [("usearch.index", "onnxruntime"), ("onnxruntime", "usearch.index")])

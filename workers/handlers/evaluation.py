@@ -22,7 +22,7 @@ from sqlalchemy import delete, insert, select
 
 from csra.jobctx import JobCancelled, JobContext, JobError
 from csra.settings import get_settings
-from csra.specs import RETRIEVAL, EvaluateSpec, Grounding, recorded_grounding
+from csra.specs import RETRIEVAL, EvaluateSpec, Grounding, loop_guard, recorded_grounding
 from db.models import Evaluation, EvaluationExample, Job, JobEvent, Model
 from db.session import session_scope
 from ml.importing.columns import UNKNOWN as UNKNOWN_INTENT
@@ -32,7 +32,7 @@ from models_store.registry import ensure_baseline_registered, find_model_row
 from workers.handlers.generation import load_profile
 from workers.handlers.memory import ensure_embedder
 from workers.handlers.training import background_yielder, load_split
-from workers.neighbours import CONTRACT_K, Neighbours, neighbours_for
+from workers.neighbours import Neighbours, neighbours_for
 from workers.presence import publish_invariance
 
 logger = logging.getLogger(__name__)
@@ -240,27 +240,29 @@ def _prompts(tokenizer: Any, row: dict[str, Any], examples: list[dict[str, Any]]
 
     grounding = _grounding(row, spec)
     if grounding is None:
-        return [example_prompt(tokenizer, e["instruction"], e["input"]) for e in examples], [Steering()] * len(examples)
+        return ([example_prompt(tokenizer, e["instruction"], e["input"]) for e in examples],
+                [steering(tokenizer, None, [], spec.max_new_tokens, spec.no_repeat_ngram_size)] * len(examples))
     if neighbours is None:
         raise JobError(f"{row['name']} was trained grounded, but the answer memory of this dataset could not be "
                        "prepared (see the job log)")
     prompts, steers = [], []
     for i, e in enumerate(examples):
-        exemplars = neighbours.exemplars(i, grounding.k)
+        exemplars = neighbours.exemplars(i, grounding)
         prompts.append(example_prompt(tokenizer, e["instruction"], e["input"],
                                       [truncate_tokens(tokenizer, x, grounding.max_exemplar_tokens)
                                        for x in exemplars], grounding.template))
-        steers.append(steering(tokenizer, grounding, exemplars, spec.max_new_tokens))
+        steers.append(steering(tokenizer, grounding, exemplars, spec.max_new_tokens, spec.no_repeat_ngram_size))
     return prompts, steers
 
 
 def _grounding(row: dict[str, Any], spec: EvaluateSpec) -> Grounding | None:
     """How the model is grounded in this evaluation: as trained, with the evaluation's overrides."""
-    return recorded_grounding(row.get("grounding"), length_floor=spec.length_floor, copy_bias=spec.copy_bias)
+    return recorded_grounding(row.get("grounding"), length_floor=spec.length_floor, copy_bias=spec.copy_bias,
+                              consensus_pool=spec.consensus_pool, no_repeat_ngram_size=spec.no_repeat_ngram_size)
 
 
 def _score(examples: list[dict[str, Any]], results: list[Any], wall: float, neighbours: Neighbours | None,
-           contract_k: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+           grounding: Grounding | None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     from ml.metrics import ExampleInput, aggregate, score_examples
 
     inputs = [ExampleInput(prediction=r.text, reference=e["output"], intent=e.get("intent") or "",
@@ -268,7 +270,7 @@ def _score(examples: list[dict[str, Any]], results: list[Any], wall: float, neig
               for e, r in zip(examples, results, strict=True)]
     scores = score_examples(inputs)
     if neighbours is not None:  # judged against the dataset's approved answers: intent and placeholders
-        for s, e, judged in zip(scores, examples, neighbours.judge([r.text for r in results], contract_k),
+        for s, e, judged in zip(scores, examples, neighbours.judge([r.text for r in results], grounding),
                                 strict=True):
             reply_intent, intent = judged.pop("reply_intent"), e.get("intent") or ""
             # unknown intents (a dataset without them) are not judged
@@ -411,13 +413,14 @@ def _evaluate_one(eval_id: int, ref: str, examples: list[dict[str, Any]], spec: 
         prompts, results, wall, invariance = _predict(row, examples, spec, ctx, done_before, total, checkpoint,
                                                       neighbours)
     ctx.progress((done_before + len(examples)) / total, f"{row['name']}: scoring")
-    contract_k = int((row.get("grounding") or {}).get("k") or CONTRACT_K)
-    scores, agg = _score(examples, results, wall, neighbours, contract_k)
+    grounding = None if row.get("kind") == RETRIEVAL else _grounding(row, spec)
+    scores, agg = _score(examples, results, wall, neighbours, grounding)
     agg["batch_invariance"] = invariance
     agg["backend"] = "retrieval" if row.get("kind") == RETRIEVAL else spec.backend
-    grounding = None if row.get("kind") == RETRIEVAL else _grounding(row, spec)
     # a grounded model saw each example's nearest training answers
     agg["grounding"] = grounding.model_dump() if grounding is not None else row.get("grounding")
+    agg["no_repeat_ngram_size"] = None if row.get("kind") == RETRIEVAL else loop_guard(grounding,
+                                                                                       spec.no_repeat_ngram_size)
     _store(eval_id, row, examples, prompts, results, scores, agg)
     checkpoint.unlink(missing_ok=True)
     ctx.event("metric", f"{row['name']}: rouge_l {agg['overall'].get('rouge_l', 0):.3f}",

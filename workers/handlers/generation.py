@@ -40,7 +40,14 @@ from csra.streams import publish_start
 from db.models import Setting
 from db.session import session_scope
 from ml.inference.llamacpp_build import native_bf16, unusable_reason
-from ml.memory.grounding import Steering, allowed_slots, outside_contract, steering
+from ml.memory.grounding import (
+    Steering,
+    allowed_slots,
+    answers_needed,
+    grounding_exemplars,
+    outside_contract,
+    steering,
+)
 from ml.memory.memory import INTENT_VOTERS, Hit, vote
 from models_store.naming import preferred_gguf
 from models_store.registry import fetch_exports, find_model_row
@@ -241,25 +248,31 @@ class MemoryContext:
     """What the answer memory says about the customer's last message."""
 
     hits: list[Hit]
+    exemplars: list[Hit]  # a grounded model's prompt exemplars; otherwise the nearest answers the agent sees
     intent: str | None = None
     intent_confidence: float | None = None
+
+    def replies(self) -> list[str]:
+        return [h.entry.reply for h in self.exemplars]
 
     def similar(self, n: int = 3) -> list[dict[str, Any]]:
         return [{"entry_id": h.entry.id, "reply": h.entry.reply, "intent": h.entry.intent,
                  "similarity": round(h.similarity, 4)} for h in self.hits[:n]]
 
 
-def memory_context(message: str, k: int) -> MemoryContext | None:
-    """The approved answers to the ``k`` most similar messages and the intent they vote for
-    (None while the memory is not built: replies then go on without it)."""
+def memory_context(message: str, grounding: Grounding | None) -> MemoryContext | None:
+    """The approved answers to the most similar messages (those the grounding chooses its exemplars
+    from, and those the agent sees) and the intent they vote for (None while the memory is not built:
+    replies then go on without it)."""
     try:
         memory = serving_memory().searchable()
         vector = embedder().embed([message])[0]
     except MemoryNotBuilt:
         return None
-    hits = memory.similar(vector, max(k, MEMORY_SHOWN))
+    hits = memory.similar(vector, max(answers_needed(grounding), MEMORY_SHOWN))
+    exemplars = grounding_exemplars(grounding, hits) if grounding else hits[:MEMORY_SHOWN]
     guess = vote(hits[:INTENT_VOTERS])
-    return MemoryContext(hits, guess.intent if guess else None, guess.confidence if guess else None)
+    return MemoryContext(hits, exemplars, guess.intent if guess else None, guess.confidence if guess else None)
 
 
 def _prompt(tokenizer: Any, budget: int | None, spec: GenerateSpec, grounding: Grounding | None,
@@ -270,17 +283,17 @@ def _prompt(tokenizer: Any, budget: int | None, spec: GenerateSpec, grounding: G
 
     system = system_message(DEFAULT_INSTRUCTION, spec.tone, spec.ask_details_only_if_relevant)
     if grounding is not None and context is not None:
-        exemplars = [truncate_tokens(tokenizer, h.entry.reply, grounding.max_exemplar_tokens)
-                     for h in context.hits[: grounding.k]]
+        exemplars = [truncate_tokens(tokenizer, x, grounding.max_exemplar_tokens) for x in context.replies()]
         system = grounded_system(system, exemplars, grounding.template)
     return conversation_prompt(tokenizer, system, spec.conversation(), budget)
 
 
 def _steering(tokenizer: Any, spec: GenerateSpec, grounding: Grounding | None, context: MemoryContext | None
               ) -> Steering:
-    """A grounded reply's length floor and copy guides, from the exemplars its prompt shows."""
-    exemplars = [h.entry.reply for h in context.hits[: grounding.k]] if grounding and context else []
-    return steering(tokenizer, grounding, exemplars, spec.max_new_tokens)
+    """The reply's loop guard, and a grounded reply's length floor and copy guides from the exemplars its
+    prompt shows."""
+    return steering(tokenizer, grounding, context.replies() if grounding and context else [], spec.max_new_tokens,
+                    spec.no_repeat_ngram_size)
 
 
 def _retrieved(job_id: int, row: dict[str, Any], context: MemoryContext | None) -> dict[str, Any]:
@@ -297,20 +310,19 @@ def _retrieved(job_id: int, row: dict[str, Any], context: MemoryContext | None) 
             "batch_size": 1, "memory_entry_id": best.entry.id, "similarity": round(best.similarity, 4)}
 
 
-def _generated(job_id: int, row: dict[str, Any], spec: GenerateSpec, ctx: JobContext,
+def _generated(job_id: int, row: dict[str, Any], spec: GenerateSpec, ctx: JobContext, grounding: Grounding | None,
                context: MemoryContext | None) -> dict[str, Any]:
     from ml.inference.tokens import max_prompt_tokens
     from ml.inference.types import GenerationRequest
 
     backend, gguf = choose_backend(spec, row)
     if gguf is not None:
-        return _generated_llamacpp(job_id, row, spec, ctx, context, gguf)
+        return _generated_llamacpp(job_id, row, spec, ctx, grounding, context, gguf)
     path = Path(row["path"])
     engine = batching_engine()
     ctx.progress(0.02, "loading the model")
     loaded = _wait(engine.load_async(str(path), _loader(path)), ctx)  # on the engine thread: see BatchingEngine
     publish_invariance(row["name"], loaded.invariance)
-    grounding = recorded_grounding(row.get("grounding"), copy_bias=spec.copy_bias)
     stream = _Stream(job_id)
     prompt = _prompt(loaded.tokenizer, max_prompt_tokens(loaded, spec.max_new_tokens), spec, grounding, context)
     request = GenerationRequest(prompt=prompt, max_new_tokens=spec.max_new_tokens,
@@ -337,11 +349,13 @@ def _reply(row: dict[str, Any], res: Any, grounding: Grounding | None, context: 
     return {"raw_text": res.text.strip(), "model": row["name"], "model_id": row["id"],
             "prompt_tokens": res.prompt_tokens, "completion_tokens": res.completion_tokens,
             "latency_ms": res.latency_ms, "first_token_ms": res.first_token_ms, "finish_reason": res.finish_reason,
-            "batch_size": res.batch_size, "grounded": grounding is not None and context is not None}
+            "batch_size": res.batch_size, "grounded": grounding is not None and context is not None,
+            # the memory entries whose answers the prompt carried, in its order
+            "grounded_on": [h.entry.id for h in context.exemplars] if grounding and context else []}
 
 
 def _generated_llamacpp(job_id: int, row: dict[str, Any], spec: GenerateSpec, ctx: JobContext,
-                        context: MemoryContext | None, gguf: Path) -> dict[str, Any]:
+                        grounding: Grounding | None, context: MemoryContext | None, gguf: Path) -> dict[str, Any]:
     """The reply through llama.cpp from the model's GGUF export; a file llama.cpp cannot load fails this
     job with llama.cpp's reason (the torch backend keeps serving the model)."""
     from ml.inference.llamacpp import LlamaCppLoadError
@@ -356,7 +370,6 @@ def _generated_llamacpp(job_id: int, row: dict[str, Any], spec: GenerateSpec, ct
         raise JobError(f"llama.cpp could not load {gguf.name} ({e}); re-export the model, or ask for backend "
                        "torch") from None
     tokenizer, arch, decoder = _tokenizer(row["path"])
-    grounding = recorded_grounding(row.get("grounding"), copy_bias=spec.copy_bias)
     stream = _Stream(job_id)
     prompt = _prompt(tokenizer, prompt_budget(info.n_ctx_seq, spec.max_new_tokens), spec, grounding, context)
     request = GenerationRequest(prompt=prompt, max_new_tokens=spec.max_new_tokens,
@@ -377,16 +390,16 @@ def handle_generation(job_id: int, params: dict[str, Any], ctx: JobContext) -> d
         raise JobError(f"model {spec.model_id!r} no longer exists (deleted?); pick another model")
     with contextlib.suppress(redis.RedisError, OSError):
         publish_start(get_redis(), job_id, ctx.attempt)
-    grounding_k = int((row.get("grounding") or {}).get("k", 0))
-    context = memory_context(spec.conversation()[-1]["content"], grounding_k)
+    grounding = recorded_grounding(row.get("grounding"), copy_bias=spec.copy_bias)
+    context = memory_context(spec.conversation()[-1]["content"], grounding)
     if row.get("kind") == RETRIEVAL:
         result = _retrieved(job_id, row, context)
     else:
-        result = _generated(job_id, row, spec, ctx, context)
+        result = _generated(job_id, row, spec, ctx, grounding, context)
     profile = load_profile()
-    exemplars = [h.entry.reply for h in context.hits[: grounding_k or MEMORY_SHOWN]] if context else []
     result["text"] = fill_placeholders(result["raw_text"], profile)
-    result["slot_warnings"] = outside_contract(result["raw_text"], allowed_slots(profile, exemplars))
+    result["slot_warnings"] = outside_contract(result["raw_text"],
+                                               allowed_slots(profile, context.replies() if context else []))
     if context is not None:
         result.update(intent=context.intent, intent_confidence=context.intent_confidence,
                       similar=context.similar(MEMORY_SHOWN))

@@ -11,10 +11,11 @@ from sqlalchemy import select
 
 from csra.jobctx import JobCancelled, JobContext, JobError
 from csra.settings import get_settings
-from csra.specs import TrainSpec
+from csra.specs import Grounding, TrainSpec
 from db.models import Dataset, DatasetExample, DatasetStatus, Model
 from db.session import session_scope
 from ml.cpu_share import CpuYielder, InteractiveSignal
+from ml.memory.grounding import answers_needed, grounding_exemplars
 from models_store.registry import register_model, resolve_base
 from workers.context import LostClaim
 from workers.handlers.calibration import record_throughput
@@ -56,10 +57,11 @@ def background_yielder(ctx: JobContext) -> CpuYielder | None:
     return CpuYielder(InteractiveSignal(settings.interactive_signal_path), settings.train_yield_max_seconds, ending)
 
 
-def grounder(dataset_id: int, train_rows: list[dict[str, Any]], k: int, ctx: JobContext
+def grounder(dataset_id: int, train_rows: list[dict[str, Any]], grounding: Grounding, ctx: JobContext
              ) -> Callable[[Sequence[dict[str, Any]]], list[list[str]]]:
-    """Exemplars for grounded training: the answers to each row's nearest training messages, from the
-    train split only and never from the row's own leakage group (the same message, any copy of it)."""
+    """Exemplars for grounded training: of the answers to each row's nearest training messages, from the
+    train split only and never from the row's own leakage group (the same message, any copy of it), those
+    chat and evaluation would choose (``grounding_exemplars``)."""
     from csra.memory import embedder
     from workers.handlers.memory import ensure_embedder
     from workers.neighbours import nearest, split_memory
@@ -74,8 +76,8 @@ def grounder(dataset_id: int, train_rows: list[dict[str, Any]], k: int, ctx: Job
         missing = [i for i, r in enumerate(rows) if r["id"] not in known]  # validation rows
         fresh = dict(zip(missing, embedder().embed([messages[i] for i in missing]), strict=True)) if missing else {}
         stacked = np.stack([fresh[i] if i in fresh else known[r["id"]] for i, r in enumerate(rows)])
-        hits = nearest(memory, stacked, messages, k)
-        return [[h.entry.reply for h in found] for found in hits]
+        hits = nearest(memory, stacked, messages, answers_needed(grounding))
+        return [[h.entry.reply for h in grounding_exemplars(grounding, found)] for found in hits]
 
     return ground
 
@@ -102,7 +104,7 @@ def handle_train(job_id: int, params: dict[str, Any], ctx: JobContext) -> dict[s
     ctx.progress(0.0, "loading base model")
     source, base_name = resolve_base(spec.base_model)
     settings = get_settings()
-    ground = grounder(spec.dataset_id, train_rows, spec.grounding.k, ctx) if spec.grounding else None
+    ground = grounder(spec.dataset_id, train_rows, spec.grounding, ctx) if spec.grounding else None
     result = run_training(spec, train_rows, val_rows, source, ctx.work_dir, ctx,
                           num_threads=settings.torch_thread_count, yield_cpu=background_yielder(ctx), ground=ground,
                           checkpoint_seconds=settings.checkpoint_minutes * 60 or None)

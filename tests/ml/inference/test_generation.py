@@ -14,6 +14,7 @@ from csra.specs import DEFAULT_INSTRUCTION
 from ml.inference.batches import generate_batch, generate_many
 from ml.inference.cache import ModelCache, model_bytes
 from ml.inference.engine import BatchingEngine
+from ml.inference.rows import make_rows, sample_rows
 from ml.inference.selfcheck import prepare_model
 from ml.inference.tokens import TextStream, stop_tokens
 from ml.inference.types import GenerationRequest
@@ -242,6 +243,31 @@ def test_a_copy_bias_follows_the_guide_to_its_end(causal: LoadedModel) -> None:
     assert beams[0].token_ids == [*guide, end]  # beam search follows it too
     with pytest.raises(ValueError, match="copy_bias"):
         generate_batch(causal, [GenerationRequest(p[0], 4, guides=(guide,), copy_bias=-1.0)])
+
+
+def test_the_loop_guard_bans_the_token_that_would_repeat_a_run(causal: LoadedModel) -> None:
+    """Through ``Row.steer``, the step both engines and beam search take: the model's favourite token is
+    banned when it would repeat a 3-token run, unless an approved answer (a guide) repeats that run too."""
+    p = prompts(causal, 1)[0]
+    vocab = causal.model.get_output_embeddings().weight.shape[0]
+
+    def next_token(request: GenerationRequest, reply: list[int]) -> int:
+        row = make_rows(causal, [request], None, 0.0)[0]
+        row.generated = list(reply)
+        logits = torch.zeros(1, vocab)
+        logits[0, 7], logits[0, 9] = 5.0, 1.0  # the model wants 7
+        return sample_rows([row], logits)[0]
+
+    reply = [5, 6, 7, 8, 5, 6]
+    assert next_token(GenerationRequest(p, 10), reply) == 7  # unguarded: 5 6 7 again
+    assert next_token(GenerationRequest(p, 10, no_repeat_ngram_size=3), reply) == 9
+    assert next_token(GenerationRequest(p, 10, no_repeat_ngram_size=4), reply) == 7  # 6 7 8 5 6 7 is no 4-run repeat
+    repeats = GenerationRequest(p, 10, no_repeat_ngram_size=3, guides=((5, 6, 7, 1, 5, 6, 7),), copy_bias=0.5)
+    assert next_token(repeats, reply) == 7  # its approved answer repeats 5 6 7 itself
+    with pytest.raises(ValueError, match="no_repeat_ngram_size"):
+        generate_batch(causal, [GenerationRequest(p, 4, no_repeat_ngram_size=1)])
+    beams = generate_batch(causal, [GenerationRequest(p, 30, num_beams=2, no_repeat_ngram_size=2)])[0].token_ids
+    assert len({tuple(beams[i:i + 2]) for i in range(len(beams) - 1)}) == len(beams) - 1
 
 
 def test_beam_search_request(causal: LoadedModel) -> None:
