@@ -125,7 +125,8 @@ def loop_guard(grounding: Grounding | None, override: int | None) -> int:
 
 def recorded_grounding(recorded: dict[str, Any] | None, **overrides: float | int | None) -> Grounding | None:
     """A model's grounding as its registry row records it (None: not trained grounded), with each override
-    that is set (a request's or an evaluation's ``copy_bias``, ``length_floor``) in place of its own."""
+    that is set (a request's or an evaluation's ``copy_bias``, ``length_floor``, ``consensus_pool``,
+    ``no_repeat_ngram_size``) in place of its own."""
     if not recorded:
         return None
     grounding = Grounding.model_validate(recorded)
@@ -315,7 +316,7 @@ class EvaluateSpec(_Spec):
     batch_size: int = Field(16, ge=1, le=128)
     seed: int = 42
     length_floor: float | None = Field(None, ge=0, le=1.5, description="grounded models only: the share of the "
-                                       "nearest approved answer's length a reply must reach, instead of the model's "
+                                       "first exemplar's length a reply must reach, instead of the model's "
                                        "own (to measure a setting before serving it)")
     copy_bias: CopyBias | None = Field(None, description="grounded models only: instead of the model's own")
     consensus_pool: ConsensusPool | None = Field(None, description="grounded models only: instead of the model's own")

@@ -19,7 +19,8 @@ class GenerationRequest:
     cannot end (its end tokens are masked) before it has this many tokens; ``max_new_tokens`` still
     cuts it. ``guides`` (token ids of approved answers) with ``copy_bias`` > 0 nudge each step toward
     the tokens that continue the reply along a guide (``ml.inference.copying``). ``no_repeat_ngram_size``
-    n > 0: the reply may not repeat a run of n tokens it already holds (``ml.inference.loops``; 0: off).
+    n > 0: the reply may not repeat a run of n tokens it already holds unless a guide repeats it too
+    (``ml.inference.loops``; 0: off).
     ``temperature`` 0 means
     greedy; ``seed`` makes sampling reproducible (None: a fresh random seed). ``num_beams`` > 1 uses
     beam search through ``model.generate`` (one request at a time, no streaming of partial text:

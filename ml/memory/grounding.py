@@ -91,7 +91,8 @@ def answers_needed(grounding: Grounding | None) -> int:
 
 @dataclass(frozen=True)
 class Steering:
-    """How decoding holds a grounded reply to its exemplars: the ``GenerationRequest`` fields of the same names."""
+    """How decoding holds a reply to its exemplars and out of loops: the ``GenerationRequest`` fields of the
+    same names."""
 
     min_new_tokens: int = 0
     guides: tuple[tuple[int, ...], ...] = ()
@@ -102,7 +103,7 @@ class Steering:
 def steering(tokenizer: Any, grounding: Grounding | None, exemplars: Sequence[str], max_new_tokens: int,
              no_repeat_ngram_size: int | None = None) -> Steering:
     """A reply's loop guard (``no_repeat_ngram_size``, else a grounded model's own) and a grounded reply's
-    length floor (``grounding.length_floor`` of the nearest approved answer's length, below
+    length floor (``grounding.length_floor`` of the first exemplar's length, below
     ``max_new_tokens``) and copy guides (the whole exemplars, in the prompt's order); neither of the last
     two for an ungrounded model or without exemplars."""
     guard = loop_guard(grounding, no_repeat_ngram_size)
@@ -112,9 +113,10 @@ def steering(tokenizer: Any, grounding: Grounding | None, exemplars: Sequence[st
     def ids(text: str) -> tuple[int, ...]:
         return tuple(tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    guides = tuple(ids(x) for x in exemplars) if grounding.copy_bias > 0 else ()
+    # guides: what the copy bias follows, and whose own repeats the loop guard allows
+    guides = tuple(ids(x) for x in exemplars) if grounding.copy_bias > 0 or guard >= 2 else ()
     floor = 0
-    if grounding.length_floor > 0:  # the nearest answer is tokenized once, also when it is a guide
-        nearest = len(guides[0]) if guides else len(ids(exemplars[0]))
-        floor = max(0, min(int(grounding.length_floor * nearest), max_new_tokens - 1))
+    if grounding.length_floor > 0:  # the first exemplar is tokenized once, also when it is a guide
+        first = len(guides[0]) if guides else len(ids(exemplars[0]))
+        floor = max(0, min(int(grounding.length_floor * first), max_new_tokens - 1))
     return Steering(floor, guides, grounding.copy_bias if guides else 0.0, guard)
