@@ -66,6 +66,22 @@ def dataset(api: httpx.Client, source: str) -> int:
     return int(r.json()["dataset"]["id"])
 
 
+def evaluate(api: httpx.Client, body: dict[str, Any], what: str) -> dict[str, Any]:
+    """One evaluation job, waited for and printed with its sample's make-up: what the results file keeps."""
+    job = api.post("/jobs/evaluate", json=body)
+    job.raise_for_status()
+    done = wait(api, job.json()["id"], f"evaluate {what}")
+    ev = api.get(f"/evaluations/{done['result']['evaluation_id']}").json()
+    table = {m: {k: ev["metrics"][m]["overall"].get(k) for k in METRICS} for m in body["model_ids"]}
+    print(f"\nevaluation {ev['id']}: {ev['sample']['examples']} {body['split']} rows, {ev['sample']['intents']} of "
+          f"{ev['sample']['split_intents']} intents, {minutes(done)} min, {what}")
+    print("model".ljust(28) + "".join(k[:10].rjust(11) for k in METRICS))
+    for m, row in table.items():
+        print(m.ljust(28) + "".join(("-" if v is None else f"{v:.3f}").rjust(11) for v in row.values()))
+    return {"evaluation": ev["id"], "minutes": minutes(done), "sample": ev["sample"], "metrics": table,
+            "grounding": {m: ev["metrics"][m].get("grounding") for m in body["model_ids"]}}
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--url", default="http://127.0.0.1:8000")
@@ -115,20 +131,8 @@ def main() -> None:
     for n, overrides in itertools.product(args.samples or ["300"], combos):
         body = {"model_ids": args.models.split(","), "dataset_id": ds, "max_samples": None if n == "all" else int(n),
                 "split": args.split, "backend": args.backend, **overrides}
-        job = api.post("/jobs/evaluate", json=body)
-        job.raise_for_status()
         what = f"{args.split} {n} {args.backend}" + "".join(f" {k} {v}" for k, v in overrides.items() if v is not None)
-        done = wait(api, job.json()["id"], f"evaluate {what}")
-        ev = api.get(f"/evaluations/{done['result']['evaluation_id']}").json()
-        table = {m: {k: ev["metrics"][m]["overall"].get(k) for k in METRICS} for m in body["model_ids"]}
-        out[f"eval_{what}"] = {"evaluation": ev["id"], "minutes": minutes(done), "sample": ev["sample"],
-                               "metrics": table, "grounding": {m: ev["metrics"][m].get("grounding")
-                                                               for m in body["model_ids"]}}
-        print(f"\nevaluation {ev['id']}: {ev['sample']['examples']} {args.split} rows, {ev['sample']['intents']} of "
-              f"{ev['sample']['split_intents']} intents, {minutes(done)} min, {what}")
-        print("model".ljust(28) + "".join(k[:10].rjust(11) for k in METRICS))
-        for m, row in table.items():
-            print(m.ljust(28) + "".join(("-" if v is None else f"{v:.3f}").rjust(11) for v in row.values()))
+        out[f"eval_{what}"] = evaluate(api, body, what)
     path = Path(__file__).parent / "results" / f"grounded-{int(time.time())}.json"
     path.parent.mkdir(exist_ok=True)
     path.write_text(json.dumps(out, indent=2))

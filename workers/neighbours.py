@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -26,7 +26,7 @@ from db.models import Dataset, MemoryEntry
 from db.session import session_scope
 from ml.inference.types import GenerationResult
 from ml.memory.embedder import DIM
-from ml.memory.grounding import allowed_slots, answers_needed, grounding_exemplars, outside_contract
+from ml.memory.grounding import allowed_slots, grounding_exemplars, outside_contract
 from ml.memory.memory import AnswerMemory, Entry, Hit
 from ml.sampling import stratified_sample
 
@@ -129,6 +129,8 @@ class Neighbours:
     memory: AnswerMemory
     hits: list[list[Hit]]
     profile: Profile
+    # (example, k, consensus_pool) -> its exemplars: chosen once for its prompt, reused by the contract check
+    _chosen: dict[tuple[int, int, int], list[str]] = field(default_factory=dict, repr=False)
 
     def retrieved(self) -> list[GenerationResult]:
         """The retrieval responder's replies: each example's nearest training answer."""
@@ -141,7 +143,10 @@ class Neighbours:
         (the placeholder contract of an ungrounded model or retrieval) the ``CONTRACT_K`` nearest."""
         if grounding is None:
             return [h.entry.reply for h in self.hits[i][:CONTRACT_K]]
-        return [h.entry.reply for h in grounding_exemplars(grounding, self.hits[i][:answers_needed(grounding)])]
+        key = (i, grounding.k, grounding.consensus_pool)
+        if key not in self._chosen:
+            self._chosen[key] = [h.entry.reply for h in grounding_exemplars(grounding, self.hits[i])]
+        return self._chosen[key]
 
     def judge(self, predictions: list[str], grounding: Grounding | None) -> list[dict[str, Any]]:
         """Per reply: ``intent_match`` (the intent its nearest training replies vote for, as the
