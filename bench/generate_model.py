@@ -84,7 +84,7 @@ def timed(name: str, fn: Callable[[], list[GenerationResult]]) -> Run:
 
 def hf_generate(loaded: LoadedModel, requests: list[GenerationRequest]) -> list[str]:
     """Stock ``model.generate`` greedy, one request at a time (the reference implementation)."""
-    stops = sorted(stop_tokens(loaded).ids)
+    stops = sorted(stop_tokens(loaded).every)
     texts = []
     with torch.inference_mode():
         for req in requests:

@@ -109,7 +109,7 @@ def run_quantization(quantization: str, folder: Path, out_dir: Path, loaded: Loa
     export = export_gguf(folder, out_dir / f"smollm2-135m-instruct-{quantization}.gguf", quantization)  # type: ignore[arg-type]
     export_s = time.perf_counter() - started
     llm = llama_cpp.Llama(model_path=str(export.path), n_ctx=1024, n_threads=args.threads, verbose=False)
-    stop = stop_tokens(loaded).ids
+    stop = stop_tokens(loaded).every
     ids_all = [encode_prompt(loaded, p) for p in prompts]
     llama_greedy(llm, ids_all[0], 4, stop)  # warm-up
     details, latencies, generated = [], [], 0

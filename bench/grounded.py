@@ -99,6 +99,8 @@ def main() -> None:
                         "evaluation per value)")
     p.add_argument("--copy-bias", action="append", type=float, default=None,
                    help="evaluate grounded models with this copy bias instead of their own (repeatable)")
+    p.add_argument("--copy-exemplars", action="append", type=int, default=None,
+                   help="the copy bias follows the first n exemplars only (repeatable; 0: all)")
     p.add_argument("--consensus-pool", action="append", type=int, default=None,
                    help="grounding exemplars chosen by consensus among this many nearest answers (repeatable; 0: "
                         "the nearest)")
@@ -124,7 +126,7 @@ def main() -> None:
                         ("best_val_loss", "tokens_seen", "tokens_per_second", "steps", "precision")}}
         print("training:", json.dumps(out["train"]))
     # every combination of the decode settings asked for (None: the model's own)
-    settings = {"length_floor": args.length_floor, "copy_bias": args.copy_bias,
+    settings = {"length_floor": args.length_floor, "copy_bias": args.copy_bias, "copy_exemplars": args.copy_exemplars,
                 "consensus_pool": args.consensus_pool, "no_repeat_ngram_size": args.no_repeat_ngram}
     combos = [dict(zip(settings, values, strict=True))
               for values in itertools.product(*[v or [None] for v in settings.values()])]

@@ -217,7 +217,8 @@ def similar_lines(reply: dict[str, Any] | None) -> list[Line]:
     similar = (reply or {}).get("similar") or []
     if not similar:
         return [Line("note", "no similar approved answers for the last message (is the answer memory built?)")]
-    return [Line("text", f"{s.get('similarity', 0):.2f} [{s.get('intent') or '?'}] {s.get('reply', '')}")
+    return [Line("text", f"{s.get('similarity', 0):.2f} [{s.get('intent') or '?'}] "
+                         f"{'(the reply stands on it) ' if s.get('grounded') else ''}{s.get('reply', '')}")
             for s in similar]
 
 

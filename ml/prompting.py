@@ -127,3 +127,20 @@ def end_token_ids(tokenizer: Any, arch: str) -> list[int]:
         return eos
     end_text = full[len(prompt) + len(marker):].strip()
     return tokenizer(end_text, add_special_tokens=False)["input_ids"] if end_text else eos
+
+
+def turn_marker_ids(tokenizer: Any, arch: str) -> list[int]:
+    """The special tokens the chat template writes around turns (``<|im_start|>``, ``<|im_end|>``).
+
+    A reply never holds one: a model that writes one has ended its turn, even where it skipped the
+    end-of-turn token (or was not yet allowed it) and began the next turn's ``<|im_start|>user``.
+    Decoding drops special tokens from the text, so without this that next turn reached the agent
+    as a reply ending "... Thank you.user" followed by an invented customer message.
+    """
+    if arch != "causal" or not has_chat_template(tokenizer):
+        return []
+    msgs = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"},
+            {"role": "assistant", "content": "a"}]
+    text = tokenizer.apply_chat_template(msgs, tokenize=False)
+    special = {int(i) for i, tok in getattr(tokenizer, "added_tokens_decoder", {}).items() if tok.special}
+    return sorted({int(i) for i in tokenizer(text, add_special_tokens=False)["input_ids"]} & special)

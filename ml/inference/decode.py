@@ -204,7 +204,7 @@ def beam_search(loaded: LoadedModel, row: Row) -> None:
     """``model.generate`` with beams for one request (beam search needs no per-row sampling)."""
     req = row.request
     ids = torch.tensor([row.prompt_ids], dtype=torch.long, device=loaded.model.device)
-    stops = sorted(row.stops.ids) or None
+    stops = sorted(row.stops.every) or None
     model: Any = loaded.model  # transformers types generate() loosely
     start = len(row.prompt_ids) if loaded.arch == "causal" else 1  # where each beam's reply starts
     out = model.generate(
@@ -219,7 +219,7 @@ def beam_search(loaded: LoadedModel, row: Row) -> None:
     else:
         generated = generated[1:]  # the decoder start token
     pad = pad_id(loaded)
-    while generated and generated[-1] == pad and pad not in row.stops.ids:
+    while generated and generated[-1] == pad and pad not in row.stops.every:
         generated.pop()
     row.first_token_at = None
     for token in generated:  # replays the tokens: same end handling, text and counts as sampling

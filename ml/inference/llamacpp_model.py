@@ -16,8 +16,7 @@ from typing import Any
 import numpy as np
 
 from ml.inference.llamacpp_build import unusable_reason
-from ml.inference.tokens import StopTokens, stop_tokens
-from ml.prompting import end_token_ids
+from ml.inference.tokens import StopTokens, stop_tokens, template_stops
 from models_store.loading import LoadedModel
 
 logger = logging.getLogger(__name__)
@@ -45,16 +44,11 @@ class ReplyDecoder:
 
     @classmethod
     def from_tokenizer(cls, tokenizer: Any, arch: str = "causal") -> ReplyDecoder:
-        """Without the torch weights (``models_store.loading.load_tokenizer``): eos and the chat template's end."""
+        """Without the torch weights (``models_store.loading.load_tokenizer``): eos and the chat template's
+        turn tokens."""
         eos = tokenizer.eos_token_id
         ids = set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
-        end = end_token_ids(tokenizer, arch)
-        sequences: tuple[tuple[int, ...], ...] = ()
-        if len(end) == 1:
-            ids.add(end[0])
-        elif len(end) > 1:
-            sequences = (tuple(end),)
-        return cls(tokenizer, StopTokens(frozenset(int(i) for i in ids), sequences))
+        return cls(tokenizer, template_stops(tokenizer, arch, {int(i) for i in ids}))
 
 
 @dataclass(frozen=True)

@@ -42,7 +42,8 @@ class Row:
 
     def __post_init__(self) -> None:
         if self.request.copy_bias and self.request.guides:
-            self.copy = Guides.build(self.request.guides)
+            n = self.request.copy_guides
+            self.copy = Guides.build(self.request.guides[:n] if n else self.request.guides)
         n = self.request.no_repeat_ngram_size
         self.loops = LoopGuard(n, repeated_runs(self.request.guides, n) if n >= 2 else frozenset())
 
@@ -61,7 +62,7 @@ class Row:
         sequences are not masked."""
         if len(self.generated) >= self.request.min_new_tokens:
             return []
-        return sorted(self.stops.ids)
+        return sorted(self.stops.every)
 
     def copied(self, generated: Sequence[int]) -> list[int]:
         """The tokens the copy bias favours after ``generated`` (a guide's end: this row's end tokens)."""
@@ -128,6 +129,8 @@ def check_steering(req: GenerationRequest) -> None:
         raise ValueError(f"min_new_tokens must be >= 0, not {req.min_new_tokens}")
     if not req.copy_bias >= 0:  # also NaN
         raise ValueError(f"copy_bias must be >= 0, not {req.copy_bias}")
+    if req.copy_guides < 0:
+        raise ValueError(f"copy_guides must be >= 0 (0: every guide), not {req.copy_guides}")
     if req.no_repeat_ngram_size < 0 or req.no_repeat_ngram_size == 1:
         raise ValueError(f"no_repeat_ngram_size must be 0 (off) or at least 2, not {req.no_repeat_ngram_size}")
 

@@ -7,7 +7,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ml.prompting import end_token_ids, has_chat_template
+from ml.prompting import end_token_ids, has_chat_template, turn_marker_ids
 from models_store.loading import LoadedModel
 
 logger = logging.getLogger(__name__)
@@ -15,14 +15,22 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class StopTokens:
-    """Token ids that end a reply: single ids, plus multi-token end sequences (rare templates)."""
+    """Token ids that end a reply: ``ids`` its end (eos, the end of turn: where a copied guide ends too),
+    multi-token end sequences (rare templates), and ``turns``, the chat template's other turn markers
+    (``<|im_start|>``: a model that writes one has begun the next turn)."""
 
     ids: frozenset[int]
     sequences: tuple[tuple[int, ...], ...] = ()
+    turns: frozenset[int] = frozenset()
+
+    @property
+    def every(self) -> frozenset[int]:
+        """Every single id that ends a reply (``ids`` and ``turns``)."""
+        return self.ids | self.turns
 
     def match(self, generated: Sequence[int]) -> int:
         """How many trailing tokens of ``generated`` form an end marker (0: none)."""
-        if generated and generated[-1] in self.ids:
+        if generated and generated[-1] in self.every:
             return 1
         for seq in self.sequences:
             if len(generated) >= len(seq) and tuple(generated[-len(seq):]) == seq:
@@ -37,18 +45,26 @@ def _as_ids(value: Any) -> list[int]:
 
 
 def stop_tokens(loaded: LoadedModel) -> StopTokens:
-    """eos (tokenizer, model config, generation config) and the chat template's end-of-turn token."""
+    """eos (tokenizer, model config, generation config) and the chat template's turn tokens."""
     ids = set(_as_ids(loaded.tokenizer.eos_token_id))
     ids.update(_as_ids(getattr(loaded.model.config, "eos_token_id", None)))
     gen_config = getattr(loaded.model, "generation_config", None)
     ids.update(_as_ids(getattr(gen_config, "eos_token_id", None)))
-    end = end_token_ids(loaded.tokenizer, loaded.arch)
+    return template_stops(loaded.tokenizer, loaded.arch, ids)
+
+
+def template_stops(tokenizer: Any, arch: str, eos: set[int]) -> StopTokens:
+    """``eos`` plus the chat template's end of turn (one id, or a multi-token sequence) and its turn
+    markers (``ml.prompting.turn_marker_ids``): a reply that writes ``<|im_start|>`` has ended too."""
+    ids = set(eos)
+    end = end_token_ids(tokenizer, arch)
     sequences: tuple[tuple[int, ...], ...] = ()
     if len(end) == 1:
         ids.add(end[0])
     elif len(end) > 1:
         sequences = (tuple(end),)
-    return StopTokens(frozenset(ids), sequences)
+    turns = frozenset(turn_marker_ids(tokenizer, arch)) - ids
+    return StopTokens(frozenset(int(i) for i in ids), sequences, turns)
 
 
 def encode_prompt(loaded: LoadedModel, prompt: str) -> list[int]:

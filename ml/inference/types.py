@@ -18,7 +18,8 @@ class GenerationRequest:
     ``prompt`` is already rendered (``ml.prompting.render_prompt``). ``min_new_tokens``: the reply
     cannot end (its end tokens are masked) before it has this many tokens; ``max_new_tokens`` still
     cuts it. ``guides`` (token ids of approved answers) with ``copy_bias`` > 0 nudge each step toward
-    the tokens that continue the reply along a guide (``ml.inference.copying``). ``no_repeat_ngram_size``
+    the tokens that continue the reply along a guide (``ml.inference.copying``); ``copy_guides`` n > 0: along
+    the first n guides only (the others still allow their repeats to the loop guard). ``no_repeat_ngram_size``
     n > 0: the reply may not repeat a run of n tokens it already holds unless a guide repeats it too
     (``ml.inference.loops``; 0: off).
     ``temperature`` 0 means
@@ -35,6 +36,7 @@ class GenerationRequest:
     min_new_tokens: int = 0
     guides: tuple[tuple[int, ...], ...] = ()
     copy_bias: float = 0.0
+    copy_guides: int = 0
     no_repeat_ngram_size: int = 0
     temperature: float = 0.0
     top_p: float = 1.0

@@ -97,6 +97,7 @@ class Steering:
     min_new_tokens: int = 0
     guides: tuple[tuple[int, ...], ...] = ()
     copy_bias: float = 0.0
+    copy_guides: int = 0
     no_repeat_ngram_size: int = 0
 
 
@@ -104,8 +105,9 @@ def steering(tokenizer: Any, grounding: Grounding | None, exemplars: Sequence[st
              no_repeat_ngram_size: int | None = None) -> Steering:
     """A reply's loop guard (``no_repeat_ngram_size``, else a grounded model's own) and a grounded reply's
     length floor (``grounding.length_floor`` of the first exemplar's length, below
-    ``max_new_tokens``) and copy guides (the whole exemplars, in the prompt's order); neither of the last
-    two for an ungrounded model or without exemplars."""
+    ``max_new_tokens``) and copy guides (the whole exemplars, in the prompt's order: the copy bias follows
+    the first ``copy_exemplars`` of them, the loop guard allows every one's own repeats); neither of the
+    last two for an ungrounded model or without exemplars."""
     guard = loop_guard(grounding, no_repeat_ngram_size)
     if grounding is None or not exemplars:
         return Steering(no_repeat_ngram_size=guard)
@@ -119,4 +121,6 @@ def steering(tokenizer: Any, grounding: Grounding | None, exemplars: Sequence[st
     if grounding.length_floor > 0:  # the first exemplar is tokenized once, also when it is a guide
         first = len(guides[0]) if guides else len(ids(exemplars[0]))
         floor = max(0, min(int(grounding.length_floor * first), max_new_tokens - 1))
-    return Steering(floor, guides, grounding.copy_bias if guides else 0.0, guard)
+    copying = bool(guides) and grounding.copy_bias > 0
+    return Steering(floor, guides, grounding.copy_bias if copying else 0.0, grounding.copy_exemplars if copying else 0,
+                    guard)

@@ -202,6 +202,10 @@ def test_a_grounded_model_is_trained_served_and_evaluated_on_its_exemplars(api, 
         "q": "cancel order 3 please", "k": 8}).json()["data"]}
     assert len(used) == 2 and set(used) <= set(nearest)  # k=2 of the 8 nearest, chosen by their consensus
     assert text and any(text in nearest[i] for i in used), (text, used, nearest)
+    # the agent sees the 3 nearest answers and every one the reply stood on, those marked
+    shown = done["result"]["similar"]
+    assert {s["entry_id"] for s in shown if s["grounded"]} == set(used)
+    assert [s["entry_id"] for s in shown[:3]] == list(nearest)[:3]
     too_big = api.post("/jobs/generate", json={"model_id": "tiny-grounded", "message": "hi", "copy_bias": 21})
     assert too_big.status_code == 422 and "copy_bias" in json.dumps(too_big.json()["detail"])
     one = api.post("/jobs/generate", json={"model_id": "tiny-grounded", "message": "hi", "no_repeat_ngram_size": 1})
@@ -230,12 +234,14 @@ def test_a_grounded_model_is_trained_served_and_evaluated_on_its_exemplars(api, 
     assert negative.status_code == 422 and "copy_bias" in json.dumps(negative.json()["detail"])
     ev = api.post("/jobs/evaluate", json={"model_ids": ["tiny-grounded"], "dataset_id": memory_dataset,
                                           "max_new_tokens": 4, "max_samples": 4, "length_floor": 1.0,
-                                          "copy_bias": 2.0, "consensus_pool": 0, "no_repeat_ngram_size": 8})
+                                          "copy_bias": 2.0, "copy_exemplars": 2, "consensus_pool": 0,
+                                          "no_repeat_ngram_size": 8})
     finished = wait_job(api, ev.json()["id"], timeout=300)
     assert finished["status"] == "succeeded", finished["error"]
     floored = api.get(f"/evaluations/{finished['result']['evaluation_id']}").json()["metrics"]["tiny-grounded"]
     assert floored["grounding"]["length_floor"] == 1.0 and floored["grounding"]["k"] == 2
     assert floored["grounding"]["copy_bias"] == 2.0 and floored["grounding"]["consensus_pool"] == 0
+    assert floored["grounding"]["copy_exemplars"] == 2
     assert floored["grounding"]["no_repeat_ngram_size"] == floored["no_repeat_ngram_size"] == 8
     board = {r["model"]: r for r in api.get("/leaderboard", params={"dataset_id": memory_dataset}).json()["data"]}
     assert board["tiny-grounded"]["grounding"]["length_floor"] == 1.0  # the board says how it was measured

@@ -150,7 +150,7 @@ def test_llama_cpp_runs_the_export_like_csra(llama_cpp: Any, exports: dict[str, 
     llm = _open(llama_cpp, exports[quantization].path)
     assert llm.metadata["tokenizer.chat_template"] == tiny.tokenizer.chat_template
     assert llm.metadata["general.architecture"] == "llama"
-    stop = stop_tokens(tiny).ids
+    stop = stop_tokens(tiny).every
     tolerance = 2e-3 if quantization == "f16" else 3e-2
     for message in MESSAGES:
         prompt = example_prompt(tiny.tokenizer, DEFAULT_INSTRUCTION, message)
@@ -180,7 +180,7 @@ def test_4_bit_files_are_quantized_by_llama_cpp(llama_cpp: Any, tiny_causal: Pat
     assert meta["tokenizer.chat_template"] == tiny.tokenizer.chat_template
     llm = _open(llama_cpp, result.path)
     ids = encode_prompt(tiny, example_prompt(tiny.tokenizer, DEFAULT_INSTRUCTION, MESSAGES[0]))
-    assert len(_greedy(llm, ids, 4, stop_tokens(tiny).ids)) >= 1
+    assert len(_greedy(llm, ids, 4, stop_tokens(tiny).every)) >= 1
 
 
 def test_a_lora_adapter_is_merged_before_export(llama_cpp: Any, tiny_causal: Path, tiny: LoadedModel,  # noqa: F811

@@ -29,6 +29,7 @@ from ui.common import (
 )
 
 EXPORT_FORMATS = ("jsonl", "csv", "txt", "md")
+GROUNDED_MARK = "📌 in the prompt · "  # a similar answer the grounded suggestion stood on
 
 
 # ---------------------------------------------------------------------------- rendering
@@ -108,8 +109,8 @@ def memory_panel(chat: dict[str, Any] | None) -> tuple[Any, ...]:
         return "", gr.Radio(choices=[], value=None, visible=False)
     intent = (f"**Intent:** `{m['intent']}` ({(m.get('intent_confidence') or 0):.0%} of the similar answers agree)"
               if m.get("intent") else "**Intent:** unknown (the answer memory is not built)")
-    choices = [(f"{s['similarity']:.2f} · {s.get('intent') or '?'} · {s['reply'][:160]}", i)
-               for i, s in enumerate(m.get("similar") or [])]
+    choices = [(f"{s['similarity']:.2f} · {s.get('intent') or '?'} · {GROUNDED_MARK if s.get('grounded') else ''}"
+                f"{s['reply'][:160]}", i) for i, s in enumerate(m.get("similar") or [])]
     return intent, gr.Radio(choices=choices, value=None, visible=bool(choices))
 
 
@@ -353,7 +354,8 @@ def _conversation() -> tuple[Any, ...]:
     )
     with gr.Accordion("Answer memory: intent and similar approved answers", open=True):
         intent = gr.Markdown("", elem_id="chat-intent")
-        similar = gr.Radio(choices=[], label="Similar approved answers (click one to put it in the reply box)",
+        similar = gr.Radio(choices=[], label="Similar approved answers (📌: the suggestion stood on it; "
+                                             "click one to put it in the reply box)",
                            visible=False, elem_id="chat-similar")
     return chatbot, msg, send, stop, meta, ratings, corrected, intent, similar
 

@@ -258,6 +258,7 @@ def _prompts(tokenizer: Any, row: dict[str, Any], examples: list[dict[str, Any]]
 def _grounding(row: dict[str, Any], spec: EvaluateSpec) -> Grounding | None:
     """How the model is grounded in this evaluation: as trained, with the evaluation's overrides."""
     return recorded_grounding(row.get("grounding"), length_floor=spec.length_floor, copy_bias=spec.copy_bias,
+                              copy_exemplars=spec.copy_exemplars,
                               consensus_pool=spec.consensus_pool, no_repeat_ngram_size=spec.no_repeat_ngram_size)
 
 

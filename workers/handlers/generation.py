@@ -22,6 +22,7 @@ import functools
 import logging
 import threading
 import time
+from collections.abc import Collection
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import asdict, dataclass
@@ -255,9 +256,13 @@ class MemoryContext:
     def replies(self) -> list[str]:
         return [h.entry.reply for h in self.exemplars]
 
-    def similar(self, n: int = 3) -> list[dict[str, Any]]:
+    def similar(self, n: int = 3, grounded_on: Collection[int] = ()) -> list[dict[str, Any]]:
+        """What the agent sees: the ``n`` nearest approved answers and those a grounded reply's prompt
+        carried (``grounded_on``: consensus can pick some beyond the ``n`` nearest), nearest first, each
+        marked ``grounded`` when the reply stood on it."""
+        shown = self.hits[:n] + [h for h in self.hits[n:] if h.entry.id in grounded_on]
         return [{"entry_id": h.entry.id, "reply": h.entry.reply, "intent": h.entry.intent,
-                 "similarity": round(h.similarity, 4)} for h in self.hits[:n]]
+                 "similarity": round(h.similarity, 4), "grounded": h.entry.id in grounded_on} for h in shown]
 
 
 def memory_context(message: str, grounding: Grounding | None) -> MemoryContext | None:
@@ -402,5 +407,5 @@ def handle_generation(job_id: int, params: dict[str, Any], ctx: JobContext) -> d
                                                allowed_slots(profile, context.replies() if context else []))
     if context is not None:
         result.update(intent=context.intent, intent_confidence=context.intent_confidence,
-                      similar=context.similar(MEMORY_SHOWN))
+                      similar=context.similar(MEMORY_SHOWN, set(result.get("grounded_on") or ())))
     return result

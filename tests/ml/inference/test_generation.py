@@ -14,6 +14,7 @@ from csra.specs import DEFAULT_INSTRUCTION
 from ml.inference.batches import generate_batch, generate_many
 from ml.inference.cache import ModelCache, model_bytes
 from ml.inference.engine import BatchingEngine
+from ml.inference.llamacpp_model import ReplyDecoder
 from ml.inference.rows import make_rows, sample_rows
 from ml.inference.selfcheck import prepare_model
 from ml.inference.tokens import TextStream, stop_tokens
@@ -174,17 +175,23 @@ def test_top_p_keeps_only_the_nucleus(causal: LoadedModel) -> None:
 def test_max_new_tokens_and_length_finish(causal: LoadedModel, seq2seq: LoadedModel) -> None:
     for loaded in (causal, seq2seq):
         p = prompts(loaded, 3)
-        results = generate_batch(loaded, [GenerationRequest(p[0], 3), GenerationRequest(p[1], 7),
-                                          GenerationRequest(p[2], 1)])
+        # min_new_tokens: a random model that writes an end (or turn) token early cannot end these rows
+        results = generate_batch(loaded, [GenerationRequest(p[0], 3, min_new_tokens=3),
+                                          GenerationRequest(p[1], 7, min_new_tokens=7),
+                                          GenerationRequest(p[2], 1, min_new_tokens=1)])
         assert [r.completion_tokens for r in results] == [3, 7, 1]
         assert {r.finish_reason for r in results} == {"length"}
         assert all(r.latency_ms >= r.first_token_ms > 0 for r in results)
 
 
-def test_end_token_stops_a_row(tiny_causal: Path) -> None:  # noqa: F811
+@pytest.mark.parametrize("marker", ["<|im_end|>", "<|im_start|>"])
+def test_end_token_stops_a_row(tiny_causal: Path, marker: str) -> None:  # noqa: F811
+    """The end of turn ends a reply, and so does the next turn's start: a model that skips its
+    ``<|im_end|>`` and writes ``<|im_start|>user`` has finished, and the invented turn is not its text."""
     loaded = lively(load_model_and_tokenizer(tiny_causal))
-    end = loaded.tokenizer.convert_tokens_to_ids("<|im_end|>")
-    assert end in stop_tokens(loaded).ids
+    end = loaded.tokenizer.convert_tokens_to_ids(marker)
+    assert end in stop_tokens(loaded).every
+    assert end in ReplyDecoder.from_tokenizer(loaded.tokenizer).stops.every  # the llama.cpp engine's stops
     steps = {"n": 0}
 
     def end_after_three(module: torch.nn.Module, args: tuple, logits: torch.Tensor) -> torch.Tensor:
@@ -241,8 +248,14 @@ def test_a_copy_bias_follows_the_guide_to_its_end(causal: LoadedModel) -> None:
     assert generate_batch(causal, [copied])[0].token_ids == results[0].token_ids  # alone as batched
     beams = generate_batch(causal, [GenerationRequest(p[0], 40, num_beams=2, guides=(guide,), copy_bias=1e3)])
     assert beams[0].token_ids == [*guide, end]  # beam search follows it too
+    other = tuple(causal.tokenizer("Please send us your order number", add_special_tokens=False)["input_ids"])
+    for first, second in ((guide, other), (other, guide)):  # copy_guides 1: the first guide only
+        only = GenerationRequest(p[0], 40, guides=(first, second), copy_bias=1e3, copy_guides=1)
+        assert generate_batch(causal, [only])[0].token_ids == [*first, end]
     with pytest.raises(ValueError, match="copy_bias"):
         generate_batch(causal, [GenerationRequest(p[0], 4, guides=(guide,), copy_bias=-1.0)])
+    with pytest.raises(ValueError, match="copy_guides"):
+        generate_batch(causal, [GenerationRequest(p[0], 4, guides=(guide,), copy_bias=1.0, copy_guides=-1)])
 
 
 def test_the_loop_guard_bans_the_token_that_would_repeat_a_run(causal: LoadedModel) -> None:
@@ -310,7 +323,8 @@ def test_a_failing_callback_does_not_fail_the_batch(causal: LoadedModel) -> None
         raise RuntimeError("client went away")
 
     p = prompts(causal, 2)
-    results = generate_batch(causal, [GenerationRequest(p[0], 8, on_text=broken), GenerationRequest(p[1], 8)])
+    results = generate_batch(causal, [GenerationRequest(p[0], 8, min_new_tokens=8, on_text=broken),
+                                      GenerationRequest(p[1], 8, min_new_tokens=8)])
     assert [r.completion_tokens for r in results] == [8, 8]
 
 
