@@ -84,6 +84,18 @@ def grounding_exemplars(grounding: Grounding, nearest: Sequence[Hit]) -> list[Hi
     return chosen + others[: grounding.k - len(chosen)]
 
 
+def training_grounding(grounding: Grounding) -> Grounding:
+    """How training grounds an example: on the answers to its ``k`` nearest training messages, not on the
+    consensus exemplars that chat and evaluation choose (``consensus_pool`` 0).
+
+    Measured on Bitext: the same 1,200 rows and 150 steps trained on consensus exemplars scored BLEU 31.7
+    and chrF 51.2 on the validation split against 33.3 and 53.3 for the model trained on the nearest, both
+    served on consensus exemplars (README, "Following the consensus exemplar"). The nearest answer shares
+    more of the example's own wording, so a model trained on it learns to follow its first exemplar.
+    """
+    return grounding.model_copy(update={"consensus_pool": 0})
+
+
 def answers_needed(grounding: Grounding | None) -> int:
     """How many nearest approved answers ``grounding_exemplars`` chooses from (0: ungrounded)."""
     return max(grounding.k, grounding.consensus_pool) if grounding else 0

@@ -18,6 +18,7 @@ from ml.memory.grounding import (
     outside_contract,
     slots_in,
     steering,
+    training_grounding,
 )
 from ml.memory.index import VectorIndex
 from ml.memory.memory import AnswerMemory, Entry, Hit, vote
@@ -191,6 +192,9 @@ def test_grounding_exemplars_are_the_nearest_or_the_consensus_of_a_pool() -> Non
     below_k = grounding_exemplars(Grounding(k=3, consensus_pool=2), [nearest[2], nearest[0], nearest[3]])
     assert len(below_k) == 3 and below_k[-1] == nearest[0]  # a pool below k: the k nearest, in consensus order
     assert answers_needed(Grounding(k=3, consensus_pool=8)) == 8
+    # training grounds each example on its k nearest: a model trained on them follows its first exemplar
+    assert grounding_exemplars(training_grounding(Grounding(k=2, consensus_pool=5)), nearest) == nearest[:2]
+    assert answers_needed(training_grounding(Grounding(k=3))) == 3
     assert answers_needed(Grounding(k=3, consensus_pool=0)) == 3
     assert answers_needed(None) == 0
     with pytest.raises(ValueError, match="consensus_pool"):

@@ -15,7 +15,7 @@ from csra.specs import Grounding, TrainSpec
 from db.models import Dataset, DatasetExample, DatasetStatus, Model
 from db.session import session_scope
 from ml.cpu_share import CpuYielder, InteractiveSignal
-from ml.memory.grounding import answers_needed, grounding_exemplars
+from ml.memory.grounding import answers_needed, grounding_exemplars, training_grounding
 from models_store.registry import register_model, resolve_base
 from workers.context import LostClaim
 from workers.handlers.calibration import record_throughput
@@ -59,13 +59,14 @@ def background_yielder(ctx: JobContext) -> CpuYielder | None:
 
 def grounder(dataset_id: int, train_rows: list[dict[str, Any]], grounding: Grounding, ctx: JobContext
              ) -> Callable[[Sequence[dict[str, Any]]], list[list[str]]]:
-    """Exemplars for grounded training: of the answers to each row's nearest training messages, from the
-    train split only and never from the row's own leakage group (the same message, any copy of it), those
-    chat and evaluation would choose (``grounding_exemplars``)."""
+    """Exemplars for grounded training: the answers to each row's ``k`` nearest training messages
+    (``training_grounding``: not the consensus ones chat and evaluation choose), from the train split only
+    and never from the row's own leakage group (the same message, any copy of it)."""
     from csra.memory import embedder
     from workers.handlers.memory import ensure_embedder
     from workers.neighbours import nearest, split_memory
 
+    grounding = training_grounding(grounding)
     ctx.progress(0.0, "finding each example's nearest approved answers")
     ensure_embedder()
     memory, vectors = split_memory(dataset_id, train_rows, ctx)
