@@ -20,7 +20,8 @@ Temperature = Annotated[float, Field(ge=0, le=2, description="0 = greedy")]
 TopP = Annotated[float, Field(gt=0, le=1)]
 MaxNewTokens = Annotated[int, Field(ge=1, le=2048)]
 CopyBias = Annotated[float, Field(ge=0, le=20, description="added to the logits of the tokens that continue the "
-                                  "reply along one of the whole exemplars (0: off; ml.inference.copying)")]
+                                  "reply along the whole exemplars (the first copy_exemplars of them; 0: off; "
+                                  "ml.inference.copying)")]
 CopyExemplars = Annotated[int, Field(ge=0, le=8, description="the copy bias follows the first n of the prompt's "
                                      "exemplars (0: all of them)")]
 ConsensusPool = Annotated[int, Field(ge=0, le=8, description="0: a grounded prompt carries the k nearest approved "
@@ -104,7 +105,7 @@ class Grounding(_Spec):
     copy_bias: CopyBias = 6.0
     copy_exemplars: CopyExemplars = 1
     # 8: the best pool measured on Bitext's validation split (README, "Consensus exemplars and a loop guard");
-    # chat, evaluation and training choose exemplars alike.
+    # chat and evaluation choose exemplars alike, training takes the k nearest (grounding.training_grounding).
     consensus_pool: ConsensusPool = 8
     no_repeat_ngram_size: NoRepeatNgram = 6
 

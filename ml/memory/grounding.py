@@ -88,10 +88,10 @@ def training_grounding(grounding: Grounding) -> Grounding:
     """How training grounds an example: on the answers to its ``k`` nearest training messages, not on the
     consensus exemplars that chat and evaluation choose (``consensus_pool`` 0).
 
-    Measured on Bitext: the same 1,200 rows and 150 steps trained on consensus exemplars scored BLEU 31.7
-    and chrF 51.2 on the validation split against 33.3 and 53.3 for the model trained on the nearest, both
-    served on consensus exemplars (README, "Following the consensus exemplar"). The nearest answer shares
-    more of the example's own wording, so a model trained on it learns to follow its first exemplar.
+    The measured grounded model was trained this way. One trained on consensus exemplars (the same 1,200
+    Bitext rows and 150 steps) scored lower on the validation split, BLEU 31.7 and chrF 51.2 against 33.0
+    and 51.8, though served with other decode values (README, "Following the consensus exemplar"): only 25
+    of its 300 replies were its first exemplar word for word, so it seems to learn not to follow it.
     """
     return grounding.model_copy(update={"consensus_pool": 0})
 
