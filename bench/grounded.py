@@ -106,6 +106,8 @@ def main() -> None:
                         "the nearest)")
     p.add_argument("--no-repeat-ngram", action="append", type=int, default=None,
                    help="the loop guard: no repeated run of this many tokens (repeatable; 0: off)")
+    p.add_argument("--max-new-tokens", action="append", type=int, default=None,
+                   help="the evaluation's reply cap (repeatable; default: the evaluation's own)")
     p.add_argument("--backend", default="torch", help="the evaluation's backend (llamacpp:bf16 ... needs an export)")
     p.add_argument("--ungrounded", action="store_true",
                    help="train --model WITHOUT grounding on the same rows and steps (the like-for-like comparison)")
@@ -127,12 +129,13 @@ def main() -> None:
         print("training:", json.dumps(out["train"]))
     # every combination of the decode settings asked for (None: the model's own)
     settings = {"length_floor": args.length_floor, "copy_bias": args.copy_bias, "copy_exemplars": args.copy_exemplars,
-                "consensus_pool": args.consensus_pool, "no_repeat_ngram_size": args.no_repeat_ngram}
+                "consensus_pool": args.consensus_pool, "no_repeat_ngram_size": args.no_repeat_ngram,
+                "max_new_tokens": args.max_new_tokens}
     combos = [dict(zip(settings, values, strict=True))
               for values in itertools.product(*[v or [None] for v in settings.values()])]
     for n, overrides in itertools.product(args.samples or ["300"], combos):
         body = {"model_ids": args.models.split(","), "dataset_id": ds, "max_samples": None if n == "all" else int(n),
-                "split": args.split, "backend": args.backend, **overrides}
+                "split": args.split, "backend": args.backend, **{k: v for k, v in overrides.items() if v is not None}}
         what = f"{args.split} {n} {args.backend}" + "".join(f" {k} {v}" for k, v in overrides.items() if v is not None)
         out[f"eval_{what}"] = evaluate(api, body, what)
     path = Path(__file__).parent / "results" / f"grounded-{int(time.time())}.json"

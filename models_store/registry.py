@@ -50,9 +50,12 @@ def find_model_row(ref: str | int, local: bool = True) -> dict[str, Any] | None:
         row = find_model(s, ref)
         if row is None:
             return None
-        grounding = (row.training_config or {}).get("grounding")
+        config = row.training_config or {}
         out: dict[str, Any] = {"id": row.id, "name": row.name, "path": row.path, "kind": row.kind,
-                               "model_type": row.model_type, "grounding": grounding, "content_hash": row.content_hash}
+                               "model_type": row.model_type, "grounding": config.get("grounding"),
+                               "content_hash": row.content_hash,
+                               # a retrieval responder: 0 the nearest answer, n the consensus of the n nearest
+                               "consensus_pool": int(config.get("consensus_pool") or 0)}
     if local and out["kind"] != RETRIEVAL:
         out["path"] = str(local_model_folder(out["name"], out["content_hash"], out["path"]))
     return out

@@ -26,7 +26,7 @@ from db.models import Dataset, MemoryEntry
 from db.session import session_scope
 from ml.inference.types import GenerationResult
 from ml.memory.embedder import DIM
-from ml.memory.grounding import allowed_slots, grounding_exemplars, outside_contract
+from ml.memory.grounding import allowed_slots, choose_answers, grounding_exemplars, outside_contract
 from ml.memory.memory import AnswerMemory, Entry, Hit
 from ml.sampling import stratified_sample
 
@@ -132,23 +132,32 @@ class Neighbours:
     # (example, k, consensus_pool) -> its exemplars: chosen once for its prompt, reused by the contract check
     _chosen: dict[tuple[int, int, int], list[str]] = field(default_factory=dict, repr=False)
 
-    def retrieved(self) -> list[GenerationResult]:
-        """The retrieval responder's replies: each example's nearest training answer."""
-        return [GenerationResult(text=h[0].entry.reply if h else "", prompt_tokens=0, completion_tokens=0,
+    def retrieved(self, consensus_pool: int = 0) -> list[GenerationResult]:
+        """A retrieval responder's replies: each example's nearest training answer (``consensus_pool`` n:
+        the one the n nearest agree on, ``choose_answers``)."""
+        chosen = [choose_answers(h, 1, consensus_pool) for h in self.hits]
+        return [GenerationResult(text=c[0].entry.reply if c else "", prompt_tokens=0, completion_tokens=0,
                                  finish_reason="retrieval", latency_ms=0.0, first_token_ms=None)
-                for h in self.hits]
+                for c in chosen]
 
-    def exemplars(self, i: int, grounding: Grounding | None) -> list[str]:
+    def exemplars(self, i: int, grounding: Grounding | None, consensus_pool: int = 0) -> list[str]:
         """The approved answers example ``i``'s reply stands on: a grounded model's prompt exemplars, else
-        (the placeholder contract of an ungrounded model or retrieval) the ``CONTRACT_K`` nearest."""
+        (the placeholder contract of an ungrounded model or retrieval) the ``CONTRACT_K`` nearest, and the
+        answer a consensus responder (``consensus_pool``) chose."""
         if grounding is None:
-            return [h.entry.reply for h in self.hits[i][:CONTRACT_K]]
+            chosen = choose_answers(self.hits[i], 1, consensus_pool) if consensus_pool else []
+            return [h.entry.reply for h in self.hits[i][:CONTRACT_K] + chosen]
         key = (i, grounding.k, grounding.consensus_pool)
         if key not in self._chosen:
             self._chosen[key] = [h.entry.reply for h in grounding_exemplars(grounding, self.hits[i])]
         return self._chosen[key]
 
-    def judge(self, predictions: list[str], grounding: Grounding | None) -> list[dict[str, Any]]:
+    def nearest_similarity(self, i: int) -> float | None:
+        """How similar example ``i``'s message is to its nearest training message (None: no neighbours)."""
+        return self.hits[i][0].similarity if self.hits[i] else None
+
+    def judge(self, predictions: list[str], grounding: Grounding | None, consensus_pool: int = 0
+              ) -> list[dict[str, Any]]:
         """Per reply: ``intent_match`` (the intent its nearest training replies vote for, as the
         predicted intent) and ``slots_outside_contract`` (a placeholder neither the profile nor the
         exemplars know). ``intent_match`` is filled in by the caller, who knows the true intent."""
@@ -156,7 +165,7 @@ class Neighbours:
         out = []
         for i, (text, vec) in enumerate(zip(predictions, vectors, strict=True)):
             guess = self.memory.intent_of_reply(vec)
-            foreign = outside_contract(text, allowed_slots(self.profile, self.exemplars(i, grounding)))
+            foreign = outside_contract(text, allowed_slots(self.profile, self.exemplars(i, grounding, consensus_pool)))
             out.append({"reply_intent": guess.intent if guess else None, "slots_outside_contract": bool(foreign),
                         "foreign_slots": foreign})
         return out

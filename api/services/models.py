@@ -44,7 +44,7 @@ def delete_model(db: Session, ref: str) -> None:
     refused (409) while an unfinished job uses the model, 503 while the shared store is unreachable."""
     model = get_model_or_404(db, ref)
     if model.kind == RETRIEVAL:
-        raise HTTPException(status_code=409, detail="'retrieval' is built in (the nearest approved answer of the "
+        raise HTTPException(status_code=409, detail=f"{model.name!r} is built in (an approved answer of the "
                                                     "answer memory); it cannot be deleted")
     busy = jobs_using(db, model)
     if busy:
@@ -66,7 +66,7 @@ def submit_export(db: Session, ref: str, body: ExportRequest, caller: Caller) ->
     """Queue the export of a model as GGUF: 404 for an unknown model, 422 for one the converter cannot take."""
     model = get_model_or_404(db, ref)
     if model.kind == RETRIEVAL:
-        raise HTTPException(status_code=422, detail="'retrieval' is not a model (it answers with the nearest "
+        raise HTTPException(status_code=422, detail=f"{model.name!r} is not a model (it answers with an "
                                                     "approved answer); there are no weights to export")
     if model.architecture not in GGUF_ARCHITECTURES:
         raise HTTPException(status_code=422, detail=(

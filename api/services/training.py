@@ -50,7 +50,7 @@ def validate_train_spec(db: Session, spec: TrainSpec) -> None:
         raise HTTPException(status_code=422, detail=f"dataset {spec.dataset_id} has no rows in its train split")
     model = find_model(db, spec.base_model)
     if model is not None and model.kind == RETRIEVAL:
-        raise HTTPException(status_code=422, detail="'retrieval' answers from the answer memory; it has no weights "
+        raise HTTPException(status_code=422, detail=f"{model.name!r} answers from the answer memory; it has no weights "
                                                     "to fine-tune: pick a model from GET /models")
     settings = get_settings()
     if model is None and spec.base_model != settings.baseline_name:

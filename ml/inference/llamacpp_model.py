@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from ml.inference.llamacpp_build import unusable_reason
-from ml.inference.tokens import StopTokens, stop_tokens, template_stops
+from ml.inference.tokens import StopTokens, as_ids, stop_tokens, template_stops
 from models_store.loading import LoadedModel
 
 logger = logging.getLogger(__name__)
@@ -46,9 +46,7 @@ class ReplyDecoder:
     def from_tokenizer(cls, tokenizer: Any, arch: str = "causal") -> ReplyDecoder:
         """Without the torch weights (``models_store.loading.load_tokenizer``): eos and the chat template's
         turn tokens."""
-        eos = tokenizer.eos_token_id
-        ids = set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
-        return cls(tokenizer, template_stops(tokenizer, arch, {int(i) for i in ids}))
+        return cls(tokenizer, template_stops(tokenizer, arch, set(as_ids(tokenizer.eos_token_id))))
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,8 @@ class StopTokens:
         return 0
 
 
-def _as_ids(value: Any) -> list[int]:
+def as_ids(value: Any) -> list[int]:
+    """A config's ``eos_token_id`` (one id, a list of them, or None) as a list of ids."""
     if value is None:
         return []
     return [int(v) for v in value] if isinstance(value, (list, tuple)) else [int(value)]
@@ -46,10 +47,10 @@ def _as_ids(value: Any) -> list[int]:
 
 def stop_tokens(loaded: LoadedModel) -> StopTokens:
     """eos (tokenizer, model config, generation config) and the chat template's turn tokens."""
-    ids = set(_as_ids(loaded.tokenizer.eos_token_id))
-    ids.update(_as_ids(getattr(loaded.model.config, "eos_token_id", None)))
+    ids = set(as_ids(loaded.tokenizer.eos_token_id))
+    ids.update(as_ids(getattr(loaded.model.config, "eos_token_id", None)))
     gen_config = getattr(loaded.model, "generation_config", None)
-    ids.update(_as_ids(getattr(gen_config, "eos_token_id", None)))
+    ids.update(as_ids(getattr(gen_config, "eos_token_id", None)))
     return template_stops(loaded.tokenizer, loaded.arch, ids)
 
 

@@ -74,14 +74,20 @@ def grounding_exemplars(grounding: Grounding, nearest: Sequence[Hit]) -> list[Hi
     validation split, where edit_account and switch_account share neighbours, the majority cost
     intent match); consensus then picks the wording within it.
     """
-    if grounding.consensus_pool == 0:
-        return list(nearest[: grounding.k])
-    pool = list(nearest[: max(grounding.k, grounding.consensus_pool)])
+    return choose_answers(nearest, grounding.k, grounding.consensus_pool)
+
+
+def choose_answers(nearest: Sequence[Hit], k: int, consensus_pool: int) -> list[Hit]:
+    """``grounding_exemplars`` by its two numbers: also the ``retrieval-consensus`` responder's answer
+    (``k`` 1: the grounded model's first exemplar, shown as the reply itself)."""
+    if consensus_pool == 0:
+        return list(nearest[:k])
+    pool = list(nearest[: max(k, consensus_pool)])
     intent = pool[0].entry.intent if pool else ""
     same = [h for h in pool if h.entry.intent == intent] if intent else pool
-    chosen = [same[i] for i in by_consensus([h.entry.reply for h in same])][: grounding.k]
+    chosen = [same[i] for i in by_consensus([h.entry.reply for h in same])][:k]
     others = [h for h in pool if all(h is not c for c in chosen)]
-    return chosen + others[: grounding.k - len(chosen)]
+    return chosen + others[: k - len(chosen)]
 
 
 def training_grounding(grounding: Grounding) -> Grounding:
@@ -114,15 +120,19 @@ class Steering:
 
 
 def steering(tokenizer: Any, grounding: Grounding | None, exemplars: Sequence[str], max_new_tokens: int,
-             no_repeat_ngram_size: int | None = None) -> Steering:
+             no_repeat_ngram_size: int | None = None, similarity: float | None = None) -> Steering:
     """A reply's loop guard (``no_repeat_ngram_size``, else a grounded model's own) and a grounded reply's
     length floor (``grounding.length_floor`` of the first exemplar's length, below
     ``max_new_tokens``) and copy guides (the whole exemplars, in the prompt's order: the copy bias follows
     the first ``copy_exemplars`` of them, the loop guard allows every one's own repeats); neither of the
-    last two for an ungrounded model or without exemplars."""
+    last two for an ungrounded model or without exemplars. ``similarity``: the nearest approved answer's
+    (its message's cosine to the customer's); below ``grounding.min_similarity`` neither the floor nor the
+    copy bias holds the reply to exemplars that answer another question."""
     guard = loop_guard(grounding, no_repeat_ngram_size)
     if grounding is None or not exemplars:
         return Steering(no_repeat_ngram_size=guard)
+    if similarity is not None and similarity < grounding.min_similarity:
+        grounding = grounding.model_copy(update={"length_floor": 0.0, "copy_bias": 0.0})
 
     def ids(text: str) -> tuple[int, ...]:
         return tuple(tokenizer(text, add_special_tokens=False)["input_ids"])

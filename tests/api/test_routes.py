@@ -154,4 +154,5 @@ def test_openai_surface_errors(client: TestClient) -> None:
     assert r.status_code == 422 and "end with a user message" in r.json()["detail"]
     r = client.post("/v1/fine_tuning/jobs", json={"training_file": "file-abc"})
     assert r.status_code == 422 and "dataset id" in r.json()["detail"]
-    assert {m["id"] for m in client.get("/v1/models").json()["data"]} == {"retrieval", "baseline"}
+    assert {m["id"] for m in client.get("/v1/models").json()["data"]} == {"retrieval", "retrieval-consensus",
+                                                                           "baseline"}

@@ -8,6 +8,7 @@ import time
 import httpx
 import pytest
 
+from ml.memory.grounding import by_consensus
 from tests.integration.helpers import wait_job
 
 pytestmark = pytest.mark.databases("sqlite", "postgresql")  # see tests/conftest.py
@@ -83,6 +84,20 @@ def test_memory_is_built_searched_and_answers_as_a_responder(api, memory_dataset
     assert result["intent"] == "change_password" and len(result["similar"]) == 3
     assert result["slot_warnings"] == []
     assert "retrieval" in [m["id"] for m in api.get("/v1/models").json()["data"]]
+    builtin = {m["name"]: m for m in api.get("/models").json()["data"] if m["kind"] == "retrieval"}
+    assert builtin["retrieval-consensus"]["training_config"] == {"consensus_pool": 8}
+
+    # the consensus responder: of the 8 nearest answers of the nearest one's intent, the one the others share most
+    message = "I need to reset my password"
+    pool = api.get("/memory/search", params={"q": message, "k": 8}).json()["data"]
+    same = [h for h in pool if h["intent"] == pool[0]["intent"]]
+    want = same[by_consensus([h["reply"] for h in same])[0]]
+    done = wait_job(api, api.post("/jobs/generate", json={"model_id": "retrieval-consensus", "message": message}
+                                  ).json()["id"])
+    assert done["status"] == "succeeded", done["error"]
+    assert done["result"]["raw_text"] == want["reply"] and done["result"]["memory_entry_id"] == want["id"]
+    assert [s["entry_id"] for s in done["result"]["similar"] if s["grounded"]] == [want["id"]]
+    assert api.delete("/models/retrieval-consensus").status_code == 409  # built in
 
 
 @pytest.mark.parametrize(("params", "needle"), [({"q": "   "}, "empty"), ({"q": "hi", "k": 0}, "k"),
@@ -206,13 +221,24 @@ def test_a_grounded_model_is_trained_served_and_evaluated_on_its_exemplars(api, 
     shown = done["result"]["similar"]
     assert {s["entry_id"] for s in shown if s["grounded"]} == set(used)
     assert [s["entry_id"] for s in shown[:3]] == list(nearest)[:3]
+    assert done["result"]["follows_approved"] is True
+    # a message unlike any approved one: its exemplars are in the prompt, but the reply is not held to them
+    off = "What will the weather be like in Paris tomorrow afternoon?"
+    assert api.get("/memory/search", params={"q": off, "k": 1}).json()["data"][0]["similarity"] < 0.5
+    unlike = wait_job(api, api.post("/jobs/generate", json={"model_id": "tiny-grounded", "message": off,
+                                                            "max_new_tokens": 4, "copy_bias": 20}).json()["id"])
+    assert unlike["status"] == "succeeded", unlike["error"]
+    assert unlike["result"]["follows_approved"] is False and len(unlike["result"]["grounded_on"]) == 2
+    far = {h["id"]: h["reply"] for h in api.get("/memory/search", params={"q": off, "k": 8}).json()["data"]}
+    own = unlike["result"]["raw_text"]  # the random tiny model's own words (here it may say nothing at all)
+    assert not any(own and far[i].startswith(own) for i in unlike["result"]["grounded_on"]), (own, far)
     too_big = api.post("/jobs/generate", json={"model_id": "tiny-grounded", "message": "hi", "copy_bias": 21})
     assert too_big.status_code == 422 and "copy_bias" in json.dumps(too_big.json()["detail"])
     one = api.post("/jobs/generate", json={"model_id": "tiny-grounded", "message": "hi", "no_repeat_ngram_size": 1})
     assert one.status_code == 422 and "no_repeat_ngram_size" in json.dumps(one.json()["detail"])
 
-    ev = api.post("/jobs/evaluate", json={"model_ids": ["retrieval", "tiny-grounded"], "dataset_id": memory_dataset,
-                                          "max_new_tokens": 4})
+    ev = api.post("/jobs/evaluate", json={"model_ids": ["retrieval", "retrieval-consensus", "tiny-grounded"],
+                                          "dataset_id": memory_dataset, "max_new_tokens": 4})
     assert ev.status_code == 202, ev.text
     finished = wait_job(api, ev.json()["id"], timeout=300)
     assert finished["status"] == "succeeded", finished["error"]
@@ -221,6 +247,10 @@ def test_a_grounded_model_is_trained_served_and_evaluated_on_its_exemplars(api, 
     assert metrics["retrieval"]["overall"]["intent_match"] == 1.0
     assert metrics["retrieval"]["overall"]["slots_outside_contract"] == 0.0
     assert metrics["retrieval"]["overall"]["rouge_l"] > 0.3
+    # the consensus responder: an approved answer of the nearest one's intent, so no foreign slots either
+    assert metrics["retrieval-consensus"]["backend"] == "retrieval"
+    assert metrics["retrieval-consensus"]["overall"]["slots_outside_contract"] == 0.0
+    assert metrics["retrieval-consensus"]["overall"]["rouge_l"] > 0.3
     assert metrics["tiny-grounded"]["overall"]["intent_match"] is not None
     assert metrics["tiny-grounded"]["grounding"]["k"] == 2 and metrics["retrieval"]["grounding"] is None
     assert metrics["tiny-grounded"]["grounding"]["length_floor"] == model["training_config"]["grounding"].get(
@@ -232,6 +262,9 @@ def test_a_grounded_model_is_trained_served_and_evaluated_on_its_exemplars(api, 
     negative = api.post("/jobs/evaluate", json={"model_ids": ["tiny-grounded"], "dataset_id": memory_dataset,
                                                 "copy_bias": -1})
     assert negative.status_code == 422 and "copy_bias" in json.dumps(negative.json()["detail"])
+    too_many = api.post("/jobs/evaluate", json={"model_ids": ["tiny-grounded"], "dataset_id": memory_dataset,
+                                                 "copy_exemplars": 9})
+    assert too_many.status_code == 422 and "copy_exemplars" in json.dumps(too_many.json()["detail"])
     ev = api.post("/jobs/evaluate", json={"model_ids": ["tiny-grounded"], "dataset_id": memory_dataset,
                                           "max_new_tokens": 4, "max_samples": 4, "length_floor": 1.0,
                                           "copy_bias": 2.0, "copy_exemplars": 2, "consensus_pool": 0,

@@ -155,13 +155,20 @@ def test_steering_floors_the_length_and_guides_by_the_exemplars(tiny_causal: Pat
     assert steering(tok, None, [answer], 384) == Steering()  # an ungrounded model: nothing unless asked
     assert steering(tok, None, [answer], 384, no_repeat_ngram_size=12) == Steering(no_repeat_ngram_size=12)
     # without exemplars (the memory not built yet) a grounded model keeps its loop guard, nothing else
-    assert steering(tok, Grounding(length_floor=1), [], 384) == Steering(no_repeat_ngram_size=6)
+    guard = Grounding().no_repeat_ngram_size
+    assert steering(tok, Grounding(length_floor=1), [], 384) == Steering(no_repeat_ngram_size=guard)
     assert steering(tok, Grounding(), [answer], 384, no_repeat_ngram_size=0).no_repeat_ngram_size == 0
     copy = steering(tok, Grounding(), [answer, other], 384)  # the default: a copy bias, the loop guard's guides
     assert copy.copy_bias == Grounding().copy_bias > 0 and copy.min_new_tokens == int(0.8 * n)
     assert copy.copy_guides == Grounding().copy_exemplars
     assert steering(tok, Grounding(copy_exemplars=2), [answer, other], 384).copy_guides == 2
     assert copy.guides == tuple(tuple(tok(x, add_special_tokens=False)["input_ids"]) for x in (answer, other))
+    # a message like an approved one is held to its answer; one unlike any (an off-topic question) is not:
+    # the loop guard and its guides stay, the floor and the copy bias go
+    assert steering(tok, Grounding(), [answer, other], 384, similarity=0.9) == copy
+    unlike = steering(tok, Grounding(), [answer, other], 384, similarity=Grounding().min_similarity - 0.01)
+    assert unlike == Steering(guides=copy.guides, no_repeat_ngram_size=guard)
+    assert steering(tok, Grounding(min_similarity=0), [answer, other], 384, similarity=0.1) == copy
 
 
 SHARED = "To cancel your order, sign in to your account, open Orders, choose the order and click Cancel order."

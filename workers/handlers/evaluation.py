@@ -251,7 +251,8 @@ def _prompts(tokenizer: Any, row: dict[str, Any], examples: list[dict[str, Any]]
         prompts.append(example_prompt(tokenizer, e["instruction"], e["input"],
                                       [truncate_tokens(tokenizer, x, grounding.max_exemplar_tokens)
                                        for x in exemplars], grounding.template))
-        steers.append(steering(tokenizer, grounding, exemplars, spec.max_new_tokens, spec.no_repeat_ngram_size))
+        steers.append(steering(tokenizer, grounding, exemplars, spec.max_new_tokens, spec.no_repeat_ngram_size,
+                               neighbours.nearest_similarity(i)))
     return prompts, steers
 
 
@@ -263,7 +264,7 @@ def _grounding(row: dict[str, Any], spec: EvaluateSpec) -> Grounding | None:
 
 
 def _score(examples: list[dict[str, Any]], results: list[Any], wall: float, neighbours: Neighbours | None,
-           grounding: Grounding | None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+           grounding: Grounding | None, consensus_pool: int = 0) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     from ml.metrics import ExampleInput, aggregate, score_examples
 
     inputs = [ExampleInput(prediction=r.text, reference=e["output"], intent=e.get("intent") or "",
@@ -271,8 +272,8 @@ def _score(examples: list[dict[str, Any]], results: list[Any], wall: float, neig
               for e, r in zip(examples, results, strict=True)]
     scores = score_examples(inputs)
     if neighbours is not None:  # judged against the dataset's approved answers: intent and placeholders
-        for s, e, judged in zip(scores, examples, neighbours.judge([r.text for r in results], grounding),
-                                strict=True):
+        judged_all = neighbours.judge([r.text for r in results], grounding, consensus_pool)
+        for s, e, judged in zip(scores, examples, judged_all, strict=True):
             reply_intent, intent = judged.pop("reply_intent"), e.get("intent") or ""
             # unknown intents (a dataset without them) are not judged
             s["intent_match"] = (reply_intent == intent) if intent and intent != UNKNOWN_INTENT else None
@@ -392,7 +393,7 @@ def _retrieval(row: dict[str, Any], examples: list[dict[str, Any]], neighbours: 
                ) -> tuple[list[str], list[Any], float, dict[str, Any] | None]:
     if neighbours is None:
         raise JobError("the retrieval responder needs the answer memory of the train split (see the job log)")
-    return [e["input"] for e in examples], neighbours.retrieved(), 0.0, None
+    return [e["input"] for e in examples], neighbours.retrieved(row.get("consensus_pool") or 0), 0.0, None
 
 
 def _evaluate_one(eval_id: int, ref: str, examples: list[dict[str, Any]], spec: EvaluateSpec,
@@ -415,7 +416,7 @@ def _evaluate_one(eval_id: int, ref: str, examples: list[dict[str, Any]], spec: 
                                                       neighbours)
     ctx.progress((done_before + len(examples)) / total, f"{row['name']}: scoring")
     grounding = None if row.get("kind") == RETRIEVAL else _grounding(row, spec)
-    scores, agg = _score(examples, results, wall, neighbours, grounding)
+    scores, agg = _score(examples, results, wall, neighbours, grounding, row.get("consensus_pool") or 0)
     agg["batch_invariance"] = invariance
     agg["backend"] = "retrieval" if row.get("kind") == RETRIEVAL else spec.backend
     # a grounded model saw each example's nearest training answers

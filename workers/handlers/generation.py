@@ -45,6 +45,7 @@ from ml.memory.grounding import (
     Steering,
     allowed_slots,
     answers_needed,
+    choose_answers,
     grounding_exemplars,
     outside_contract,
     steering,
@@ -256,6 +257,10 @@ class MemoryContext:
     def replies(self) -> list[str]:
         return [h.entry.reply for h in self.exemplars]
 
+    def nearest_similarity(self) -> float | None:
+        """How similar the customer's message is to the nearest approved one (None: the memory is empty)."""
+        return self.hits[0].similarity if self.hits else None
+
     def similar(self, n: int = 3, grounded_on: Collection[int] = ()) -> list[dict[str, Any]]:
         """What the agent sees: the ``n`` nearest approved answers and those a grounded reply's prompt
         carried (``grounded_on``: consensus can pick some beyond the ``n`` nearest), nearest first, each
@@ -265,16 +270,16 @@ class MemoryContext:
                  "similarity": round(h.similarity, 4), "grounded": h.entry.id in grounded_on} for h in shown]
 
 
-def memory_context(message: str, grounding: Grounding | None) -> MemoryContext | None:
+def memory_context(message: str, grounding: Grounding | None, at_least: int = 0) -> MemoryContext | None:
     """The approved answers to the most similar messages (those the grounding chooses its exemplars
-    from, and those the agent sees) and the intent they vote for (None while the memory is not built:
-    replies then go on without it)."""
+    from, ``at_least`` as many as a consensus responder chooses from, and those the agent sees) and the
+    intent they vote for (None while the memory is not built: replies then go on without it)."""
     try:
         memory = serving_memory().searchable()
         vector = embedder().embed([message])[0]
     except MemoryNotBuilt:
         return None
-    hits = memory.similar(vector, max(answers_needed(grounding), MEMORY_SHOWN))
+    hits = memory.similar(vector, max(answers_needed(grounding), MEMORY_SHOWN, at_least))
     exemplars = grounding_exemplars(grounding, hits) if grounding else hits[:MEMORY_SHOWN]
     guess = vote(hits[:INTENT_VOTERS])
     return MemoryContext(hits, exemplars, guess.intent if guess else None, guess.confidence if guess else None)
@@ -296,23 +301,24 @@ def _prompt(tokenizer: Any, budget: int | None, spec: GenerateSpec, grounding: G
 def _steering(tokenizer: Any, spec: GenerateSpec, grounding: Grounding | None, context: MemoryContext | None
               ) -> Steering:
     """The reply's loop guard, and a grounded reply's length floor and copy guides from the exemplars its
-    prompt shows."""
+    prompt shows (not when even the nearest of them answers a message unlike this one)."""
     return steering(tokenizer, grounding, context.replies() if grounding and context else [], spec.max_new_tokens,
-                    spec.no_repeat_ngram_size)
+                    spec.no_repeat_ngram_size, context.nearest_similarity() if context else None)
 
 
 def _retrieved(job_id: int, row: dict[str, Any], context: MemoryContext | None) -> dict[str, Any]:
-    """The retrieval responder: the nearest approved answer, no model at all."""
+    """A retrieval responder: the nearest approved answer (or the one the nearest agree on), no model."""
     if context is None or not context.hits:
-        raise JobError("the retrieval responder needs the answer memory: POST /memory/rebuild "
+        raise JobError(f"the {row['name']} responder needs the answer memory: POST /memory/rebuild "
                        '{"dataset_id": N} builds it from a dataset\'s train split')
-    best = context.hits[0]
+    best = choose_answers(context.hits, 1, row.get("consensus_pool") or 0)[0]
     stream = _Stream(job_id)
     stream.on_text(best.entry.reply)
     stream.flush()
     return {"raw_text": best.entry.reply, "model": row["name"], "model_id": row["id"], "prompt_tokens": 0,
             "completion_tokens": 0, "latency_ms": 0.0, "first_token_ms": 0.0, "finish_reason": "retrieval",
-            "batch_size": 1, "memory_entry_id": best.entry.id, "similarity": round(best.similarity, 4)}
+            "batch_size": 1, "memory_entry_id": best.entry.id, "similarity": round(best.similarity, 4),
+            "grounded_on": [best.entry.id]}  # the agent sees it marked among the similar answers
 
 
 def _generated(job_id: int, row: dict[str, Any], spec: GenerateSpec, ctx: JobContext, grounding: Grounding | None,
@@ -356,7 +362,10 @@ def _reply(row: dict[str, Any], res: Any, grounding: Grounding | None, context: 
             "latency_ms": res.latency_ms, "first_token_ms": res.first_token_ms, "finish_reason": res.finish_reason,
             "batch_size": res.batch_size, "grounded": grounding is not None and context is not None,
             # the memory entries whose answers the prompt carried, in its order
-            "grounded_on": [h.entry.id for h in context.exemplars] if grounding and context else []}
+            "grounded_on": [h.entry.id for h in context.exemplars] if grounding and context else [],
+            # whether the copy bias and the length floor held it to them (not for a message unlike any approved)
+            "follows_approved": bool(grounding and context and context.exemplars
+                                     and (context.nearest_similarity() or 0.0) >= grounding.min_similarity)}
 
 
 def _generated_llamacpp(job_id: int, row: dict[str, Any], spec: GenerateSpec, ctx: JobContext,
@@ -396,7 +405,7 @@ def handle_generation(job_id: int, params: dict[str, Any], ctx: JobContext) -> d
     with contextlib.suppress(redis.RedisError, OSError):
         publish_start(get_redis(), job_id, ctx.attempt)
     grounding = recorded_grounding(row.get("grounding"), copy_bias=spec.copy_bias)
-    context = memory_context(spec.conversation()[-1]["content"], grounding)
+    context = memory_context(spec.conversation()[-1]["content"], grounding, row.get("consensus_pool") or 0)
     if row.get("kind") == RETRIEVAL:
         result = _retrieved(job_id, row, context)
     else:
