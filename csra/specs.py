@@ -101,7 +101,7 @@ class Grounding(_Spec):
                                 "first exemplar's length in tokens (0: no floor)")
     # 10 along the first (consensus) exemplar, with the loop guard at 4: on Bitext's validation split the
     # setting above retrieval on all four metrics with the fewest repetitive and unfinished replies (README,
-    # "Following the consensus exemplar"; 2.5 along every exemplar before 2026-12-05, 6 that morning). A
+    # "Following the consensus exemplar"; 2.5 along every exemplar before 2026-12-05, 6 earlier that day). A
     # reply then departs from the approved answer only where the model is sure: 286 of 300 did not.
     copy_bias: CopyBias = 10.0
     copy_exemplars: CopyExemplars = 1
