@@ -101,7 +101,7 @@ class Grounding(_Spec):
                                 "first exemplar's length in tokens (0: no floor)")
     # 10 along the first (consensus) exemplar, with the loop guard at 4: on Bitext's validation split the
     # setting above retrieval on all four metrics with the fewest repetitive and unfinished replies (README,
-    # "Following the consensus exemplar"; 2.5 along every exemplar before 2026-12-05, 6 earlier that day). A
+    # "Following it harder"; 2.5 along every exemplar before 2026-12-05, 6 earlier that day). A
     # reply then departs from the approved answer only where the model is sure: 286 of 300 did not.
     copy_bias: CopyBias = 10.0
     copy_exemplars: CopyExemplars = 1
@@ -111,7 +111,7 @@ class Grounding(_Spec):
     no_repeat_ngram_size: NoRepeatNgram = 4
     # 0.5: on Bitext every test and validation message has an approved answer at cosine 0.59 or more (p1
     # 0.69-0.71), while off-topic messages (the weather, a recipe, a crashing app) find nothing above 0.42
-    # (README, "Following the consensus exemplar"). Below it, copying the nearest answer would answer
+    # (README, "Only for a message like an approved one"). Below it, copying the nearest answer would answer
     # another question, so the model writes on its own.
     min_similarity: float = Field(0.5, ge=0, le=1, description="the copy bias and the length floor hold a reply to "
                                   "its exemplars only when the nearest approved answer's message is at least this "

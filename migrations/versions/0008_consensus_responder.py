@@ -2,7 +2,7 @@
 one's intent), the one the others agree on most, no model (``ml.memory.grounding.choose_answers``)
 
 On Bitext's test split it beats "retrieval" (the nearest answer) on ROUGE-L, BLEU, chrF and semantic
-similarity (README, "Following the consensus exemplar"), so the bar a model has to beat is on the board.
+similarity (README, "Following it harder"), so the bar a model has to beat is on the board.
 
 Revision ID: 0008
 Revises: 0007

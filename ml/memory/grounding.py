@@ -119,6 +119,12 @@ class Steering:
     no_repeat_ngram_size: int = 0
 
 
+def follows_approved(grounding: Grounding, similarity: float | None) -> bool:
+    """Whether the copy bias and the length floor hold a reply to its exemplars: the nearest approved answer's
+    message is at least ``grounding.min_similarity`` like the customer's (None: not known, so yes)."""
+    return similarity is None or similarity >= grounding.min_similarity
+
+
 def steering(tokenizer: Any, grounding: Grounding | None, exemplars: Sequence[str], max_new_tokens: int,
              no_repeat_ngram_size: int | None = None, similarity: float | None = None) -> Steering:
     """A reply's loop guard (``no_repeat_ngram_size``, else a grounded model's own) and a grounded reply's
@@ -131,7 +137,7 @@ def steering(tokenizer: Any, grounding: Grounding | None, exemplars: Sequence[st
     guard = loop_guard(grounding, no_repeat_ngram_size)
     if grounding is None or not exemplars:
         return Steering(no_repeat_ngram_size=guard)
-    if similarity is not None and similarity < grounding.min_similarity:
+    if not follows_approved(grounding, similarity):
         grounding = grounding.model_copy(update={"length_floor": 0.0, "copy_bias": 0.0})
 
     def ids(text: str) -> tuple[int, ...]:

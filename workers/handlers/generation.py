@@ -46,6 +46,7 @@ from ml.memory.grounding import (
     allowed_slots,
     answers_needed,
     choose_answers,
+    follows_approved,
     grounding_exemplars,
     outside_contract,
     steering,
@@ -365,7 +366,7 @@ def _reply(row: dict[str, Any], res: Any, grounding: Grounding | None, context: 
             "grounded_on": [h.entry.id for h in context.exemplars] if grounding and context else [],
             # whether the copy bias and the length floor held it to them (not for a message unlike any approved)
             "follows_approved": bool(grounding and context and context.exemplars
-                                     and (context.nearest_similarity() or 0.0) >= grounding.min_similarity)}
+                                     and follows_approved(grounding, context.nearest_similarity()))}
 
 
 def _generated_llamacpp(job_id: int, row: dict[str, Any], spec: GenerateSpec, ctx: JobContext,
