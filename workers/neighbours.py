@@ -26,7 +26,7 @@ from db.models import Dataset, MemoryEntry
 from db.session import session_scope
 from ml.inference.types import GenerationResult
 from ml.memory.embedder import DIM
-from ml.memory.grounding import allowed_slots, choose_answers, grounding_exemplars, outside_contract
+from ml.memory.grounding import allowed_slots, choose_answers, outside_contract
 from ml.memory.memory import AnswerMemory, Entry, Hit
 from ml.sampling import stratified_sample
 
@@ -129,13 +129,20 @@ class Neighbours:
     memory: AnswerMemory
     hits: list[list[Hit]]
     profile: Profile
-    # (example, k, consensus_pool) -> its exemplars: chosen once for its prompt, reused by the contract check
-    _chosen: dict[tuple[int, int, int], list[str]] = field(default_factory=dict, repr=False)
+    # (example, k, consensus_pool) -> its chosen answers: chosen once (a consensus costs up to 56 sentence
+    # BLEUs) for its prompt or a consensus responder's reply, reused by the contract check
+    _chosen: dict[tuple[int, int, int], list[Hit]] = field(default_factory=dict, repr=False)
+
+    def _choose(self, i: int, k: int, consensus_pool: int) -> list[Hit]:
+        key = (i, k, consensus_pool)
+        if key not in self._chosen:
+            self._chosen[key] = choose_answers(self.hits[i], k, consensus_pool)
+        return self._chosen[key]
 
     def retrieved(self, consensus_pool: int = 0) -> list[GenerationResult]:
         """A retrieval responder's replies: each example's nearest training answer (``consensus_pool`` n:
         the one the n nearest agree on, ``choose_answers``)."""
-        chosen = [choose_answers(h, 1, consensus_pool) for h in self.hits]
+        chosen = [self._choose(i, 1, consensus_pool) for i in range(len(self.hits))]
         return [GenerationResult(text=c[0].entry.reply if c else "", prompt_tokens=0, completion_tokens=0,
                                  finish_reason="retrieval", latency_ms=0.0, first_token_ms=None)
                 for c in chosen]
@@ -145,12 +152,9 @@ class Neighbours:
         (the placeholder contract of an ungrounded model or retrieval) the ``CONTRACT_K`` nearest, and the
         answer a consensus responder (``consensus_pool``) chose."""
         if grounding is None:
-            chosen = choose_answers(self.hits[i], 1, consensus_pool) if consensus_pool else []
+            chosen = self._choose(i, 1, consensus_pool) if consensus_pool else []
             return [h.entry.reply for h in self.hits[i][:CONTRACT_K] + chosen]
-        key = (i, grounding.k, grounding.consensus_pool)
-        if key not in self._chosen:
-            self._chosen[key] = [h.entry.reply for h in grounding_exemplars(grounding, self.hits[i])]
-        return self._chosen[key]
+        return [h.entry.reply for h in self._choose(i, grounding.k, grounding.consensus_pool)]
 
     def nearest_similarity(self, i: int) -> float | None:
         """How similar example ``i``'s message is to its nearest training message (None: no neighbours)."""
