@@ -15,7 +15,7 @@ from typing import Any
 import sacrebleu
 
 from csra.profile import SLOT_RE, STANDARD_SLOTS, Profile
-from csra.specs import Grounding, loop_guard
+from csra.specs import REPLY_TOKENS, Grounding, loop_guard
 from ml.memory.memory import Hit
 
 
@@ -107,11 +107,18 @@ def answers_needed(grounding: Grounding | None) -> int:
     return max(grounding.k, grounding.consensus_pool) if grounding else 0
 
 
+# A reply the copy bias holds to an approved answer may run this many tokens past that answer's own length,
+# above the caller's max_new_tokens if need be (the model's tokens of a copy can differ a little from the
+# answer's own): an approved answer is suggested whole, never cut one token short.
+ANSWER_ROOM = 8
+
+
 @dataclass(frozen=True)
 class Steering:
-    """How decoding holds a reply to its exemplars and out of loops: the ``GenerationRequest`` fields of the
-    same names."""
+    """How decoding holds a reply to its exemplars and out of loops, and how long it may run: the
+    ``GenerationRequest`` fields of the same names."""
 
+    max_new_tokens: int = REPLY_TOKENS
     min_new_tokens: int = 0
     guides: tuple[tuple[int, ...], ...] = ()
     copy_bias: float = 0.0
@@ -133,10 +140,12 @@ def steering(tokenizer: Any, grounding: Grounding | None, exemplars: Sequence[st
     the first ``copy_exemplars`` of them, the loop guard allows every one's own repeats); neither of the
     last two for an ungrounded model or without exemplars. ``similarity``: the nearest approved answer's
     (its message's cosine to the customer's); below ``grounding.min_similarity`` neither the floor nor the
-    copy bias holds the reply to exemplars that answer another question."""
+    copy bias holds the reply to exemplars that answer another question. The reply's limit is
+    ``max_new_tokens``, raised while the copy bias holds it to answers longer than that: to the longest
+    of them plus ``ANSWER_ROOM`` (the engines still cut it to what the model's context holds)."""
     guard = loop_guard(grounding, no_repeat_ngram_size)
     if grounding is None or not exemplars:
-        return Steering(no_repeat_ngram_size=guard)
+        return Steering(max_new_tokens, no_repeat_ngram_size=guard)
     if not follows_approved(grounding, similarity):
         grounding = grounding.model_copy(update={"length_floor": 0.0, "copy_bias": 0.0})
 
@@ -149,6 +158,8 @@ def steering(tokenizer: Any, grounding: Grounding | None, exemplars: Sequence[st
     if grounding.length_floor > 0:  # the first exemplar is tokenized once, also when it is a guide
         first = len(guides[0]) if guides else len(ids(exemplars[0]))
         floor = max(0, min(int(grounding.length_floor * first), max_new_tokens - 1))
-    copying = bool(guides) and grounding.copy_bias > 0
-    return Steering(floor, guides, grounding.copy_bias if copying else 0.0, grounding.copy_exemplars if copying else 0,
-                    guard)
+    if not (guides and grounding.copy_bias > 0):
+        return Steering(max_new_tokens, floor, guides, no_repeat_ngram_size=guard)
+    followed = guides[:grounding.copy_exemplars] if grounding.copy_exemplars else guides
+    limit = max(max_new_tokens, max(len(g) for g in followed) + ANSWER_ROOM)
+    return Steering(limit, floor, guides, grounding.copy_bias, grounding.copy_exemplars, guard)

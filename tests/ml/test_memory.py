@@ -10,6 +10,7 @@ import pytest
 from csra.profile import Profile
 from csra.specs import Grounding
 from ml.memory.grounding import (
+    ANSWER_ROOM,
     Steering,
     allowed_slots,
     answers_needed,
@@ -169,6 +170,23 @@ def test_steering_floors_the_length_and_guides_by_the_exemplars(tiny_causal: Pat
     unlike = steering(tok, Grounding(), [answer, other], 384, similarity=Grounding().min_similarity - 0.01)
     assert unlike == Steering(guides=copy.guides, no_repeat_ngram_size=guard)
     assert steering(tok, Grounding(min_similarity=0), [answer, other], 384, similarity=0.1) == copy
+
+
+def test_an_approved_answer_the_reply_follows_is_never_cut(tiny_causal: Path) -> None:  # noqa: F811
+    from models_store.loading import load_model_and_tokenizer
+
+    tok = load_model_and_tokenizer(tiny_causal).tokenizer
+    answer, longer = " ".join(["word"] * 40), " ".join(["other"] * 60)
+    n, m = (len(tok(x, add_special_tokens=False)["input_ids"]) for x in (answer, longer))
+    # the copy bias follows the first exemplar: the limit makes room for all of it, and never shrinks
+    assert steering(tok, Grounding(), [answer, longer], 10).max_new_tokens == n + ANSWER_ROOM
+    assert steering(tok, Grounding(), [answer, longer], 500).max_new_tokens == 500
+    assert steering(tok, Grounding(copy_exemplars=0), [answer, longer], 10).max_new_tokens == m + ANSWER_ROOM
+    # nothing it follows: the caller's limit
+    assert steering(tok, Grounding(copy_bias=0), [answer], 10).max_new_tokens == 10
+    assert steering(tok, Grounding(), [answer], 10, similarity=0.1).max_new_tokens == 10
+    assert steering(tok, None, [answer], 10).max_new_tokens == 10
+    assert steering(tok, Grounding(), [], 10).max_new_tokens == 10
 
 
 SHARED = "To cancel your order, sign in to your account, open Orders, choose the order and click Cancel order."

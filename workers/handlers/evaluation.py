@@ -148,9 +148,8 @@ def _predict(row: dict[str, Any], examples: list[dict[str, Any]], spec: Evaluate
                              "batched greedy replies may differ from one-at-a-time ones")
         prompts, steers = _prompts(loaded.tokenizer, row, examples, neighbours, spec)
         todo = [i for i in range(len(examples)) if saved is None or i not in saved.results]
-        requests = [GenerationRequest(prompt=prompts[i], max_new_tokens=spec.max_new_tokens,
-                                      **dataclasses.asdict(steers[i]), temperature=spec.temperature, seed=spec.seed,
-                                      num_beams=spec.num_beams)
+        requests = [GenerationRequest(prompt=prompts[i], **dataclasses.asdict(steers[i]),
+                                      temperature=spec.temperature, seed=spec.seed, num_beams=spec.num_beams)
                     for i in todo]
         already = len(examples) - len(todo)
         if already:
@@ -208,8 +207,8 @@ def _predict_llamacpp(row: dict[str, Any], examples: list[dict[str, Any]], spec:
     tokenizer, arch = load_tokenizer(row["path"])
     decoder = ReplyDecoder.from_tokenizer(tokenizer, arch)
     prompts, steers = _prompts(tokenizer, row, examples, neighbours, spec)
-    requests = [GenerationRequest(prompt=p, max_new_tokens=spec.max_new_tokens, **dataclasses.asdict(steer),
-                                  temperature=spec.temperature, seed=spec.seed, num_beams=spec.num_beams)
+    requests = [GenerationRequest(prompt=p, **dataclasses.asdict(steer), temperature=spec.temperature,
+                                  seed=spec.seed, num_beams=spec.num_beams)
                 for p, steer in zip(prompts, steers, strict=True)]
     t0 = time.perf_counter()
     with LlamaCppEngine(max_batch_size=spec.batch_size) as engine:

@@ -301,8 +301,8 @@ def _prompt(tokenizer: Any, budget: int | None, spec: GenerateSpec, grounding: G
 
 def _steering(tokenizer: Any, spec: GenerateSpec, grounding: Grounding | None, context: MemoryContext | None
               ) -> Steering:
-    """The reply's loop guard, and a grounded reply's length floor and copy guides from the exemplars its
-    prompt shows (not when even the nearest of them answers a message unlike this one)."""
+    """The reply's limit and loop guard, and a grounded reply's length floor and copy guides from the
+    exemplars its prompt shows (not when even the nearest of them answers a message unlike this one)."""
     return steering(tokenizer, grounding, context.replies() if grounding and context else [], spec.max_new_tokens,
                     spec.no_repeat_ngram_size, context.nearest_similarity() if context else None)
 
@@ -336,11 +336,10 @@ def _generated(job_id: int, row: dict[str, Any], spec: GenerateSpec, ctx: JobCon
     loaded = _wait(engine.load_async(str(path), _loader(path)), ctx)  # on the engine thread: see BatchingEngine
     publish_invariance(row["name"], loaded.invariance)
     stream = _Stream(job_id)
-    prompt = _prompt(loaded.tokenizer, max_prompt_tokens(loaded, spec.max_new_tokens), spec, grounding, context)
-    request = GenerationRequest(prompt=prompt, max_new_tokens=spec.max_new_tokens,
-                                **asdict(_steering(loaded.tokenizer, spec, grounding, context)),
-                                temperature=spec.temperature, top_p=spec.top_p, seed=spec.seed,
-                                on_text=stream.on_text, should_stop=stream.stopped.is_set)
+    steer = _steering(loaded.tokenizer, spec, grounding, context)
+    prompt = _prompt(loaded.tokenizer, max_prompt_tokens(loaded, steer.max_new_tokens), spec, grounding, context)
+    request = GenerationRequest(prompt=prompt, **asdict(steer), temperature=spec.temperature, top_p=spec.top_p,
+                                seed=spec.seed, on_text=stream.on_text, should_stop=stream.stopped.is_set)
     ctx.progress(0.05, "generating")
     res = _finish_wait(engine.submit(str(path), _loader(path), request), ctx, stream, row)
     return {**_reply(row, res, grounding, context), "backend": backend,
@@ -386,11 +385,10 @@ def _generated_llamacpp(job_id: int, row: dict[str, Any], spec: GenerateSpec, ct
                        "torch") from None
     tokenizer, arch, decoder = _tokenizer(row["path"])
     stream = _Stream(job_id)
-    prompt = _prompt(tokenizer, prompt_budget(info.n_ctx_seq, spec.max_new_tokens), spec, grounding, context)
-    request = GenerationRequest(prompt=prompt, max_new_tokens=spec.max_new_tokens,
-                                **asdict(_steering(tokenizer, spec, grounding, context)),
-                                temperature=spec.temperature, top_p=spec.top_p, seed=spec.seed, on_text=stream.on_text,
-                                should_stop=stream.stopped.is_set)
+    steer = _steering(tokenizer, spec, grounding, context)
+    prompt = _prompt(tokenizer, prompt_budget(info.n_ctx_seq, steer.max_new_tokens), spec, grounding, context)
+    request = GenerationRequest(prompt=prompt, **asdict(steer), temperature=spec.temperature, top_p=spec.top_p,
+                                seed=spec.seed, on_text=stream.on_text, should_stop=stream.stopped.is_set)
     ctx.progress(0.05, "generating")
     ids = encode_prompt_with(tokenizer, arch, prompt)
     res = _finish_wait(engine.submit(str(gguf), ids, request, decoder), ctx, stream, row)
