@@ -194,6 +194,9 @@ def reply_notes(reply: dict[str, Any], streamed: str) -> list[Line]:
     elif content != streamed.strip():
         lines.append(Line("text", f"as stored, with the company profile filled in: {content}"))
     lines.append(Line("note", meta_line(reply)))
+    if reply.get("follows_approved") is False:
+        lines.append(Line("warn", "no approved answer is close to this message: the model's own words, not held "
+                                  "to an approved answer"))
     if reply.get("slot_warnings"):
         lines.append(Line("warn", "placeholders outside the contract: " + ", ".join(reply["slot_warnings"])))
     return lines

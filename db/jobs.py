@@ -176,6 +176,7 @@ def _settle_chat_turn(session: Session, job: Job) -> None:
         message.completion_tokens = result.get("completion_tokens")
         message.intent, message.intent_confidence = result.get("intent"), result.get("intent_confidence")
         message.similar, message.slot_warnings = result.get("similar"), result.get("slot_warnings")
+        message.follows_approved = result.get("follows_approved")
     else:
         message.status = "cancelled" if job.status == JobStatus.CANCELLED else "failed"
         message.content = result.get("text", "") if job.status == JobStatus.CANCELLED else ""

@@ -205,6 +205,9 @@ class ChatMessage(Base):
     similar: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON, nullable=True)
     slot_warnings: Mapped[list[str] | None] = mapped_column(JSON, nullable=True)
     memory_entry_id: Mapped[int | None] = mapped_column(Id, nullable=True)
+    # a grounded reply: held to its approved answers (True), or the model's own words because no approved
+    # answer's message is close to the customer's (False); None: not grounded
+    follows_approved: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
     chat: Mapped[ChatSession] = relationship(back_populates="messages")

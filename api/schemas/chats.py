@@ -64,6 +64,9 @@ class MessagePublic(Public):
     similar: list[dict[str, Any]] | None = None  # approved answers to the most similar messages
     slot_warnings: list[str] | None = None  # placeholders outside the contract (profile + exemplars)
     memory_entry_id: int | None = None  # the memory entry this reply's approval made
+    # a grounded reply: held to its approved answers (True), or the model's own words because no approved
+    # answer's message is close to the customer's (False); None: not grounded
+    follows_approved: bool | None = None
     created_at: datetime
 
 

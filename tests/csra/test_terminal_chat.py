@@ -77,6 +77,10 @@ def test_failed_cancelled_and_slot_warnings() -> None:
     assert reply_notes({"status": "cancelled"}, "Hel") == [Line("note", "reply cancelled")]
     warned = reply_notes({**DONE, "slot_warnings": ["{{Refund Amount}}"]}, DONE["raw_content"])
     assert warned[-1] == Line("warn", "placeholders outside the contract: {{Refund Amount}}")
+    own = reply_notes({**DONE, "follows_approved": False}, DONE["raw_content"])
+    assert own[-1].kind == "warn" and "no approved answer is close" in own[-1].text
+    for held in (True, None):  # held to an approved answer, or not grounded at all: nothing to say
+        assert reply_notes({**DONE, "follows_approved": held}, DONE["raw_content"])[-1].kind == "note"
 
 
 def test_unreachable_api_error_says_how_to_start_it() -> None:

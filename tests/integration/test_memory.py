@@ -217,6 +217,9 @@ def test_a_grounded_model_is_trained_served_and_evaluated_on_its_exemplars(api, 
         "q": "cancel order 3 please", "k": 8}).json()["data"]}
     assert len(used) == 2 and set(used) <= set(nearest)  # k=2 of the 8 nearest, chosen by their consensus
     assert text and any(text in nearest[i] for i in used), (text, used, nearest)
+    # the approved answer it follows (the first exemplar) is suggested whole: not cut at max_new_tokens 4
+    assert text == nearest[used[0]].strip() and done["result"]["finish_reason"] == "stop", (text, used, nearest)
+    assert done["result"]["completion_tokens"] > 4
     # the agent sees the 3 nearest answers and every one the reply stood on, those marked
     shown = done["result"]["similar"]
     assert {s["entry_id"] for s in shown if s["grounded"]} == set(used)
@@ -229,9 +232,17 @@ def test_a_grounded_model_is_trained_served_and_evaluated_on_its_exemplars(api, 
                                                             "max_new_tokens": 4, "copy_bias": 20}).json()["id"])
     assert unlike["status"] == "succeeded", unlike["error"]
     assert unlike["result"]["follows_approved"] is False and len(unlike["result"]["grounded_on"]) == 2
+    assert unlike["result"]["completion_tokens"] <= 4  # the model's own words keep the caller's limit
     far = {h["id"]: h["reply"] for h in api.get("/memory/search", params={"q": off, "k": 8}).json()["data"]}
     own = unlike["result"]["raw_text"]  # the random tiny model's own words (here it may say nothing at all)
     assert not any(own and far[i].startswith(own) for i in unlike["result"]["grounded_on"]), (own, far)
+    # a chat turn keeps which it was, so the agent is told when a suggestion is the model's own words
+    cid = api.post("/chats", json={"settings": {"model_id": "tiny-grounded", "max_new_tokens": 4}}).json()["id"]
+    for content in (off, "cancel order 3 please"):
+        sent = api.post(f"/chats/{cid}/messages", json={"content": content}).json()
+        assert wait_job(api, sent["job"]["id"])["status"] == "succeeded"
+    turns = api.get(f"/chats/{cid}").json()["messages"]
+    assert [m["follows_approved"] for m in turns] == [None, False, None, True]
     too_big = api.post("/jobs/generate", json={"model_id": "tiny-grounded", "message": "hi", "copy_bias": 21})
     assert too_big.status_code == 422 and "copy_bias" in json.dumps(too_big.json()["detail"])
     one = api.post("/jobs/generate", json={"model_id": "tiny-grounded", "message": "hi", "no_repeat_ngram_size": 1})

@@ -21,3 +21,13 @@ def test_the_reply_box_is_filled_once_per_reply_and_keeps_an_edit() -> None:
     nxt = {**message("done", "Refunds take 5 days."), "id": 4}
     asked_again = {"id": 1, "messages": [USER, done["messages"][1], {**USER, "id": 3}, nxt]}
     assert chat.suggested_text(asked_again, filled_for) == ("Refunds take 5 days.", 4)
+
+
+def test_the_agent_is_told_when_a_suggestion_is_the_model_s_own_words() -> None:
+    similar = [{"reply": "It ships today.", "intent": "track_order", "similarity": 0.31}]
+    own = {**message("done", "Sunny, 20 degrees."), "follows_approved": False, "similar": similar}
+    line = chat.chat_meta({"id": 1, "messages": [USER, own]})
+    assert "No approved answer is close to this message** (the nearest: 0.31)" in line
+    for held in (True, None):  # held to an approved answer, or not grounded at all
+        shown = chat.chat_meta({"id": 1, "messages": [USER, {**own, "follows_approved": held}]})
+        assert "No approved answer is close" not in shown

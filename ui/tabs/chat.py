@@ -96,10 +96,18 @@ def chat_meta(chat: dict[str, Any] | None) -> str:
         if m.get("memory_entry_id"):
             bits.append("in the answer memory")
     line = " · ".join(bits)
+    if m.get("follows_approved") is False:
+        line += f"\n\nℹ️ **No approved answer is close to this message**{_nearest(m)}: this suggestion is the " \
+                "model's own words, not held to an approved answer. Check it before sending."
     if m.get("slot_warnings"):
         line += f"\n\n⚠️ **Placeholders outside the contract** (not in the profile nor in the approved answers it " \
                 f"was shown): {', '.join('`' + s + '`' for s in m['slot_warnings'])}"
     return line
+
+
+def _nearest(m: dict[str, Any]) -> str:
+    similar = m.get("similar") or []
+    return f" (the nearest: {similar[0]['similarity']:.2f})" if similar else ""
 
 
 def memory_panel(chat: dict[str, Any] | None) -> tuple[Any, ...]:

@@ -363,9 +363,10 @@ def _reply(row: dict[str, Any], res: Any, grounding: Grounding | None, context: 
             "batch_size": res.batch_size, "grounded": grounding is not None and context is not None,
             # the memory entries whose answers the prompt carried, in its order
             "grounded_on": [h.entry.id for h in context.exemplars] if grounding and context else [],
-            # whether the copy bias and the length floor held it to them (not for a message unlike any approved)
-            "follows_approved": bool(grounding and context and context.exemplars
-                                     and follows_approved(grounding, context.nearest_similarity()))}
+            # whether the copy bias and the length floor held it to them (not for a message unlike any approved;
+            # None: the reply was not grounded)
+            "follows_approved": (follows_approved(grounding, context.nearest_similarity())
+                                 if grounding and context and context.exemplars else None)}
 
 
 def _generated_llamacpp(job_id: int, row: dict[str, Any], spec: GenerateSpec, ctx: JobContext,
