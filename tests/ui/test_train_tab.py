@@ -81,7 +81,8 @@ def form(**changes: Any) -> list[Any]:
     """The form's values in train_body's order."""
     values = {"dataset_id": 1, "base_model": "baseline", "method": "full", "epochs": 2, "lr": 5e-5,
               "batch_size": 8, "max_train": 0, "output_name": "", "lora_r": 8, "lora_alpha": 16, "max_input": 192,
-              "max_target": 192, "warmup": 0.0, "seed": 42, "keep_best": False, "log_every": 10, **changes}
+              "max_target": 192, "warmup": 0.0, "seed": 42, "keep_best": False, "log_every": 10, "grounded": False,
+              "k": 3, "exemplar_tokens": 48, **changes}
     return list(values.values())
 
 
@@ -204,3 +205,19 @@ def test_an_estimate_without_a_time_asks_too() -> None:
     assert train.needs_confirmation(unknown) and train.confirm_label(unknown) == "Start anyway (time unknown)"
     assert not train.needs_confirmation(None) and not train.needs_confirmation({"confirm": False})
     assert "<i>x</i>" in train.estimate_html(unknown)
+
+
+def test_a_grounded_run_asks_for_its_exemplars_and_the_api_makes_room_for_them() -> None:
+    from csra.specs import TrainSpec
+
+    default_input = TrainSpec.model_fields["max_input_length"].default
+    assert "grounding" not in train.train_body(*form(max_input=default_input))
+    body = train.train_body(*form(grounded=True, k=2, exemplar_tokens=64, max_input=default_input))
+    assert body["grounding"] == {"k": 2, "max_exemplar_tokens": 64}
+    assert "max_input_length" not in body  # left at its default: the API makes room for the exemplars
+    spec = TrainSpec.model_validate(body)
+    assert spec.grounding is not None and spec.max_input_length == spec.grounding.prompt_budget() > default_input
+    chosen = train.train_body(*form(grounded=True, max_input=1024))  # a length of the person's own is sent
+    assert TrainSpec.model_validate(chosen).max_input_length == 1024
+    with pytest.raises(gr.Error, match="Exemplars per prompt"):
+        train.train_body(*form(grounded=True, k=None))

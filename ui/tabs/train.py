@@ -19,7 +19,7 @@ import gradio as gr
 import pandas as pd
 
 from csra.client import ApiError
-from csra.specs import TrainSpec
+from csra.specs import Grounding, TrainSpec
 from ui.common import QUIET, api_errors, cancel_job, client, job_html, num, on, secs
 
 LOSS_COLORS = {"train loss": "#2563eb", "validation loss": "#f97316"}
@@ -29,9 +29,9 @@ WAITING = ("queued", "waiting")
 ESTIMATE_FIELDS = ("summary", "confirm", "estimated_seconds", "note")
 
 
-def _default(field: str) -> Any:
-    """The form's default for a ``TrainSpec`` field: the spec is the one source of the defaults."""
-    return TrainSpec.model_fields[field].default
+def _default(field: str, spec: type[TrainSpec] | type[Grounding] = TrainSpec) -> Any:
+    """The form's default for a ``TrainSpec`` (or ``Grounding``) field: the spec is the one source of the defaults."""
+    return spec.model_fields[field].default
 
 
 def loss_frame(events: list[dict[str, Any]]) -> pd.DataFrame | None:
@@ -179,8 +179,12 @@ def train_body(
     seed: float,
     keep_best: bool,
     log_every: float,
+    grounded: bool = False,
+    k: float = 3,
+    exemplar_tokens: float = 48,
 ) -> dict[str, Any]:
-    """The ``POST /jobs/train`` body of the form (``gr.Error`` for a missing field)."""
+    """The ``POST /jobs/train`` body of the form (``gr.Error`` for a missing field). A grounded run leaves
+    max input tokens at its default out, so the API makes room for the exemplars (``TrainSpec``)."""
     if dataset_id is None:
         raise gr.Error("Pick a dataset (import one in 'Import a dataset' above if the list is empty).")
     body: dict[str, Any] = {
@@ -201,6 +205,11 @@ def train_body(
         body.update(lora_r=int(num(lora_r, "LoRA r")), lora_alpha=int(num(lora_alpha, "LoRA alpha")))
     if max_train:
         body["max_train_samples"] = int(max_train)
+    if grounded:
+        body["grounding"] = {"k": int(num(k, "Exemplars per prompt")),
+                             "max_exemplar_tokens": int(num(exemplar_tokens, "Tokens per exemplar"))}
+        if body["max_input_length"] == _default("max_input_length"):
+            del body["max_input_length"]
     if (output_name or "").strip():
         body["output_name"] = output_name.strip()
     return body
@@ -329,6 +338,10 @@ def _form() -> tuple[list[Any], gr.Button, gr.Button, gr.Button, gr.HTML]:
         refresh = gr.Button("↻", size="sm", min_width=40, scale=0)
     base = gr.Dropdown([], value=None, label="Base model", elem_id="train-base")
     method = gr.Radio(["full", "lora"], value="full", label="Method")
+    grounded = gr.Checkbox(_default("grounding") is not None, elem_id="train-grounded",
+                           label="Grounded: the model is shown the team's approved answers to the most similar "
+                                 "messages, in training and in every reply (on Bitext a grounded fine-tune beats "
+                                 "the nearest approved answer; an ungrounded one does not)")
     with gr.Row():
         epochs = gr.Number(_default("epochs"), label="Epochs", minimum=1, elem_id="train-epochs")
         lr = gr.Number(_default("learning_rate"), label="Learning rate", minimum=0)
@@ -347,13 +360,18 @@ def _form() -> tuple[list[Any], gr.Button, gr.Button, gr.Button, gr.HTML]:
             seed = gr.Number(_default("seed"), label="Seed", precision=0)
             log_every = gr.Number(_default("logging_steps"), label="Log the loss every N steps", precision=0, minimum=1,
                                   elem_id="train-log-every")
+        with gr.Row():
+            k = gr.Number(_default("k", Grounding), label="Grounded: exemplars per prompt", precision=0, minimum=1,
+                          maximum=8, elem_id="train-k")
+            exemplar_tokens = gr.Number(_default("max_exemplar_tokens", Grounding), precision=0, minimum=16,
+                                        maximum=512, label="Grounded: tokens per exemplar")
         keep_best = gr.Checkbox(_default("keep_best_on_cancel"), label="On cancel, keep the best checkpoint so far")
     with gr.Row():
         start = gr.Button("Start training", variant="primary", elem_id="train-start")
         confirm = gr.Button("Start anyway", variant="stop", visible=False, elem_id="train-confirm")
     estimate = gr.HTML("", elem_id="train-estimate")
     params = [dataset, base, method, epochs, lr, batch, max_train, out_name, lora_r, lora_alpha, max_in, max_out,
-              warmup, seed, keep_best, log_every]
+              warmup, seed, keep_best, log_every, grounded, k, exemplar_tokens]
     return params, refresh, start, confirm, estimate
 
 
