@@ -5,7 +5,7 @@ from __future__ import annotations
 import gradio as gr
 
 from tests.ui.test_streaming import USER, message
-from ui.tabs import chat
+from ui.tabs import chat, compare
 
 
 def test_the_reply_box_is_filled_once_per_reply_and_keeps_an_edit() -> None:
@@ -31,3 +31,7 @@ def test_the_agent_is_told_when_a_suggestion_is_the_model_s_own_words() -> None:
     for held in (True, None):  # held to an approved answer, or not grounded at all
         shown = chat.chat_meta({"id": 1, "messages": [USER, {**own, "follows_approved": held}]})
         assert "No approved answer is close" not in shown
+    result = {"model": "grounded", "latency_ms": 900, "completion_tokens": 9, "finish_reason": "stop"}
+    assert "model's own words" in compare.done_meta(
+        {"status": "succeeded", "result": {**result, "follows_approved": False}})
+    assert "model's own words" not in compare.done_meta({"status": "succeeded", "result": result})

@@ -22,10 +22,11 @@ def done_meta(job: dict[str, Any]) -> str:
     """The line under a finished reply: model, latency, tokens, why it stopped (or what went wrong)."""
     res = job.get("result") or {}
     if job["status"] == "succeeded":
-        return (
-            f"`{res.get('model')}` · {float(res.get('latency_ms') or 0) / 1000:.2f} s · "
-            f"{res.get('completion_tokens')} tokens · finish: {res.get('finish_reason')}"
-        )
+        line = (f"`{res.get('model')}` · {float(res.get('latency_ms') or 0) / 1000:.2f} s · "
+                f"{res.get('completion_tokens')} tokens · finish: {res.get('finish_reason')}")
+        if res.get("follows_approved") is False:
+            line += " · ℹ️ no approved answer is close: the model's own words"
+        return line
     return f"⚠️ **{job['status']}:** {job.get('error') or ''}"
 
 
