@@ -32,20 +32,29 @@ class Guides:
 
     table: dict[tuple[int, ...], frozenset[int]]
     max_match: int = MAX_MATCH
+    endings: frozenset[tuple[int, ...]] = frozenset()  # each guide's last max_match tokens (a shorter one: all)
 
     @classmethod
     def build(cls, guides: Sequence[Sequence[int]], max_match: int = MAX_MATCH) -> Guides:
         table: dict[tuple[int, ...], set[int]] = {}
+        endings: set[tuple[int, ...]] = set()
         for guide in guides:
             ids = list(guide)
             if not ids:
                 continue
+            endings.add(tuple(ids[-max_match:]))
             table.setdefault((), set()).add(ids[0])  # the start of a reply: the guides' first tokens
             for j in range(1, len(ids) + 1):  # j: the position whose token follows the suffix
                 following = ids[j] if j < len(ids) else END
                 for n in range(1, min(max_match, j) + 1):
                     table.setdefault(tuple(ids[j - n:j]), set()).add(following)
-        return cls({k: frozenset(v) for k, v in table.items()}, max_match)
+        return cls({k: frozenset(v) for k, v in table.items()}, max_match, frozenset(endings))
+
+    def completes(self, generated: Sequence[int]) -> bool:
+        """Whether ``generated`` has just written a guide's ending: its last ``max_match`` tokens (all of a
+        shorter guide), so a single shared token ("!") is not mistaken for the end of an answer."""
+        return any(len(generated) >= len(e) and tuple(generated[len(generated) - len(e):]) == e
+                   for e in self.endings)
 
     def next_tokens(self, generated: Sequence[int]) -> frozenset[int]:
         """The guides' continuations of the longest suffix of ``generated`` that they contain (at the

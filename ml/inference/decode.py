@@ -182,8 +182,8 @@ def decode_seq2seq(loaded: LoadedModel, rows: list[Row], check_cancelled: Callab
 
 
 class _BeamSteering(LogitsProcessor):
-    """The row's copy bias and loop guard on every beam (``Row.copied`` and ``LoopGuard`` of that beam's
-    reply so far)."""
+    """The row's copy bias, loop guard and length floor on every beam (``Row.copied``, ``LoopGuard`` and
+    ``Row.ends_masked`` of that beam's reply so far)."""
 
     def __init__(self, row: Row, start: int) -> None:
         self.row, self.start = row, start
@@ -195,6 +195,7 @@ class _BeamSteering(LogitsProcessor):
             if boosted:
                 scores[beam, boosted] += self.row.request.copy_bias
             banned = LoopGuard.of(reply, self.row.loops.n, self.row.loops.allowed).banned(reply)
+            banned += self.row.ends_masked(reply)
             if banned:
                 scores[beam, banned] = float("-inf")
         return scores
@@ -209,7 +210,7 @@ def beam_search(loaded: LoadedModel, row: Row) -> None:
     start = len(row.prompt_ids) if loaded.arch == "causal" else 1  # where each beam's reply starts
     out = model.generate(
         input_ids=ids, attention_mask=torch.ones_like(ids), num_beams=req.num_beams, do_sample=False,
-        max_new_tokens=req.max_new_tokens, min_new_tokens=req.min_new_tokens or None, eos_token_id=stops,
+        max_new_tokens=req.max_new_tokens, eos_token_id=stops,  # min_new_tokens: in _BeamSteering, as Row.steer
         pad_token_id=pad_id(loaded), early_stopping=True,
         logits_processor=LogitsProcessorList([_BeamSteering(row, start)]),
     )

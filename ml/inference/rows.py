@@ -57,10 +57,13 @@ class Row:
             raise RuntimeError("generation ended without a result for this request")
         return self.result
 
-    def ends_masked(self) -> list[int]:
-        """The end-token ids this row may not pick yet (``min_new_tokens`` not reached); multi-token end
-        sequences are not masked."""
-        if len(self.generated) >= self.request.min_new_tokens:
+    def ends_masked(self, generated: Sequence[int]) -> list[int]:
+        """The end-token ids a reply ``generated`` so far may not pick yet (``min_new_tokens`` not reached);
+        multi-token end sequences are not masked. A reply that has just written the ending of an approved
+        answer it follows (a copy guide) may end there, floor or not: the floor keeps a reply from stopping
+        early in its own words, and pushing one on past the end of the answer it copies made it loop
+        (README, "An approved answer is never cut")."""
+        if len(generated) >= self.request.min_new_tokens or (self.copy is not None and self.copy.completes(generated)):
             return []
         return sorted(self.stops.every)
 
@@ -79,7 +82,7 @@ class Row:
         boosted = self.copied(self.generated)
         if boosted:
             logits[boosted] += self.request.copy_bias
-        masked = self.loops.banned(self.generated) + self.ends_masked()
+        masked = self.loops.banned(self.generated) + self.ends_masked(self.generated)
         if masked:
             logits[masked] = float("-inf")
 

@@ -24,3 +24,11 @@ def test_a_repeated_phrase_is_told_apart_by_what_came_before() -> None:
     assert guides.next_tokens([30, 11, 12]) == {21}
     assert guides.next_tokens([99, 11, 12]) == {20, 21}
     assert Guides.build([guide], max_match=1).next_tokens([10, 11, 12]) == {20, 21}
+
+
+def test_a_reply_completes_a_guide_only_with_its_whole_ending() -> None:
+    long_guide, short_guide = list(range(100, 112)), [7, 8]
+    guides = Guides.build([long_guide, short_guide], max_match=4)
+    assert guides.completes([1, 2, *long_guide[-4:]]) and guides.completes([5, 7, 8])
+    assert not guides.completes(long_guide[-3:])  # 3 of the last 4: a shared word, not the end of the answer
+    assert not guides.completes([*long_guide[-4:], 1]) and not guides.completes([8]) and not guides.completes([])

@@ -229,6 +229,8 @@ def test_min_new_tokens_masks_the_end_tokens_until_reached(tiny_causal: Path) ->
     assert end not in results[0].token_ids[:5] and results[0].token_ids[5] == end
     assert (results[1].finish_reason, results[1].completion_tokens) == ("stop", 1)
     assert generate_batch(loaded, [floor])[0].token_ids == results[0].token_ids  # alone as batched
+    beams = generate_batch(loaded, [GenerationRequest(p[0], 20, min_new_tokens=5, num_beams=2)])[0]
+    assert end not in beams.token_ids[:5] and beams.token_ids[5:] == [end]  # beam search keeps the floor too
     with pytest.raises(ValueError, match="min_new_tokens"):
         generate_batch(loaded, [GenerationRequest(p[0], 4, min_new_tokens=-1)])
 
@@ -252,6 +254,11 @@ def test_a_copy_bias_follows_the_guide_to_its_end(causal: LoadedModel) -> None:
     for first, second in ((guide, other), (other, guide)):  # copy_guides 1: the first guide only
         only = GenerationRequest(p[0], 40, guides=(first, second), copy_bias=1e3, copy_guides=1)
         assert generate_batch(causal, [only])[0].token_ids == [*first, end]
+    # a length floor past the guide's end does not push a reply on once it has written that end
+    floored = GenerationRequest(p[0], 40, min_new_tokens=len(guide) + 10, guides=(guide,), copy_bias=1e3)
+    assert generate_batch(causal, [floored])[0].token_ids == [*guide, end]
+    assert generate_batch(causal, [GenerationRequest(p[0], 40, min_new_tokens=len(guide) + 10, num_beams=2,
+                                                     guides=(guide,), copy_bias=1e3)])[0].token_ids == [*guide, end]
     with pytest.raises(ValueError, match="copy_bias"):
         generate_batch(causal, [GenerationRequest(p[0], 4, guides=(guide,), copy_bias=-1.0)])
     with pytest.raises(ValueError, match="copy_guides"):
