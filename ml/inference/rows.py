@@ -62,7 +62,7 @@ class Row:
         multi-token end sequences are not masked. A reply that has just written the ending of an approved
         answer it follows (a copy guide) may end there, floor or not: the floor keeps a reply from stopping
         early in its own words, and pushing one on past the end of the answer it copies made it loop
-        (README, "An approved answer is never cut")."""
+        (README, "Two unfinished replies, mended")."""
         if len(generated) >= self.request.min_new_tokens or (self.copy is not None and self.copy.completes(generated)):
             return []
         return sorted(self.stops.every)
