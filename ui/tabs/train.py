@@ -180,8 +180,8 @@ def train_body(
     keep_best: bool,
     log_every: float,
     grounded: bool = False,
-    k: float = 3,
-    exemplar_tokens: float = 48,
+    k: float = _default("k", Grounding),
+    exemplar_tokens: float = _default("max_exemplar_tokens", Grounding),
 ) -> dict[str, Any]:
     """The ``POST /jobs/train`` body of the form (``gr.Error`` for a missing field). A grounded run leaves
     max input tokens at its default out, so the API makes room for the exemplars (``TrainSpec``)."""
