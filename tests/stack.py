@@ -344,6 +344,7 @@ def stack_env(root: Path, redis_url: str, api_port: int, **extra: str) -> dict[s
         CSRA_TORCH_THREADS="1",  # a core stays free for the rest (the UI tests drive a browser beside training)
         CSRA_MAX_UPLOAD_MB="2",
         CSRA_GEN_STREAM_EVERY_MS="0",  # the tests read every decoded piece (tests/workers/test_stream.py: coalescing)
+        CSRA_GEN_STREAM_UPDATES_PER_SECOND="0",  # however many replies stream at once
         PYTHONUNBUFFERED="1",
     )
     env.update(extra)

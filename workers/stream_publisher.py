@@ -27,6 +27,7 @@ from csra.streams import publish_text
 logger = logging.getLogger(__name__)
 SEND_EVERY = 0.025  # seconds between two round trips at least
 SYNC_TIMEOUT = 5.0  # how long ``sync`` waits for Redis at most (a stuck Redis must not hold a job forever)
+STREAMING_WINDOW = 1.0  # a reply that got text within this many seconds, and has not ended, is streaming
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,21 @@ class StreamPublisher:
         self._lock = threading.Lock()
         self._urgent = threading.Event()  # someone waits in sync(): send without waiting for SEND_EVERY
         self._thread: threading.Thread | None = None
+        self._streaming: dict[int, float] = {}  # job id -> when its reply last got text
+
+    def streaming(self, job_id: int, now: float) -> int:
+        """How many replies stream now, ``job_id``'s included (it got text at ``now``)."""
+        with self._lock:
+            self._streaming[job_id] = now
+            if len(self._streaming) > 1:
+                # a reply whose job failed without ending its stream drops out after the window
+                self._streaming = {j: t for j, t in self._streaming.items() if now - t <= STREAMING_WINDOW}
+            return len(self._streaming)
+
+    def ended(self, job_id: int) -> None:
+        """``job_id``'s reply streams no more."""
+        with self._lock:
+            self._streaming.pop(job_id, None)
 
     def send(self, piece: Piece) -> None:
         """Queue ``piece`` (returns at once)."""

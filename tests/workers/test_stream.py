@@ -25,6 +25,9 @@ def redis_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]
     monkeypatch.setenv("CSRA_DATA_DIR", str(tmp_path / "data"))
     get_settings.cache_clear()
     get_redis.cache_clear()
+    from workers.stream_publisher import publisher
+
+    monkeypatch.setattr(publisher(), "_streaming", {})  # no reply of another test counts as streaming
     try:
         yield
     finally:
@@ -115,3 +118,37 @@ def test_a_finished_reply_does_not_wait_for_the_next_send(redis_env, monkeypatch
     stream.flush()  # the reply is done: its last pieces go now, not 30 s later
     assert time.monotonic() - started < 5
     assert "".join(_published(6)) == "ab"
+
+
+def test_replies_streaming_at_once_share_the_updates_per_second(redis_env, monkeypatch):
+    from workers.handlers.generation import _Stream
+
+    monkeypatch.setenv("CSRA_GEN_STREAM_UPDATES_PER_SECOND", "10")  # two replies at once: each every 0.2 s
+    a, b = _stream(0, monkeypatch, 7), _Stream(8)
+    a.on_text("a1 ")
+    b.on_text("b1 ")  # first pieces go out at once (time to first token)
+    a.on_text("a2 ")
+    b.on_text("b2 ")  # held: two replies stream, so each gets 5 updates a second
+    assert (_published(7), _published(8)) == (["a1 "], ["b1 "])
+    time.sleep(0.25)
+    a.on_text("a3 ")
+    assert _published(7) == ["a1 ", "a2 a3 "]
+    b.flush()  # b's reply is done: a streams alone, each piece at once (CSRA_GEN_STREAM_EVERY_MS 0)
+    a.on_text("a4 ")
+    assert _published(7) == ["a1 ", "a2 a3 ", "a4 "]
+    a.flush()
+    assert "".join(_published(8)) == b.text == "b1 b2 "
+
+
+def test_a_reply_that_stopped_getting_text_no_longer_counts(redis_env, monkeypatch):
+    from workers import stream_publisher
+    from workers.handlers.generation import _Stream
+
+    monkeypatch.setattr(stream_publisher, "STREAMING_WINDOW", 0.1)
+    monkeypatch.setenv("CSRA_GEN_STREAM_UPDATES_PER_SECOND", "10")
+    gone, a = _stream(0, monkeypatch, 9), _Stream(10)
+    gone.on_text("x")  # a reply whose job failed: it never flushes
+    a.on_text("a1 ")
+    time.sleep(0.15)  # past the window: a streams alone
+    a.on_text("a2 ")
+    assert _published(10) == ["a1 ", "a2 "]  # counted with the other, a2 would wait until 0.2 s after a1

@@ -177,7 +177,9 @@ class _Stream:
     reply is done. Why: each published piece wakes Redis, the API's SSE relay and the client, and on
     a 2-core machine those wake-ups take turns with the decode threads (a 64-token reply streamed
     piece by piece took about 25% longer than the same reply decoded in-process; bench/generate.py
-    --backends). 25 updates a second still reads as live typing.
+    --backends). 25 updates a second still reads as live typing. When many replies stream at once,
+    they share ``CSRA_GEN_STREAM_UPDATES_PER_SECOND``: each publishes at most every (replies streaming
+    now / that many) seconds, so 16 chats at once do not wake the relay 16 times as often as one.
 
     ``stop()`` (the job was cancelled, lost or ran out of time) makes the engine drop the request
     at its next decode step; from then on nothing more is kept or published, so no token ever
@@ -191,7 +193,9 @@ class _Stream:
         self._lock = threading.Lock()
         self._held = ""
         self._sent_at: float | None = None
-        self._every = get_settings().gen_stream_every_ms / 1000
+        settings = get_settings()
+        self._every = settings.gen_stream_every_ms / 1000
+        self._per_second = settings.gen_stream_updates_per_second
 
     def on_text(self, delta: str) -> None:
         with self._lock:
@@ -200,14 +204,22 @@ class _Stream:
             self.text += delta
             self._held += delta
             now = time.monotonic()
-            if self._sent_at is None or now - self._sent_at >= self._every:
+            interval = self._interval(now)  # counts this reply as streaming from its first piece
+            if self._sent_at is None or now - self._sent_at >= interval:
                 self._publish(now)
+
+    def _interval(self, now: float) -> float:
+        """The least time between two of this reply's pieces: the setting's, or this reply's share of
+        the worker's updates per second when many replies stream at once."""
+        streaming = publisher().streaming(self.job_id, now) if self._per_second else 1
+        return self._every if streaming == 1 else max(self._every, streaming / self._per_second)
 
     def flush(self) -> None:
         """Publish what is held and wait until it is sent (the reply is complete; before the job's end marker)."""
         with self._lock:
             if not self.stopped.is_set():
                 self._publish(time.monotonic())
+        publisher().ended(self.job_id)
         publisher().sync()
 
     def _publish(self, now: float) -> None:
@@ -222,6 +234,7 @@ class _Stream:
         follow the end marker the runner writes next."""
         with self._lock:
             self.stopped.set()
+        publisher().ended(self.job_id)
         publisher().sync()
 
 
