@@ -18,7 +18,13 @@ Tone = Literal["neutral", "friendly", "strict_professional"]
 # OpenAI-compatible request all use these.
 Temperature = Annotated[float, Field(ge=0, le=2, description="0 = greedy")]
 TopP = Annotated[float, Field(gt=0, le=1)]
-MaxNewTokens = Annotated[int, Field(ge=1, le=2048)]
+# A reply the copy bias holds to an approved answer may run this many tokens past that answer's own length,
+# above the caller's max_new_tokens if need be (the model's tokens of a copy can differ a little from the
+# answer's own): an approved answer is suggested whole, never cut one token short (ml.memory.grounding.steering).
+ANSWER_ROOM = 8
+MaxNewTokens = Annotated[int, Field(ge=1, le=2048, description="the most tokens a reply may have; a grounded reply "
+                                    "held to approved answers longer than that may run to the longest of them "
+                                    f"plus {ANSWER_ROOM} tokens, so an approved answer is never cut")]
 CopyBias = Annotated[float, Field(ge=0, le=20, description="added to the logits of the tokens that continue the "
                                   "reply along the whole exemplars (the first copy_exemplars of them; 0: off; "
                                   "ml.inference.copying)")]

@@ -17,7 +17,7 @@ from gradio.utils import get_upload_folder
 
 from csra.client import ApiError, Client
 from csra.settings import get_settings
-from csra.specs import REPLY_TOKENS
+from csra.specs import ANSWER_ROOM, REPLY_TOKENS
 
 TONES = [("Neutral", "neutral"), ("Friendly", "friendly"), ("Strict professional", "strict_professional")]
 QUIET: dict[str, Any] = {"show_progress": "hidden"}
@@ -245,7 +245,8 @@ def generation_controls(prefix: str, render: bool = True) -> tuple[Any, ...]:
     )
     top_p = gr.Slider(0.05, 1, value=1.0, step=0.05, label="Top-p", elem_id=f"{prefix}-top-p", render=render)
     max_tokens = gr.Slider(
-        8, 1024, value=REPLY_TOKENS, step=8, label="Max new tokens", elem_id=f"{prefix}-max-tokens", render=render
+        8, 1024, value=REPLY_TOKENS, step=8, label="Max new tokens", elem_id=f"{prefix}-max-tokens", render=render,
+        info=f"a grounded model following an approved answer may go past it, to that answer's end (+{ANSWER_ROOM})",
     )
     ask = gr.Checkbox(
         value=True,

@@ -48,7 +48,8 @@ class SweepCreate(BaseModel):
     evaluate: bool = Field(True, description="evaluate every resulting model and the baseline at the end")
     eval_max_samples: int = Field(300, ge=1)
     eval_max_new_tokens: MaxNewTokens = Field(
-        REPLY_TOKENS, description="longest generated reply in that evaluation (its `max_new_tokens`)"
+        REPLY_TOKENS, description="longest generated reply in that evaluation (its `max_new_tokens`); a grounded "
+        "reply held to a longer approved answer may run to that answer's end"
     )
     dry_run: bool = Field(False, description=DRY_RUN)
 

@@ -15,7 +15,7 @@ from typing import Any
 import sacrebleu
 
 from csra.profile import SLOT_RE, STANDARD_SLOTS, Profile
-from csra.specs import REPLY_TOKENS, Grounding, loop_guard
+from csra.specs import ANSWER_ROOM, REPLY_TOKENS, Grounding, loop_guard
 from ml.memory.memory import Hit
 
 
@@ -106,11 +106,6 @@ def answers_needed(grounding: Grounding | None) -> int:
     """How many nearest approved answers ``grounding_exemplars`` chooses from (0: ungrounded)."""
     return max(grounding.k, grounding.consensus_pool) if grounding else 0
 
-
-# A reply the copy bias holds to an approved answer may run this many tokens past that answer's own length,
-# above the caller's max_new_tokens if need be (the model's tokens of a copy can differ a little from the
-# answer's own): an approved answer is suggested whole, never cut one token short.
-ANSWER_ROOM = 8
 
 
 @dataclass(frozen=True)

@@ -8,9 +8,8 @@ import numpy as np
 import pytest
 
 from csra.profile import Profile
-from csra.specs import Grounding
+from csra.specs import ANSWER_ROOM, Grounding
 from ml.memory.grounding import (
-    ANSWER_ROOM,
     Steering,
     allowed_slots,
     answers_needed,
