@@ -21,7 +21,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Protocol
+from typing import Annotated, Any, Protocol, get_args
 
 import typer
 from rich.console import Console
@@ -40,12 +40,13 @@ from csra.chat_commands import (
     parse_line,
 )
 from csra.client import ApiError, Client
-from csra.specs import REPLY_TOKENS, Tone
+from csra.specs import REPLY_TOKENS, Backend, Tone
 
 PROMPT = "you> "
 CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")  # all but tab and newline
 # the chat settings a new chat copies (the fields of the API's ChatSettings)
-SETTING_KEYS = ("model_id", "tone", "temperature", "top_p", "max_new_tokens", "ask_details_only_if_relevant", "seed")
+SETTING_KEYS = ("model_id", "tone", "temperature", "top_p", "max_new_tokens", "ask_details_only_if_relevant", "seed",
+                "backend", "copy_bias")
 START_HINT = "Start it with `make run` or `csra up` (CSRA_API_URL says where the CLI looks for it)."
 
 
@@ -101,7 +102,7 @@ class TerminalChat:
         """The banner line: chat id, model and settings the next reply uses."""
         st = {**self.chat.get("settings", {}), **self.overrides}
         shown = {"model_id": "model {}", "tone": "tone {}", "temperature": "temperature {}", "top_p": "top-p {}",
-                 "max_new_tokens": "max {} new tokens"}
+                 "max_new_tokens": "max {} new tokens", "backend": "backend {}", "copy_bias": "copy bias {}"}
         bits = [f"chat #{self.chat_id}", *(fmt.format(st[k]) for k, fmt in shown.items() if st.get(k) is not None)]
         if st.get("ask_details_only_if_relevant") is not None:
             bits.append("privacy on" if st["ask_details_only_if_relevant"] else "privacy off")
@@ -387,10 +388,12 @@ class TerminalIO:
 
 
 def _settings(model: str | None, tone: str | None, temperature: float | None, top_p: float | None,
-              privacy: bool | None, max_new_tokens: int | None) -> dict[str, Any]:
+              privacy: bool | None, max_new_tokens: int | None, backend: str | None = None,
+              copy_bias: float | None = None) -> dict[str, Any]:
     """The chat settings the options give (unset ones are left to the chat or the API's defaults)."""
     given = {"model_id": model, "tone": tone, "temperature": temperature, "top_p": top_p,
-             "ask_details_only_if_relevant": privacy, "max_new_tokens": max_new_tokens}
+             "ask_details_only_if_relevant": privacy, "max_new_tokens": max_new_tokens, "backend": backend,
+             "copy_bias": copy_bias}
     return {k: v for k, v in given.items() if v is not None}
 
 
@@ -408,6 +411,10 @@ def chat(
     privacy: Annotated[bool | None, typer.Option(
         "--privacy/--no-privacy", help="ask for order/account details only if needed (default) / never")] = None,
     max_new_tokens: Annotated[int | None, typer.Option(help=f"longest reply (default {REPLY_TOKENS} tokens)")] = None,
+    backend: Annotated[str | None, typer.Option(
+        help=f"{', '.join(get_args(Backend))} (default auto: llama.cpp where the model has a GGUF export)")] = None,
+    copy_bias: Annotated[float | None, typer.Option(
+        help="grounded models: how closely replies follow approved answers, 0-20 (default: the model's own)")] = None,
     title: Annotated[str | None, typer.Option(help="chat title (default: the first message)")] = None,
     chat_id: Annotated[int | None, typer.Option("--chat", help="continue this chat (the options override it)")] = None,
     message: Annotated[str | None, typer.Option(
@@ -415,7 +422,7 @@ def chat(
 ) -> None:
     """Chat with the assistant in the terminal, replies streamed; a normal chat the UI lists too."""
     err = Console(stderr=True, highlight=False)
-    settings = _settings(model, tone, temperature, top_p, privacy, max_new_tokens)
+    settings = _settings(model, tone, temperature, top_p, privacy, max_new_tokens, backend, copy_bias)
     try:
         with Client() as client:
             session = TerminalChat(client, settings, title or "New chat", chat_id)

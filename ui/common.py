@@ -8,7 +8,7 @@ import html
 import inspect
 import threading
 from collections.abc import Callable, Iterator
-from typing import Any, TypeVar, cast
+from typing import Any, TypeVar, cast, get_args
 
 import gradio as gr
 from gradio.context import LocalContext
@@ -17,7 +17,7 @@ from gradio.utils import get_upload_folder
 
 from csra.client import ApiError, Client
 from csra.settings import get_settings
-from csra.specs import ANSWER_ROOM, REPLY_TOKENS
+from csra.specs import ANSWER_ROOM, REPLY_TOKENS, Backend, Grounding
 
 TONES = [("Neutral", "neutral"), ("Friendly", "friendly"), ("Strict professional", "strict_professional")]
 QUIET: dict[str, Any] = {"show_progress": "hidden"}
@@ -220,10 +220,16 @@ def dataset_choices() -> list[tuple[str, int]]:
 
 
 # ---------------------------------------------------------------------------- generation settings
+BACKENDS = list(get_args(Backend))
+GENERATION_KEYS = ("tone", "temperature", "top_p", "max_new_tokens", "ask_details_only_if_relevant", "backend",
+                   "copy_bias")  # generation_controls' order, after the model
+
+
 def gen_settings(
-    model: str | None, tone: str, temperature: float, top_p: float, max_new_tokens: float, ask_details: bool
+    model: str | None, tone: str, temperature: float, top_p: float, max_new_tokens: float, ask_details: bool,
+    backend: str | None = None, copy_bias: str | float | None = None,
 ) -> dict[str, Any]:
-    """The generation fields of a chat message or a generate job."""
+    """The generation fields of a chat message or a generate job (an empty copy bias: the model's own)."""
     if not model:
         raise gr.Error("Pick a model first (the list comes from GET /models; is the store empty?).")
     return {
@@ -233,11 +239,14 @@ def gen_settings(
         "top_p": float(top_p),
         "max_new_tokens": int(max_new_tokens),
         "ask_details_only_if_relevant": bool(ask_details),
+        "backend": backend or "auto",
+        "copy_bias": copy_bias_value(copy_bias),
     }
 
 
 def generation_controls(prefix: str, render: bool = True) -> tuple[Any, ...]:
-    """Tone, temperature, top-p, max new tokens and the privacy toggle (element ids ``{prefix}-...``)."""
+    """Tone, temperature, top-p, max new tokens, the privacy toggle, the backend and the copy bias (element
+    ids ``{prefix}-...``), in ``GENERATION_KEYS``' order."""
     tone = gr.Dropdown(TONES, value="neutral", label="Tone", elem_id=f"{prefix}-tone", render=render)
     temperature = gr.Slider(
         0, 2, value=0.0, step=0.05, label="Temperature", info="0 = greedy",
@@ -255,4 +264,35 @@ def generation_controls(prefix: str, render: bool = True) -> tuple[Any, ...]:
         elem_id=f"{prefix}-ask-details",
         render=render,
     )
-    return tone, temperature, top_p, max_tokens, ask
+    backend = gr.Dropdown(
+        BACKENDS, value="auto", label="Backend", elem_id=f"{prefix}-backend", render=render,
+        info="auto: llama.cpp where the model has a GGUF export, else torch (exact); llamacpp:<format>: that export",
+    )
+    copy_bias = gr.Dropdown(
+        COPY_BIASES, value=MODEL_SETTING, allow_custom_value=True, label="Follow approved answers (copy bias)",
+        info="grounded models only; or type a number from 0 to 20", elem_id=f"{prefix}-copy-bias", render=render,
+    )
+    return tone, temperature, top_p, max_tokens, ask, backend, copy_bias
+
+
+# A Dropdown, not a Number: an emptied Number box sends 0, which would switch the copy bias off unasked.
+MODEL_SETTING = "model"
+COPY_BIASES = [(f"the model's setting (default {Grounding().copy_bias:g})", MODEL_SETTING),
+               ("0: its own words", "0"), ("2.5: loosely", "2.5"), ("10: closely", "10"),
+               ("20: word for word", "20")]
+
+
+def copy_bias_value(choice: str | float | None) -> float | None:
+    """The copy bias a request carries for the dropdown's choice (None: the model's own)."""
+    if choice is None or str(choice).strip() in ("", MODEL_SETTING):
+        return None
+    try:
+        return float(choice)
+    except ValueError:
+        raise gr.Error(f"Follow approved answers: {choice!r} is not a number; pick a choice or type one "
+                       "from 0 to 20.") from None
+
+
+def copy_bias_choice(value: float | None) -> str:
+    """The dropdown's choice for a stored copy bias."""
+    return MODEL_SETTING if value is None else f"{value:g}"

@@ -35,13 +35,15 @@ def newlines(text: str) -> str:
 
 def test_one_shot_prints_the_reply_and_stores_a_normal_chat(stack: Stack, api: httpx.Client) -> None:
     title = f"cli one-shot {uuid.uuid4().hex[:8]}"
-    proc = csra_chat(stack, "--message", "Where is my order?", "--title", title, "--tone", "friendly", *SAMPLED)
+    proc = csra_chat(stack, "--message", "Where is my order?", "--title", title, "--tone", "friendly", *SAMPLED,
+                     "--backend", "torch", "--copy-bias", "2.5")
     assert proc.returncode == 0, proc.stderr
     [chat] = chats_titled(api, title)
     user, reply = chat["messages"]
     assert (user["role"], user["content"]) == ("user", "Where is my order?")
     assert reply["role"] == "assistant" and reply["status"] == "done"
     assert reply["settings"]["tone"] == "friendly" and reply["settings"]["max_new_tokens"] == 8
+    assert (reply["settings"]["backend"], reply["settings"]["copy_bias"]) == ("torch", 2.5)
     assert proc.stdout == newlines(reply["content"] + "\n")
 
 
@@ -75,6 +77,10 @@ def test_api_errors_are_one_line_and_a_failed_exit(stack: Stack, api: httpx.Clie
     unknown = csra_chat(stack, "--message", "hi", "--model", "no-such-model")
     assert unknown.returncode == 1 and unknown.stdout == ""
     assert unknown.stderr == "error: unknown model 'no-such-model': GET /models lists the models\n"
+    for bad in (["--backend", "gpu"], ["--copy-bias", "30"]):
+        refused = csra_chat(stack, "--message", "hi", *bad)
+        assert refused.returncode == 1 and refused.stdout == "" and refused.stderr.count("\n") == 1
+        assert refused.stderr.startswith("error: ") and bad[0][2:].replace("-", "_") in refused.stderr, refused.stderr
     missing = csra_chat(stack, "--message", "hi", "--chat", "999999")
     assert (missing.returncode, missing.stderr) == (1, "error: chat 999999 not found\n")
     if api.get("/memory").json()["entries"] == 0:  # retrieval answers from the memory; without one it fails

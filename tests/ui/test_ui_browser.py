@@ -113,6 +113,11 @@ def test_chat_reply_appears_and_exports_as_jsonl(page, ui_url, stack, tmp_path):
     # sampling, so the tiny random model says something; few tokens, so it says it quickly
     _set_slider(page, "chat-temperature", "1")
     _set_slider(page, "chat-max-tokens", "16")
+    # the backend the agent picks is the one asked for (the tiny model has no GGUF export: torch)
+    page.get_by_text("Backend and approved answers").click()
+    page.locator("#chat-backend input").click()
+    page.get_by_role("option", name="torch", exact=True).click()
+    expect(page.locator("#chat-backend input")).to_have_value("torch")
 
     page.locator("#chat-input textarea").fill(MESSAGE)
     page.locator("#chat-send").click()
@@ -131,6 +136,7 @@ def test_chat_reply_appears_and_exports_as_jsonl(page, ui_url, stack, tmp_path):
     assert reply["status"] == "done", reply
     assert reply["model_name"] == "baseline" and reply["completion_tokens"] >= 1
     assert reply["settings"]["temperature"] == 1 and reply["settings"]["max_new_tokens"] == 16
+    assert reply["settings"]["backend"] == "torch" and reply["settings"]["copy_bias"] is None  # empty: the model's
 
     # the reply streamed into the chat is the stored one: the same letters and digits (Markdown
     # rendering may drop marks and spacing), nothing left of a status line or the typing cursor

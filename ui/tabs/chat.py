@@ -16,10 +16,12 @@ import gradio as gr
 
 from csra.client import ApiError
 from ui.common import (
+    GENERATION_KEYS,
     QUIET,
     api_errors,
     bind,
     client,
+    copy_bias_choice,
     download_js,
     dropdown,
     gen_settings,
@@ -172,11 +174,13 @@ def refresh_chat_list(chat: dict[str, Any] | None) -> Any:
 def open_chat(chat_id: int | None) -> tuple[Any, ...]:
     """The chat, and the settings of its last reply in the controls (its pending replies follow)."""
     if chat_id is None:
-        return (*view(None), *(gr.skip(),) * 6)
+        return (*view(None), *(gr.skip(),) * (1 + len(GENERATION_KEYS)))
     chat = client().chat(int(chat_id))
     st = {**(chat.get("settings") or {}), **((last_reply(chat) or {}).get("settings") or {})}
-    keys = ("model_id", "tone", "temperature", "top_p", "max_new_tokens", "ask_details_only_if_relevant")
-    return (*view(chat), *(st[k] if st.get(k) is not None else gr.skip() for k in keys))
+    shown = [st[k] if st.get(k) is not None else gr.skip() for k in ("model_id", *GENERATION_KEYS)]
+    if "copy_bias" in st:
+        shown[-1] = copy_bias_choice(st["copy_bias"])
+    return (*view(chat), *shown)
 
 
 def new_chat() -> tuple[Any, ...]:
@@ -202,11 +206,13 @@ def send_message(
     top_p: float,
     max_new_tokens: float,
     ask_details: bool,
+    backend: str | None,
+    copy_bias: str | None,
 ) -> tuple[Any, ...]:
     """Store the user turn (a first message creates the chat); the reply is followed next."""
     if not (message or "").strip():
         raise gr.Error("Type a message first.")
-    settings = gen_settings(model, tone, temperature, top_p, max_new_tokens, ask_details)
+    settings = gen_settings(model, tone, temperature, top_p, max_new_tokens, ask_details, backend, copy_bias)
     c = client()
     chat_id = chat["id"] if chat else c.create_chat("New chat", settings)["id"]
     c.post_message(chat_id, {"content": message, **settings})
@@ -332,7 +338,14 @@ def _sidebar() -> tuple[Any, ...]:
         delete = gr.Button("Delete chat", size="sm", variant="stop", elem_id="chat-delete")
         refresh = gr.Button("↻", size="sm", min_width=40, elem_id="chat-list-refresh")
     model = gr.Dropdown([], value=None, label="Model", elem_id="chat-model")
-    return chat_list, new, delete, refresh, model, list(generation_controls("chat"))
+    controls = generation_controls("chat", render=False)
+    *basic, backend, copy_bias = controls
+    for c in basic:
+        c.render()
+    with gr.Accordion("Backend and approved answers", open=False):
+        backend.render()
+        copy_bias.render()
+    return chat_list, new, delete, refresh, model, list(controls)
 
 
 def _conversation() -> tuple[Any, ...]:

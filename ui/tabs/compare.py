@@ -40,6 +40,8 @@ def compare_start(
     top_p: float,
     max_new_tokens: float,
     ask_details: bool,
+    backend: str | None,
+    copy_bias: str | None,
     seed: float | None,
 ) -> tuple[Any, ...]:
     """Submit one generation job per side: job ids, then (reply, meta) for each side."""
@@ -49,7 +51,8 @@ def compare_start(
         raise gr.Error("Pick a model on each side.")
     ids = []
     for model in (model_a, model_b):
-        body = {**gen_settings(model, tone, temperature, top_p, max_new_tokens, ask_details), "message": message}
+        body = {**gen_settings(model, tone, temperature, top_p, max_new_tokens, ask_details, backend, copy_bias),
+                "message": message}
         if seed is not None and int(seed) >= 0:
             body["seed"] = int(seed)
         ids.append(client().generate(body)["id"])
@@ -104,10 +107,10 @@ def _side(side: str, label: str) -> tuple[Any, ...]:
 
 
 def _settings() -> list[Any]:
-    """Tone, temperature, top-p, max new tokens, privacy toggle and seed, laid out in two rows."""
+    """Tone, temperature, top-p, max new tokens, privacy toggle, backend, copy bias and seed, in three rows."""
     with gr.Accordion("Generation settings (both sides)", open=True):
         with gr.Row():
-            tone, temp, top_p, max_tokens, ask = generation_controls("cmp", render=False)
+            tone, temp, top_p, max_tokens, ask, backend, copy_bias = generation_controls("cmp", render=False)
             tone.render()
             temp.render()
             top_p.render()
@@ -117,7 +120,10 @@ def _settings() -> list[Any]:
                 -1, label="Seed", info="-1: random; the same seed on both sides compares like with like", precision=0
             )
             ask.render()
-    return [tone, temp, top_p, max_tokens, ask, seed]
+        with gr.Row():
+            backend.render()
+            copy_bias.render()
+    return [tone, temp, top_p, max_tokens, ask, backend, copy_bias, seed]
 
 
 def build(demo: gr.Blocks) -> CompareTab:
@@ -130,12 +136,12 @@ def build(demo: gr.Blocks) -> CompareTab:
                 model_a, text_a, meta_a = _side("a", "Model A (e.g. the baseline)")
             with gr.Column():
                 model_b, text_b, meta_b = _side("b", "Model B (e.g. a fine-tuned model)")
-        tone, temp, top_p, max_tokens, ask, seed = _settings()
+        settings = _settings()
         with gr.Row():
             run = gr.Button("Compare", variant="primary", elem_id="cmp-run")
             stop = gr.Button("Stop", elem_id="cmp-stop")
 
-    inputs = [msg, model_a, model_b, tone, temp, top_p, max_tokens, ask, seed]
+    inputs = [msg, model_a, model_b, *settings]
     started = run.click(
         compare_start, inputs, [jobs, text_a, meta_a, text_b, meta_b], **on([text_a, text_b])
     )
