@@ -223,6 +223,11 @@ def dataset_choices() -> list[tuple[str, int]]:
 BACKENDS = list(get_args(Backend))
 GENERATION_KEYS = ("tone", "temperature", "top_p", "max_new_tokens", "ask_details_only_if_relevant", "backend",
                    "copy_bias")  # generation_controls' order, after the model
+# A Dropdown, not a Number: an emptied Number box sends 0, which would switch the copy bias off unasked.
+MODEL_SETTING = "model"
+COPY_BIASES = [(f"the model's setting (default {Grounding().copy_bias:g})", MODEL_SETTING),
+               ("0: its own words", "0"), ("2.5: loosely", "2.5"), ("10: closely", "10"),
+               ("20: word for word", "20")]
 
 
 def gen_settings(
@@ -273,13 +278,6 @@ def generation_controls(prefix: str, render: bool = True) -> tuple[Any, ...]:
         info="grounded models only; or type a number from 0 to 20", elem_id=f"{prefix}-copy-bias", render=render,
     )
     return tone, temperature, top_p, max_tokens, ask, backend, copy_bias
-
-
-# A Dropdown, not a Number: an emptied Number box sends 0, which would switch the copy bias off unasked.
-MODEL_SETTING = "model"
-COPY_BIASES = [(f"the model's setting (default {Grounding().copy_bias:g})", MODEL_SETTING),
-               ("0: its own words", "0"), ("2.5: loosely", "2.5"), ("10: closely", "10"),
-               ("20: word for word", "20")]
 
 
 def copy_bias_value(choice: str | float | None) -> float | None:
