@@ -272,6 +272,25 @@ class Client:
     def models(self) -> list[dict[str, Any]]:
         return self.get("/models")["data"]
 
+    # ------------------------------------------------------------------ the answer memory
+    def memory(self) -> dict[str, Any]:
+        """How many approved answers, by source, from which datasets."""
+        return self.get("/memory")
+
+    def memory_search(self, query: str, k: int = 5) -> dict[str, Any]:
+        return self.get("/memory/search", q=query, k=k)
+
+    def memory_entries(self, source: str | None = None, limit: int = 50, offset: int = 0) -> dict[str, Any]:
+        """A page of the live entries: {data, count}."""
+        return self.get("/memory/entries", source=source, limit=limit, offset=offset)
+
+    def remove_memory_entry(self, entry_id: int) -> None:
+        self.delete(f"/memory/entries/{int(entry_id)}")
+
+    def rebuild_memory(self, dataset_id: int) -> dict[str, Any]:
+        """The job that (re)builds the memory's answers of a dataset's train split."""
+        return self.post("/memory/rebuild", {"dataset_id": int(dataset_id)})
+
     # ------------------------------------------------------------------ evaluations
     def evaluation(self, evaluation_id: int) -> dict[str, Any]:
         return self.get(f"/evaluations/{int(evaluation_id)}")

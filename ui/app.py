@@ -1,6 +1,6 @@
 """The csra web UI (Gradio). It talks to the csra API over HTTP only (``csra.client``).
 
-Tabs: Chat, Compare, Train, Evaluate, Jobs, Profile, one module each under ``ui/tabs``; this
+Tabs: Chat, Compare, Train, Evaluate, Memory, Jobs, Profile, one module each under ``ui/tabs``; this
 module composes them and wires what they share (the header, the model and dataset lists, the
 jobs list's timer). Nothing contacts the API at import time: choices are filled by
 ``demo.load``, replies are streamed and training/evaluation progress is polled with ``gr.Timer``.
@@ -16,7 +16,7 @@ import gradio as gr
 from csra.client import ApiError
 from csra.settings import get_settings
 from ui.common import QUIET, client, dataset_choices, default_model, keep, model_choices, on, sign_in
-from ui.tabs import chat, compare, evaluate, jobs, profile, train
+from ui.tabs import chat, compare, evaluate, jobs, memory, profile, train
 
 TITLE = "csra — Customer Support Response Assistant"
 DOWNLOADS_MAX_AGE_S = 3600  # exports, plots and reports written for the browser; Gradio deletes them
@@ -76,16 +76,15 @@ def refresh_models(chat_model: Any, a: Any, b: Any, base: Any, eval_models: Any)
     )
 
 
-def refresh_datasets(train_ds: Any, eval_ds: Any) -> tuple[Any, ...]:
+def refresh_datasets(*selected: Any) -> tuple[Any, ...]:
+    """Every dataset dropdown (Train, Evaluate, Memory) from GET /datasets, keeping what each has selected."""
     try:
         choices = dataset_choices()
     except ApiError as e:
         if e.status != 403:  # an agent's key: datasets are for admins, and an agent's tabs need none
             gr.Warning(f"Could not list datasets: {e.detail}")
-        return gr.skip(), gr.skip()
-    return gr.Dropdown(choices=choices, value=keep(train_ds, choices)), gr.Dropdown(
-        choices=choices, value=keep(eval_ds, choices)
-    )
+        return tuple(gr.skip() for _ in selected)
+    return tuple(gr.Dropdown(choices=choices, value=keep(s, choices)) for s in selected)
 
 
 def timer_off() -> gr.Timer:
@@ -111,11 +110,12 @@ def build() -> gr.Blocks:
             compare_tab = compare.build(demo)
             train_tab = train.build(demo)
             eval_tab = evaluate.build(demo)
+            memory_tab = memory.build(demo)
             jobs_tab = jobs.build(demo)
             profile_tab = profile.build(demo)
 
         models = [chat_tab.model, compare_tab.model_a, compare_tab.model_b, train_tab.base, eval_tab.models]
-        datasets = [train_tab.dataset, eval_tab.dataset]
+        datasets = [train_tab.dataset, eval_tab.dataset, memory_tab.dataset]
         demo.load(load_header, None, header, **QUIET)
         demo.load(refresh_models, models, models, **QUIET)
         demo.load(refresh_datasets, datasets, datasets, **QUIET)
@@ -124,11 +124,11 @@ def build() -> gr.Blocks:
         # list and the Train tab's job list refresh themselves only while their tab is open
         for tab in (chat_tab.tab, compare_tab.tab, train_tab.tab, eval_tab.tab):
             tab.select(refresh_models, models, models, **QUIET)
-        for tab in (train_tab.tab, eval_tab.tab):
+        for tab in (train_tab.tab, eval_tab.tab, memory_tab.tab):
             tab.select(refresh_datasets, datasets, datasets, **QUIET)
-        for tab in (chat_tab.tab, compare_tab.tab, train_tab.tab, eval_tab.tab, profile_tab):
+        for tab in (chat_tab.tab, compare_tab.tab, train_tab.tab, eval_tab.tab, memory_tab.tab, profile_tab):
             tab.select(timer_off, None, jobs_tab.timer, **QUIET)
-        for tab in (chat_tab.tab, compare_tab.tab, eval_tab.tab, jobs_tab.tab, profile_tab):
+        for tab in (chat_tab.tab, compare_tab.tab, eval_tab.tab, memory_tab.tab, jobs_tab.tab, profile_tab):
             tab.select(timer_off, None, train_tab.timer, **QUIET)
         jobs_tab.to_train.click(
             open_in_train, jobs_tab.job_id, [tabs, train_tab.timer, jobs_tab.timer, *train_tab.view], **QUIET

@@ -207,3 +207,43 @@ def test_an_approved_edit_is_among_the_similar_answers_next_time(page, ui_url, s
     # one click on it puts it in the reply box
     page.locator("#chat-similar label").filter(has_text=corrected[:40]).first.click()
     expect(box).to_have_value(corrected)
+
+
+def test_the_memory_tab_finds_and_removes_a_wrong_approval(page, ui_url, stack):
+    """A wrong answer was approved in a chat: the Memory tab finds it by its customer message, and one
+    click on it and Remove take it out of the memory for every search."""
+    from tests.integration.helpers import wait_job
+    from tests.integration.test_memory import ensure_memory
+
+    expect = sync_api.expect
+    question = "the courier left my parcel in the rain and everything inside is soaked"
+    wrong = "Parcels are waterproof, so nothing inside can be wet: please look again."
+    with httpx.Client(base_url=stack.url, timeout=30) as api:
+        ensure_memory(api)
+        cid = api.post("/chats", json={"settings": {"model_id": "retrieval"}}).json()["id"]
+        sent = api.post(f"/chats/{cid}/messages", json={"content": question}).json()
+        assert wait_job(api, sent["job"]["id"])["status"] == "succeeded"
+        reply = api.get(f"/chats/{cid}").json()["messages"][1]
+        approved = api.post(f"/chats/{cid}/messages/{reply['id']}/feedback",
+                            json={"rating": "up", "corrected_reply": wrong})
+        entry_id = approved.json()["memory_entry_id"]
+        entries = api.get("/memory").json()["entries"]
+
+    page.goto(ui_url)
+    expect(page.locator("#api-status")).to_contain_text("ok", timeout=30_000)
+    page.get_by_role("tab", name="Memory").click()
+    expect(page.locator("#mem-stats")).to_contain_text(f"{entries:,} approved answers")
+    page.locator("#mem-query textarea").fill(question)
+    page.locator("#mem-search").click()
+    expect(page.locator("#mem-found")).to_contain_text("Intent:")
+    hits = page.locator("#mem-hits")
+    expect(hits).to_contain_text(wrong[:40])
+    hits.get_by_role("gridcell").filter(has_text=question[:40]).first.click()  # its row: the id is picked
+    expect(page.locator("#mem-entry textarea")).to_have_value(str(entry_id))
+    page.locator("#mem-remove").click()
+    expect(page.locator("#mem-stats")).to_contain_text(f"{entries - 1:,} approved answers")
+
+    with httpx.Client(base_url=stack.url, timeout=30) as api:
+        found = api.get("/memory/search", params={"q": question, "k": 5}).json()["data"]
+        assert entry_id not in [h["id"] for h in found]
+        assert api.delete(f"/memory/entries/{entry_id}").status_code == 404  # it is gone, not hidden
