@@ -26,6 +26,7 @@ class FakeMemory:
     def __init__(self, n: int) -> None:
         self.entries = [entry(i, "chat" if i % 10 == 0 else "dataset") for i in range(1, n + 1)]
         self.rebuilt: list[int] = []
+        self.agent = False
 
     def __call__(self, request: httpx.Request) -> httpx.Response:
         path, q = request.url.path, request.url.params
@@ -38,6 +39,8 @@ class FakeMemory:
             hits = [{**e, "similarity": 1 - i / 10} for i, e in enumerate(self.entries[: int(q["k"])])]
             return httpx.Response(200, json={"query": q["q"], "intent": "cancel_order", "intent_confidence": 0.87,
                                              "data": hits})
+        if path == "/memory/entries" and self.agent:
+            return httpx.Response(403, json={"detail": "admin only: this key's role is agent"})
         if path == "/memory/entries":
             chosen = [e for e in self.entries if q.get("source") in (None, e["source"])]
             start = int(q["offset"])
@@ -109,3 +112,9 @@ def test_a_rebuild_starts_a_job_and_a_bad_dataset_is_the_api_s_detail(api: FakeM
         memory.rebuild(99)
     with pytest.raises(gr.Error, match="Pick the dataset"):
         memory.rebuild(None)
+
+
+def test_an_agent_s_key_lists_nothing_and_is_told_why_without_an_error(api: FakeMemory) -> None:
+    api.agent = True
+    table, info, page = memory.browse("all", 1)
+    assert table.empty and page == 1 and "take an admin's key" in info
