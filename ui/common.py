@@ -273,11 +273,15 @@ def generation_controls(prefix: str, render: bool = True) -> tuple[Any, ...]:
         BACKENDS, value="auto", label="Backend", elem_id=f"{prefix}-backend", render=render,
         info="auto: llama.cpp where the model has a GGUF export, else torch (exact); llamacpp:<format>: that export",
     )
-    copy_bias = gr.Dropdown(
+    return tone, temperature, top_p, max_tokens, ask, backend, copy_bias_dropdown(f"{prefix}-copy-bias", render)
+
+
+def copy_bias_dropdown(elem_id: str, render: bool = True) -> gr.Dropdown:
+    """How closely a grounded model follows approved answers: the model's own setting, a preset or a typed number."""
+    return gr.Dropdown(
         COPY_BIASES, value=MODEL_SETTING, allow_custom_value=True, label="Follow approved answers (copy bias)",
-        info="grounded models only; or type a number from 0 to 20", elem_id=f"{prefix}-copy-bias", render=render,
+        info="grounded models only; or type a number from 0 to 20", elem_id=elem_id, render=render,
     )
-    return tone, temperature, top_p, max_tokens, ask, backend, copy_bias
 
 
 def copy_bias_value(choice: str | float | None) -> float | None:

@@ -1,16 +1,29 @@
-"""The Evaluate tab: run an evaluation on a dataset's test split, follow it, show the leaderboard,
-the plots and the HTML report. Progress is polled with a ``gr.Timer``."""
+"""The Evaluate tab: run an evaluation on a dataset's test (or validation) split, follow it, show the
+leaderboard, the plots and the HTML report. Progress is polled with a ``gr.Timer``."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, get_args
 
 import gradio as gr
 import pandas as pd
 
 from csra.client import ApiError
-from ui.common import QUIET, api_errors, cancel_job, client, job_html, keep, num, on, save_download
+from csra.specs import EvaluateSpec
+from ui.common import (
+    QUIET,
+    api_errors,
+    cancel_job,
+    client,
+    copy_bias_dropdown,
+    copy_bias_value,
+    job_html,
+    keep,
+    num,
+    on,
+    save_download,
+)
 
 EVAL_PLOTS = ("metrics.png", "per_intent.png", "lengths.png", "loss_curves.png")
 LEADERBOARD_METRICS = {  # overall metric -> column title
@@ -28,6 +41,8 @@ LEADERBOARD_METRICS = {  # overall metric -> column title
     "slots_outside_contract": "foreign slots",
 }
 CONFIG_KEYS = ("method", "epochs", "learning_rate", "batch_size", "max_train_samples", "grounding")
+SPLITS = [("test (to report)", "test"), ("validation (to choose settings)", "validation")]
+EVAL_BACKENDS = list(get_args(EvaluateSpec.model_fields["backend"].annotation))
 
 
 def leaderboard_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
@@ -59,20 +74,27 @@ def eval_start(
     max_new_tokens: float,
     num_beams: float,
     seed: float,
+    split: str = "test",
+    backend: str = "torch",
+    copy_bias: str | None = None,
 ) -> tuple[Any, ...]:
     if not models:
         raise gr.Error("Pick at least one model to evaluate.")
     if dataset_id is None:
-        raise gr.Error("Pick a dataset (its test split is used).")
+        raise gr.Error("Pick a dataset (its test or validation split is used).")
     body: dict[str, Any] = {
         "model_ids": list(models),
         "dataset_id": int(dataset_id),
-        "split": "test",
+        "split": split or "test",
         "max_new_tokens": int(num(max_new_tokens, "Max new tokens")),
         "num_beams": int(num_beams or 1),
         "seed": int(seed or 0),
         "max_samples": int(max_samples) if max_samples else None,
+        "backend": backend or "torch",
     }
+    bias = copy_bias_value(copy_bias)
+    if bias is not None:  # unset: each grounded model's own
+        body["copy_bias"] = bias
     job = client().evaluate(body)
     gr.Info(f"Evaluation job #{job['id']} queued.")
     return job["id"], job_html(job), gr.Timer(active=True)
@@ -140,7 +162,7 @@ def _form() -> tuple[list[Any], gr.Button, gr.Button, gr.Dropdown, gr.Button]:
     """The job's parameters (in eval_start's order), run, cancel, evaluation pick and show."""
     with gr.Row():
         models = gr.Dropdown([], value=[], multiselect=True, label="Models", scale=3, elem_id="eval-models")
-        dataset = gr.Dropdown([], value=None, label="Dataset (its test split)", scale=2, elem_id="eval-dataset")
+        dataset = gr.Dropdown([], value=None, label="Dataset", scale=2, elem_id="eval-dataset")
     with gr.Row():
         max_samples = gr.Number(
             300, label="Max samples (0: the whole test split)", precision=0, minimum=0, elem_id="eval-max"
@@ -149,11 +171,16 @@ def _form() -> tuple[list[Any], gr.Button, gr.Button, gr.Dropdown, gr.Button]:
         beams = gr.Number(1, label="Beams", precision=0, minimum=1, maximum=8)
         seed = gr.Number(42, label="Seed", precision=0)
     with gr.Row():
+        split = gr.Dropdown(SPLITS, value="test", label="Split", elem_id="eval-split")
+        backend = gr.Dropdown(EVAL_BACKENDS, value="torch", label="Backend", elem_id="eval-backend",
+                              info="torch: exact; llamacpp:<format>: what serving each model's GGUF export costs")
+        copy_bias = copy_bias_dropdown("eval-copy-bias")
+    with gr.Row():
         run = gr.Button("Run evaluation", variant="primary", elem_id="eval-run")
         cancel = gr.Button("Cancel", variant="stop")
         pick = gr.Dropdown([], value=None, label="Evaluation", scale=2, elem_id="eval-pick")
         show = gr.Button("Show leaderboard", elem_id="eval-show")
-    return [models, dataset, max_samples, tokens, beams, seed], run, cancel, pick, show
+    return [models, dataset, max_samples, tokens, beams, seed, split, backend, copy_bias], run, cancel, pick, show
 
 
 def _results() -> list[Any]:
