@@ -1,6 +1,6 @@
 """The ``csra`` command: run the stack (``up``, ``api``, ``worker``, ``ui``, ``migrate``), manage API
 keys (``keys``, in ``csra.keys_cli``) and talk to a running API (``datasets``, ``train``, ``sweep``,
-``eval``, ``jobs``, ``job``, ``models``, ``chat``)."""
+``eval``, ``jobs``, ``job``, ``models``, ``chat``, ``memory`` in ``csra.memory_cli``)."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from rich.table import Table
 
 from csra.client import ApiError, Client
 from csra.keys_cli import keys_app
+from csra.memory_cli import memory_app
 from csra.settings import get_settings
 from csra.specs import REPLY_TOKENS
 
@@ -27,6 +28,7 @@ models_app = typer.Typer(help="The model store", invoke_without_command=True)
 app.add_typer(datasets_app, name="datasets")
 app.add_typer(models_app, name="models")
 app.add_typer(keys_app, name="keys")
+app.add_typer(memory_app, name="memory")
 console = Console(stderr=True)
 out = Console()
 

@@ -56,3 +56,16 @@ def train_scripted(api: httpx.Client, name: str, reply: str) -> str:
                                         "learning_rate": 1e-2, "precision": "fp32", "output_name": name})
     assert wait_job(api, job.json()["id"], timeout=240)["status"] == "succeeded"
     return name
+
+
+def approve_in_chat(api: httpx.Client, question: str, answer: str) -> int:
+    """Ask ``question`` in a new chat (retrieval answers it), approve ``answer`` as its reply: the memory
+    entry's id (the answer memory must hold something for retrieval to answer)."""
+    cid = api.post("/chats", json={"settings": {"model_id": "retrieval"}}).json()["id"]
+    sent = api.post(f"/chats/{cid}/messages", json={"content": question}).json()
+    assert wait_job(api, sent["job"]["id"])["status"] == "succeeded"
+    reply = api.get(f"/chats/{cid}").json()["messages"][1]
+    approved = api.post(f"/chats/{cid}/messages/{reply['id']}/feedback",
+                        json={"rating": "up", "corrected_reply": answer})
+    assert approved.status_code == 200, approved.text
+    return int(approved.json()["memory_entry_id"])

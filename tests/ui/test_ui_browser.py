@@ -212,7 +212,7 @@ def test_an_approved_edit_is_among_the_similar_answers_next_time(page, ui_url, s
 def test_the_memory_tab_finds_and_removes_a_wrong_approval(page, ui_url, stack):
     """A wrong answer was approved in a chat: the Memory tab finds it by its customer message, and one
     click on it and Remove take it out of the memory for every search."""
-    from tests.integration.helpers import wait_job
+    from tests.integration.helpers import approve_in_chat
     from tests.integration.test_memory import ensure_memory
 
     expect = sync_api.expect
@@ -220,13 +220,7 @@ def test_the_memory_tab_finds_and_removes_a_wrong_approval(page, ui_url, stack):
     wrong = "Parcels are waterproof, so nothing inside can be wet: please look again."
     with httpx.Client(base_url=stack.url, timeout=30) as api:
         ensure_memory(api)
-        cid = api.post("/chats", json={"settings": {"model_id": "retrieval"}}).json()["id"]
-        sent = api.post(f"/chats/{cid}/messages", json={"content": question}).json()
-        assert wait_job(api, sent["job"]["id"])["status"] == "succeeded"
-        reply = api.get(f"/chats/{cid}").json()["messages"][1]
-        approved = api.post(f"/chats/{cid}/messages/{reply['id']}/feedback",
-                            json={"rating": "up", "corrected_reply": wrong})
-        entry_id = approved.json()["memory_entry_id"]
+        entry_id = approve_in_chat(api, question, wrong)
         entries = api.get("/memory").json()["entries"]
 
     page.goto(ui_url)
