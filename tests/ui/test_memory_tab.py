@@ -10,6 +10,7 @@ from typing import Any
 
 import gradio as gr
 import httpx
+import pandas as pd
 import pytest
 
 from csra.client import Client
@@ -94,8 +95,11 @@ def test_entries_come_a_page_at_a_time_and_a_page_past_the_end_is_the_last(api: 
 
 
 def test_removing_an_entry_updates_the_summary_and_the_page(api: FakeMemory) -> None:
-    stats, table, info, page, picked = memory.remove("45", "all", 3)
+    hits, _ = memory.search("question 45", 5)
+    stats, table, info, page, picked, left = memory.remove("45", "all", 3, pd.concat([hits, memory.hits_frame(
+        [{**api.entries[-1], "similarity": 1.0}])]))
     assert 45 not in list(table["id"]) and info == "entries 41-44 of 44 · page 3 of 3" and picked == ""
+    assert list(left["id"]) == [1, 2, 3, 4, 5]  # the search's answers without the removed one
     assert stats.startswith("**44 approved answers**")
     with pytest.raises(gr.Error, match="already removed"):  # the API's 404 detail, as it is
         memory.remove("#45", "all", 3)

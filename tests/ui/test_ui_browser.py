@@ -236,6 +236,7 @@ def test_the_memory_tab_finds_and_removes_a_wrong_approval(page, ui_url, stack):
     expect(page.locator("#mem-entry textarea")).to_have_value(str(entry_id))
     page.locator("#mem-remove").click()
     expect(page.locator("#mem-stats")).to_contain_text(f"{entries - 1:,} approved answers")
+    expect(hits).not_to_contain_text(wrong[:40])  # the search's answers no longer show it
 
     with httpx.Client(base_url=stack.url, timeout=30) as api:
         found = api.get("/memory/search", params={"q": question, "k": 5}).json()["data"]

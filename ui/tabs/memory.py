@@ -106,8 +106,10 @@ def pick_entry(evt: gr.SelectData, table: pd.DataFrame) -> Any:
 
 
 @api_errors
-def remove(entry_id: str | None, source: str, page: float | None) -> tuple[Any, ...]:
-    """Remove an entry (a wrong approval, an outdated answer); the page and the count follow."""
+def remove(entry_id: str | None, source: str, page: float | None, hits: pd.DataFrame | None = None
+           ) -> tuple[Any, ...]:
+    """Remove an entry (a wrong approval, an outdated answer); the count, the page and the search's
+    answers follow."""
     text = str(entry_id or "").strip().lstrip("#")
     if not text:
         raise gr.Error("Click the entry to remove in a table, or type its id.")
@@ -116,7 +118,8 @@ def remove(entry_id: str | None, source: str, page: float | None) -> tuple[Any, 
     client().remove_memory_entry(int(text))
     gr.Info(f"Entry #{text} removed: no chat or model finds it any more. An answer from a dataset comes "
             "back if that dataset's memory is rebuilt.")
-    return (load_stats(), *browse(source, page), "")
+    left = hits[hits["id"].astype(str) != text] if hits is not None and "id" in hits else hits
+    return (load_stats(), *browse(source, page), "", left)
 
 
 @api_errors
@@ -179,6 +182,6 @@ def build(demo: gr.Blocks) -> MemoryTab:
     source.input(browse, [source, gr.State(1)], listing, **on(table))
     for shown in (table, hits):  # a wrong answer found by a search can be removed too
         shown.select(pick_entry, shown, entry, **QUIET)
-    drop.click(remove, [entry, source, page], [stats, *listing, entry], **on(table))
+    drop.click(remove, [entry, source, page, hits], [stats, *listing, entry, hits], **on(table))
     again.click(rebuild, dataset, rebuilt, **on(rebuilt))
     return MemoryTab(tab, dataset)
