@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import logging
 import os
-import secrets
 import threading
 import time
 from collections import Counter, OrderedDict, deque
@@ -99,11 +98,6 @@ class _Seq:
     reserved: int  # KV cells kept for it: prompt + the most tokens it may generate
     sampler: Any = None  # a llama.cpp sampler chain (temperature > 0), None for greedy
     pos: int = 0  # the position of the next token fed to llama.cpp
-
-
-def _seed(seed: int | None) -> int:
-    """A uint32 seed for llama.cpp's ``dist`` sampler (0xFFFFFFFF would mean "random")."""
-    return secrets.randbelow(0xFFFFFFFF) if seed is None else int(seed) % 0xFFFFFFFF
 
 
 def _validate(prompt_ids: Sequence[int], request: GenerationRequest) -> None:
@@ -447,14 +441,7 @@ class LlamaCppEngine:
                   prompt_ids=p.prompt_ids, stops=p.decoder.stops, stream=TextStream(p.decoder.tokenizer, req.on_text),
                   generator=torch.Generator(),  # unused: llama.cpp samples (see the module docstring)
                   started=p.submitted)
-        sampler = None
-        if req.temperature > 0:
-            lib = model.lib
-            sampler = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
-            lib.llama_sampler_chain_add(sampler, lib.llama_sampler_init_temp(float(req.temperature)))
-            if req.top_p < 1:
-                lib.llama_sampler_chain_add(sampler, lib.llama_sampler_init_top_p(float(req.top_p), 1))
-            lib.llama_sampler_chain_add(sampler, lib.llama_sampler_init_dist(_seed(req.seed)))
+        sampler = model.sampler(req.temperature, req.top_p, req.seed) if req.temperature > 0 else None
         return _Seq(pending=p, row=row, seq_id=model.free_seqs.pop(), reserved=need, sampler=sampler)
 
     def _free(self, seq: _Seq, keep: bool = False) -> None:
@@ -465,7 +452,7 @@ class LlamaCppEngine:
                 model.keep_prefix(seq.seq_id, fed(seq))
             model.remove(seq.seq_id)
             if seq.sampler is not None:
-                model.lib.llama_sampler_free(seq.sampler)
+                model.free_sampler(seq.sampler)
         seq.sampler = None
 
     def _finish(self, seq: _Seq) -> None:
@@ -518,7 +505,7 @@ class LlamaCppEngine:
             row.peak_batch = max(row.peak_batch, size)
             row.steer(model.logits(index))  # a view of llama.cpp's buffer, which its sampler reads
             if seq.sampler is not None:
-                token = int(model.lib.llama_sampler_sample(seq.sampler, model.ctx, index))
+                token = model.sample(seq.sampler, index)
             else:
                 token = int(np.argmax(model.logits(index)))
             row.add(token)

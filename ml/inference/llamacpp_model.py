@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import secrets
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -191,6 +192,24 @@ class _Model:
             raise RuntimeError(f"llama_decode failed with code {rc} ({_DECODE_ERRORS.get(rc, 'fatal error')}) "
                                f"for a batch of {len(tokens)} tokens of {self.path}")
 
+    def sampler(self, temperature: float, top_p: float, seed: int | None) -> Any:
+        """A sampler chain of one sequence: temperature, then top-p on the tempered distribution (csra's
+        order), then ``dist`` seeded with ``seed`` (its own RNG: a seeded reply whatever else is batched)."""
+        lib = self.lib
+        chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
+        lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_temp(float(temperature)))
+        if top_p < 1:
+            lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_top_p(float(top_p), 1))
+        lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_dist(_seed(seed)))
+        return chain
+
+    def sample(self, sampler: Any, index: int) -> int:
+        """``sampler``'s token from the logits of the ``index``-th token of the last batch."""
+        return int(self.lib.llama_sampler_sample(sampler, self.ctx, index))
+
+    def free_sampler(self, sampler: Any) -> None:
+        self.lib.llama_sampler_free(sampler)
+
     def remove(self, seq: int) -> None:
         """Drop every KV cell of ``seq`` and give its slot back."""
         self.lib.llama_memory_seq_rm(self.memory, seq, -1, -1)
@@ -224,6 +243,11 @@ class _Model:
 
 
 _DECODE_ERRORS = {1: "no KV cache slot for the batch", 2: "aborted", -1: "invalid input batch"}
+
+
+def _seed(seed: int | None) -> int:
+    """A uint32 seed for llama.cpp's ``dist`` sampler (0xFFFFFFFF would mean "random")."""
+    return secrets.randbelow(0xFFFFFFFF) if seed is None else int(seed) % 0xFFFFFFFF
 
 
 def _reason() -> str:
