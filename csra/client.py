@@ -301,6 +301,11 @@ class Client:
     def leaderboard(self, dataset_id: int) -> list[dict[str, Any]]:
         return self.get("/leaderboard", dataset_id=int(dataset_id))["data"]
 
+    def evaluation_examples(self, evaluation_id: int, **filters: Any) -> dict[str, Any]:
+        """A page of its stored predictions with their scores (``model``, ``pattern``, ``intent``, ``sort``,
+        ``limit``, ``offset``): {data, count}."""
+        return self.get(f"/evaluations/{int(evaluation_id)}/examples", **filters)
+
     def evaluation_file(self, evaluation_id: int, name: str) -> bytes:
         """A file of the evaluation (``metrics.png``, ``report.html``...)."""
         return self.download(f"/evaluations/{int(evaluation_id)}/{name}")[1]

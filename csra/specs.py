@@ -47,6 +47,9 @@ NoRepeatNgram = Annotated[int, Field(ge=0, le=64, description="the loop guard: a
 # The default reply length (chat, /v1, evaluation) and training's reply cut: 384 tokens hold 99.6% of
 # Bitext's replies (256 cut 6.8% of them, 192 cut 18%: check_refund_policy's replies average 334).
 REPLY_TOKENS = 384
+# the error patterns an evaluation flags per example (ml.metrics.score_examples), whose examples can be listed
+ERROR_PATTERNS = ("too_verbose", "asks_needless_details", "repetitive", "off_tone", "unfinished",
+                  "placeholders_invented", "placeholders_broken")
 
 DEFAULT_INSTRUCTION = (
     "You are a customer support agent. Reply to the customer's message helpfully, politely "

@@ -13,14 +13,13 @@ from api.schemas.estimates import EvaluateEstimate
 from api.services import estimates, jobs
 from api.services.access import Caller
 from csra.settings import get_settings
-from csra.specs import RETRIEVAL, EvaluateSpec
+from csra.specs import ERROR_PATTERNS, RETRIEVAL, EvaluateSpec
 from db.jobs import JobKind
 from db.models import Dataset, DatasetExample, DatasetStatus, Evaluation, EvaluationExample, Job, Model
 from models_store.naming import preferred_gguf
 from models_store.registry import find_model
 
-PATTERNS = ("too_verbose", "asks_needless_details", "repetitive", "off_tone", "unfinished",
-            "placeholders_invented", "placeholders_broken")
+PATTERNS = ERROR_PATTERNS
 
 
 def validate_evaluation(db: Session, spec: EvaluateSpec) -> list[str]:

@@ -1,6 +1,6 @@
-"""The Evaluate tab's "Run evaluation" without a browser: the body it posts is the API's own
-(validated by the real ``EvaluateSpec``), with the split, the backend and the copy bias the form chose.
-HTTP is stubbed with an ``httpx.MockTransport`` that answers ``POST /jobs/evaluate`` as the API does."""
+"""The Evaluate tab without a browser: the body "Run evaluation" posts is the API's own (validated by the
+real ``EvaluateSpec``), with the split, the backend and the copy bias the form chose; and the examples'
+filters and table. HTTP is stubbed with an ``httpx.MockTransport`` that answers as the API does."""
 
 from __future__ import annotations
 
@@ -51,3 +51,67 @@ def test_every_backend_offered_is_one_the_api_takes(posted: list[dict[str, Any]]
         assert EvaluateSpec.model_validate(posted[-1]).backend == backend
     with pytest.raises(gr.Error, match="Pick at least one model"):
         evaluate.eval_start([], 2, 10, 64, 1, 0, "test", "torch", None)
+
+
+EXAMPLES = [
+    {"id": 1, "model": "ft-3", "example_id": 11, "intent": "cancel_order", "category": "ORDER",
+     "prompt": "cancel order 5", "reference": "I can help you cancel order {{Order Number}}.",
+     "prediction": "Sure, sure, sure, sure.", "scores": {"rouge_l": 0.0812, "repetitive": True, "too_verbose": False},
+     "latency_ms": 10.0},
+    {"id": 2, "model": "ft-3", "example_id": 12, "intent": "track_refund", "category": "REFUND",
+     "prompt": "where is my refund", "reference": "Refunds reach you within 5 days.",
+     "prediction": "Refunds reach you within 5 days.", "scores": {"rouge_l": 1.0}, "latency_ms": 9.0},
+]
+
+
+@pytest.fixture()
+def examples_api(monkeypatch: pytest.MonkeyPatch) -> list[httpx.URL]:
+    asked: list[httpx.URL] = []
+
+    def api(request: httpx.Request) -> httpx.Response:
+        asked.append(request.url)
+        if request.url.path == "/evaluations/4":
+            return httpx.Response(200, json={"id": 4, "metrics": {
+                "ft-3": {"overall": {}, "per_intent": {"track_refund": {}, "cancel_order": {}}},
+                "retrieval": {"overall": {}, "per_intent": {"cancel_order": {}}}}})
+        if request.url.path == "/evaluations/4/examples":
+            if request.url.params.get("pattern") == "bogus":
+                return httpx.Response(422, json={"detail": "unknown pattern 'bogus'; choose from too_verbose, ..."})
+            return httpx.Response(200, json={"count": 120, "data": EXAMPLES})
+        return httpx.Response(404, json={"detail": "Not Found"})
+
+    c = Client(base_url="http://api.test", api_key="", transport=httpx.MockTransport(api))
+    monkeypatch.setattr(evaluate, "client", lambda: c)
+    return asked
+
+
+def test_an_evaluation_s_models_and_intents_fill_the_filters(examples_api: list[httpx.URL]) -> None:
+    models, intents = evaluate.example_filters(4)
+    assert models.choices == [("ft-3", "ft-3"), ("retrieval", "retrieval")] and models.value == "ft-3"
+    assert intents.choices == [("any", ""), ("cancel_order", "cancel_order"), ("track_refund", "track_refund")]
+
+
+def test_examples_are_asked_with_their_filters_and_shown_with_their_flags(examples_api: list[httpx.URL]) -> None:
+    table, line = evaluate.show_examples(4, "ft-3", "repetitive", "cancel_order", "worst")
+    params = examples_api[-1].params
+    assert (params["model"], params["pattern"], params["intent"], params["sort"]) == (
+        "ft-3", "repetitive", "cancel_order", "worst")
+    assert line == "ft-3: 120 example(s) (repetitive · cancel_order); the first 2 shown"
+    assert list(table["flags"]) == ["repetitive", ""] and list(table["ROUGE-L"]) == [0.081, 1.0]
+    assert table.iloc[0]["customer message"] == "cancel order 5"
+    evaluate.show_examples(4, "ft-3", "", "", "worst")
+    assert "pattern" not in examples_api[-1].params and "intent" not in examples_api[-1].params  # "any"
+
+
+def test_examples_need_an_evaluation_and_a_model_and_a_bad_filter_is_the_api_s_detail(
+        examples_api: list[httpx.URL]) -> None:
+    with pytest.raises(gr.Error, match="Pick an evaluation"):
+        evaluate.show_examples(None, None, "", "", "worst")
+    with pytest.raises(gr.Error, match="unknown pattern 'bogus'"):
+        evaluate.show_examples(4, "ft-3", "bogus", "", "worst")
+
+
+def test_every_pattern_offered_is_one_the_api_lists() -> None:
+    from api.services.evaluations import PATTERNS
+
+    assert [v for _, v in evaluate.PATTERN_CHOICES if v] == list(PATTERNS)

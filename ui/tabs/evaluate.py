@@ -10,7 +10,7 @@ import gradio as gr
 import pandas as pd
 
 from csra.client import ApiError
-from csra.specs import EvaluateSpec
+from csra.specs import ERROR_PATTERNS, EvaluateSpec
 from ui.common import (
     QUIET,
     api_errors,
@@ -42,6 +42,11 @@ LEADERBOARD_METRICS = {  # overall metric -> column title
 }
 CONFIG_KEYS = ("method", "epochs", "learning_rate", "batch_size", "max_train_samples", "grounding")
 SPLITS = [("test (to report)", "test"), ("validation (to choose settings)", "validation")]
+PATTERN_CHOICES = [("any", "")] + [(p.replace("_", " "), p) for p in ERROR_PATTERNS]
+EXAMPLE_SORTS = [("worst first (ROUGE-L)", "worst"), ("best first", "best"), ("in order", "id")]
+EXAMPLE_COLUMNS = ["intent", "customer message", "reference", "prediction", "ROUGE-L", "flags"]
+EXAMPLE_WIDTHS: list[str | int] = ["10%", "18%", "30%", "30%", "6%", "6%"]
+EXAMPLES_SHOWN = 50
 EVAL_BACKENDS = list(get_args(EvaluateSpec.model_fields["backend"].annotation))
 
 
@@ -151,6 +156,61 @@ def eval_show(dataset_id: int | None, evaluation_id: int | None) -> tuple[Any, .
     return _evaluation_view(int(evaluation_id))
 
 
+def examples_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    out = []
+    for r in rows:
+        scores = r.get("scores") or {}
+        flags = [p.replace("_", " ") for p in ERROR_PATTERNS if scores.get(p)]
+        rouge = scores.get("rouge_l")
+        out.append({"intent": r.get("intent") or "", "customer message": r["prompt"], "reference": r["reference"],
+                    "prediction": r["prediction"], "ROUGE-L": round(float(rouge), 3) if rouge is not None else None,
+                    "flags": ", ".join(flags)})
+    return pd.DataFrame(out, columns=EXAMPLE_COLUMNS)
+
+
+@api_errors
+def example_filters(evaluation_id: int | None) -> tuple[Any, Any]:
+    """The picked evaluation's models and intents, for the examples' filters."""
+    if evaluation_id is None:
+        return gr.Dropdown(choices=[], value=None), gr.Dropdown(choices=[("any", "")], value="")
+    ev = client().evaluation(int(evaluation_id))
+    per_model = {k: v for k, v in (ev.get("metrics") or {}).items() if isinstance(v, dict)}
+    models = list(per_model)
+    intents = sorted({i for v in per_model.values() for i in (v.get("per_intent") or {})})
+    return (gr.Dropdown(choices=models, value=models[0] if models else None),
+            gr.Dropdown(choices=[("any", ""), *((i, i) for i in intents)], value=""))
+
+
+@api_errors
+def show_examples(evaluation_id: int | None, model: str | None, pattern: str, intent: str, sort: str
+                  ) -> tuple[pd.DataFrame, str]:
+    """One model's stored predictions, filtered by error pattern and intent, worst first by default."""
+    if evaluation_id is None or not model:
+        raise gr.Error("Pick an evaluation and one of its models first.")
+    page = client().evaluation_examples(int(evaluation_id), model=model, pattern=pattern or None,
+                                        intent=intent or None, sort=sort or "worst", limit=EXAMPLES_SHOWN)
+    what = " · ".join(x for x in (pattern.replace("_", " ") if pattern else "", intent) if x) or "all"
+    line = f"{model}: {page['count']:,} example(s) ({what})"
+    if page["count"] > len(page["data"]):
+        line += f"; the first {len(page['data'])} shown"
+    return examples_frame(page["data"]), line
+
+
+def _examples() -> tuple[list[Any], gr.Button, gr.Markdown, gr.Dataframe]:
+    """The examples' filters (in show_examples' order, after the evaluation), show, the line and the table."""
+    with gr.Accordion("Examples: what each model answered, by error pattern and intent", open=False):
+        with gr.Row():
+            model = gr.Dropdown([], value=None, label="Model", elem_id="ex-model")
+            pattern = gr.Dropdown(PATTERN_CHOICES, value="", label="Error pattern", elem_id="ex-pattern")
+            intent = gr.Dropdown([("any", "")], value="", label="Intent", elem_id="ex-intent")
+            sort = gr.Dropdown(EXAMPLE_SORTS, value="worst", label="Order", elem_id="ex-sort")
+            go = gr.Button("Show examples", elem_id="ex-show")
+        line = gr.Markdown("", elem_id="ex-line")
+        table = gr.Dataframe(pd.DataFrame(columns=EXAMPLE_COLUMNS), interactive=False, wrap=True,
+                             column_widths=EXAMPLE_WIDTHS, elem_id="ex-table")
+    return [model, pattern, intent, sort], go, line, table
+
+
 @dataclass
 class EvaluateTab:
     tab: gr.Tab
@@ -207,6 +267,7 @@ def build(demo: gr.Blocks) -> EvaluateTab:
         params, run, cancel, pick, show = _form()
         status = gr.HTML(job_html(None), elem_id="eval-status")
         results = _results()
+        filters, ex_go, ex_line, ex_table = _examples()
 
     view = [*results, pick]
     run.click(eval_start, params, [job, status, timer], **on(status))
@@ -215,4 +276,7 @@ def build(demo: gr.Blocks) -> EvaluateTab:
     dataset = params[1]
     show.click(eval_show, [dataset, pick], view, **on(results[0]))
     pick.input(eval_show, [dataset, pick], view, **on(results[0]))
+    model, _, intent, _ = filters
+    pick.change(example_filters, pick, [model, intent], **QUIET)  # its models and intents
+    ex_go.click(show_examples, [pick, *filters], [ex_table, ex_line], **on(ex_table))
     return EvaluateTab(tab, models=params[0], dataset=dataset)
