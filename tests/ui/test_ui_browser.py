@@ -242,3 +242,32 @@ def test_the_memory_tab_finds_and_removes_a_wrong_approval(page, ui_url, stack):
         found = api.get("/memory/search", params={"q": question, "k": 5}).json()["data"]
         assert entry_id not in [h["id"] for h in found]
         assert api.delete(f"/memory/entries/{entry_id}").status_code == 404  # it is gone, not hidden
+
+
+def test_the_evaluate_tab_lists_what_a_model_answered(page, ui_url, stack):
+    """An evaluation of the retrieval responder: its leaderboard, then its examples, worst first."""
+    from tests.integration.helpers import wait_job
+    from tests.integration.test_memory import ensure_memory
+
+    expect = sync_api.expect
+    with httpx.Client(base_url=stack.url, timeout=30) as api:
+        ensure_memory(api)
+        dataset_id = api.get("/memory").json()["datasets"][0]
+        job = api.post("/jobs/evaluate", json={"model_ids": ["retrieval"], "dataset_id": dataset_id}).json()
+        done = wait_job(api, job["id"], timeout=300)
+        assert done["status"] == "succeeded", done["error"]
+        ev_id = done["result"]["evaluation_id"]
+        worst = api.get(f"/evaluations/{ev_id}/examples", params={"model": "retrieval", "limit": 1}).json()
+
+    page.goto(ui_url)
+    expect(page.locator("#api-status")).to_contain_text("ok", timeout=30_000)
+    page.get_by_role("tab", name="Evaluate").click()
+    page.locator("#eval-dataset input").click()
+    page.get_by_role("option").filter(has_text=f"#{dataset_id} ").first.click()
+    page.locator("#eval-show").click()
+    expect(page.locator("#eval-pick input")).to_have_value(re.compile(rf"^#{ev_id} "))
+    page.get_by_text("Examples: what each model answered").click()
+    expect(page.locator("#ex-model input")).to_have_value("retrieval")  # the evaluation's models fill the list
+    page.locator("#ex-show").click()
+    expect(page.locator("#ex-line")).to_contain_text(f"retrieval: {worst['count']} example(s) (all)")
+    expect(page.locator("#ex-table")).to_contain_text(worst["data"][0]["prompt"][:30])  # the worst one, first
