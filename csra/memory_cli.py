@@ -112,7 +112,11 @@ def rebuild(
             console.print(f"rebuild job {job['id']} {job['status']}")
             if not wait:
                 return
-            *_, job = c.poll_job(job["id"], interval=1.0)  # the last one yielded has ended
+            try:
+                *_, job = c.poll_job(job["id"], interval=1.0)  # the last one yielded has ended
+            except KeyboardInterrupt:
+                console.print(f"detached; rebuild job {job['id']} keeps running (csra job {job['id']} --watch)")
+                raise typer.Exit(code=130) from None
     except ApiError as e:
         raise _fail(e) from None
     if job["status"] != "succeeded":
