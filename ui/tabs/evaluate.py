@@ -225,7 +225,7 @@ def _form() -> tuple[list[Any], gr.Button, gr.Button, gr.Dropdown, gr.Button]:
         dataset = gr.Dropdown([], value=None, label="Dataset", scale=2, elem_id="eval-dataset")
     with gr.Row():
         max_samples = gr.Number(
-            300, label="Max samples (0: the whole test split)", precision=0, minimum=0, elem_id="eval-max"
+            300, label="Max samples (0: the whole split)", precision=0, minimum=0, elem_id="eval-max"
         )
         tokens = gr.Number(256, label="Max new tokens", precision=0, minimum=1, elem_id="eval-tokens")
         beams = gr.Number(1, label="Beams", precision=0, minimum=1, maximum=8)
