@@ -92,11 +92,11 @@ def test_an_evaluation_s_models_and_intents_fill_the_filters(examples_api: list[
 
 
 def test_examples_are_asked_with_their_filters_and_shown_with_their_flags(examples_api: list[httpx.URL]) -> None:
-    table, line = evaluate.show_examples(4, "ft-3", "repetitive", "cancel_order", "worst")
+    table, line = evaluate.show_examples(4, "ft-3", "repetitive", "cancel_order", "worst", 2)
     params = examples_api[-1].params
-    assert (params["model"], params["pattern"], params["intent"], params["sort"]) == (
-        "ft-3", "repetitive", "cancel_order", "worst")
-    assert line == "ft-3: 120 example(s) (repetitive · cancel_order); the first 2 shown"
+    assert (params["model"], params["pattern"], params["intent"], params["sort"], params["offset"]) == (
+        "ft-3", "repetitive", "cancel_order", "worst", "50")
+    assert line == "ft-3: 120 example(s) (repetitive · cancel_order); 51-52 shown, page 2 of 3"
     assert list(table["flags"]) == ["repetitive", ""] and list(table["ROUGE-L"]) == [0.081, 1.0]
     assert table.iloc[0]["customer message"] == "cancel order 5"
     evaluate.show_examples(4, "ft-3", "", "", "worst")

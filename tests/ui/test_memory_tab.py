@@ -28,6 +28,8 @@ class FakeMemory:
         self.entries = [entry(i, "chat" if i % 10 == 0 else "dataset") for i in range(1, n + 1)]
         self.rebuilt: list[int] = []
         self.agent = False
+        self.job: dict[str, Any] = {"id": 7, "kind": "memory", "status": "queued", "progress": 0.0, "stage": "",
+                                    "eta_seconds": None, "error": None, "attempts": 1, "finished": False}
 
     def __call__(self, request: httpx.Request) -> httpx.Response:
         path, q = request.url.path, request.url.params
@@ -52,12 +54,14 @@ class FakeMemory:
                 return httpx.Response(404, json={"detail": f"memory entry {i} was already removed"})
             self.entries = [e for e in self.entries if e["id"] != i]
             return httpx.Response(204)
+        if path == "/jobs/7":
+            return httpx.Response(200, json=self.job)
         if path == "/memory/rebuild":
             dataset_id = json.loads(request.content)["dataset_id"]
             if dataset_id == 99:
                 return httpx.Response(422, json={"detail": "dataset 99 does not exist"})
             self.rebuilt.append(dataset_id)
-            return httpx.Response(202, json={"id": 7, "kind": "memory", "status": "queued"})
+            return httpx.Response(202, json=self.job)
         return httpx.Response(404, json={"detail": "Not Found"})
 
 
@@ -109,9 +113,16 @@ def test_removing_an_entry_updates_the_summary_and_the_page(api: FakeMemory) -> 
         memory.remove("4x", "all", 1)
 
 
-def test_a_rebuild_starts_a_job_and_a_bad_dataset_is_the_api_s_detail(api: FakeMemory) -> None:
-    line = memory.rebuild(2)
-    assert api.rebuilt == [2] and line.startswith("Rebuild job #7 is queued") and "approved in chats stay" in line
+def test_a_rebuild_starts_a_job_that_is_followed_and_a_bad_dataset_is_the_api_s_detail(api: FakeMemory) -> None:
+    job_id, line, timer = memory.rebuild(2)
+    assert api.rebuilt == [2] and job_id == 7 and "memory job #7" in line and "approved in chats stay" in line
+    assert timer.active
+    api.job = {**api.job, "status": "running", "progress": 0.5, "stage": "embedded 30/60 answers"}
+    line, stats, timer = memory.follow_rebuild(7)
+    assert "embedded 30/60 answers" in line and timer.active and stats == gr.skip()
+    api.job = {**api.job, "status": "succeeded", "progress": 1.0, "finished": True}
+    line, stats, timer = memory.follow_rebuild(7)
+    assert "succeeded" in line and stats.startswith("**45 approved answers**") and not timer.active
     with pytest.raises(gr.Error, match="dataset 99 does not exist"):
         memory.rebuild(99)
     with pytest.raises(gr.Error, match="Pick the dataset"):

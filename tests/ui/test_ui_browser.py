@@ -242,6 +242,14 @@ def test_the_memory_tab_finds_and_removes_a_wrong_approval(page, ui_url, stack):
         found = api.get("/memory/search", params={"q": question, "k": 5}).json()["data"]
         assert entry_id not in [h["id"] for h in found]
         assert api.delete(f"/memory/entries/{entry_id}").status_code == 404  # it is gone, not hidden
+        dataset_id = api.get("/memory").json()["datasets"][0]
+
+    # a rebuild of a dataset's answers is followed to its end, and the summary follows
+    page.locator("#mem-dataset input").click()
+    page.get_by_role("option").filter(has_text=f"#{dataset_id} ").first.click()
+    page.locator("#mem-rebuild").click()
+    expect(page.locator("#mem-rebuilt")).to_contain_text("succeeded", timeout=120_000)
+    expect(page.locator("#mem-stats")).to_contain_text(f"{entries - 1:,} approved answers")
 
 
 def test_the_evaluate_tab_lists_what_a_model_answered(page, ui_url, stack):

@@ -182,18 +182,22 @@ def example_filters(evaluation_id: int | None) -> tuple[Any, Any]:
 
 
 @api_errors
-def show_examples(evaluation_id: int | None, model: str | None, pattern: str, intent: str, sort: str
-                  ) -> tuple[pd.DataFrame, str]:
-    """One model's stored predictions, filtered by error pattern and intent, worst first by default."""
+def show_examples(evaluation_id: int | None, model: str | None, pattern: str, intent: str, sort: str,
+                  page: float | None = 1) -> tuple[pd.DataFrame, str]:
+    """A page of one model's stored predictions, filtered by error pattern and intent, worst first by default."""
     if evaluation_id is None or not model:
         raise gr.Error("Pick an evaluation and one of its models first.")
-    page = client().evaluation_examples(int(evaluation_id), model=model, pattern=pattern or None,
-                                        intent=intent or None, sort=sort or "worst", limit=EXAMPLES_SHOWN)
+    start = (max(1, int(page or 1)) - 1) * EXAMPLES_SHOWN
+    found = client().evaluation_examples(int(evaluation_id), model=model, pattern=pattern or None,
+                                         intent=intent or None, sort=sort or "worst", limit=EXAMPLES_SHOWN,
+                                         offset=start)
     what = " · ".join(x for x in (pattern.replace("_", " ") if pattern else "", intent) if x) or "all"
-    line = f"{model}: {page['count']:,} example(s) ({what})"
-    if page["count"] > len(page["data"]):
-        line += f"; the first {len(page['data'])} shown"
-    return examples_frame(page["data"]), line
+    line = f"{model}: {found['count']:,} example(s) ({what})"
+    if found["count"] > EXAMPLES_SHOWN:
+        pages = -(-found["count"] // EXAMPLES_SHOWN)
+        line += (f"; {start + 1}-{start + len(found['data'])} shown, page {start // EXAMPLES_SHOWN + 1} of {pages}"
+                 if found["data"] else f"; page {start // EXAMPLES_SHOWN + 1} is past the last ({pages})")
+    return examples_frame(found["data"]), line
 
 
 def _examples() -> tuple[list[Any], gr.Button, gr.Markdown, gr.Dataframe]:
@@ -204,11 +208,12 @@ def _examples() -> tuple[list[Any], gr.Button, gr.Markdown, gr.Dataframe]:
             pattern = gr.Dropdown(PATTERN_CHOICES, value="", label="Error pattern", elem_id="ex-pattern")
             intent = gr.Dropdown([("any", "")], value="", label="Intent", elem_id="ex-intent")
             sort = gr.Dropdown(EXAMPLE_SORTS, value="worst", label="Order", elem_id="ex-sort")
+            page = gr.Number(1, label=f"Page ({EXAMPLES_SHOWN} a page)", precision=0, minimum=1, elem_id="ex-page")
             go = gr.Button("Show examples", elem_id="ex-show")
         line = gr.Markdown("", elem_id="ex-line")
         table = gr.Dataframe(pd.DataFrame(columns=EXAMPLE_COLUMNS), interactive=False, wrap=True,
                              column_widths=EXAMPLE_WIDTHS, elem_id="ex-table")
-    return [model, pattern, intent, sort], go, line, table
+    return [model, pattern, intent, sort, page], go, line, table
 
 
 @dataclass
@@ -276,7 +281,7 @@ def build(demo: gr.Blocks) -> EvaluateTab:
     dataset = params[1]
     show.click(eval_show, [dataset, pick], view, **on(results[0]))
     pick.input(eval_show, [dataset, pick], view, **on(results[0]))
-    model, _, intent, _ = filters
+    model, _, intent, _, _ = filters
     pick.change(example_filters, pick, [model, intent], **QUIET)  # its models and intents
     ex_go.click(show_examples, [pick, *filters], [ex_table, ex_line], **on(ex_table))
     return EvaluateTab(tab, models=params[0], dataset=dataset)

@@ -2,11 +2,12 @@
 
 How many there are and where they come from; a search that finds what the Chat tab's memory panel
 would show for a customer message; every entry, page by page; removing a wrong one; and a rebuild of a
-dataset's answers from its train split (a job).
+dataset's answers from its train split (a job, followed until it ends).
 """
 
 from __future__ import annotations
 
+import html
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -15,7 +16,7 @@ import gradio as gr
 import pandas as pd
 
 from csra.client import ApiError
-from ui.common import QUIET, api_errors, client, on
+from ui.common import QUIET, api_errors, client, job_html, on
 
 PAGE = 20
 SOURCES = [("all", "all"), ("from datasets", "dataset"), ("approved in chats", "chat")]
@@ -122,14 +123,35 @@ def remove(entry_id: str | None, source: str, page: float | None, hits: pd.DataF
     return (load_stats(), *browse(source, page), "", left)
 
 
+REBUILD_NOTE = ("Until it finishes the memory answers from its current entries; then the dataset's answers are "
+                "replaced in one step, and answers approved in chats stay.")
+
+
 @api_errors
-def rebuild(dataset_id: int | None) -> str:
+def rebuild(dataset_id: int | None) -> tuple[int, str, gr.Timer]:
+    """Start the rebuild job; the tab follows it (its id, its status line, the timer on)."""
     if dataset_id is None:
         raise gr.Error("Pick the dataset whose train split the memory's answers come from.")
     job = client().rebuild_memory(int(dataset_id))
-    return (f"Rebuild job #{job['id']} is {job['status']} (the Jobs tab follows it). Until it finishes the memory "
-            f"answers from its current entries; then dataset #{int(dataset_id)}'s answers are replaced in one step, "
-            "and answers approved in chats stay.")
+    return job["id"], _rebuild_line(job), gr.Timer(active=True)
+
+
+def _rebuild_line(job: dict[str, Any]) -> str:
+    note = "" if job["finished"] else f"<div class='csra-estimate'>{html.escape(REBUILD_NOTE)}</div>"
+    return job_html(job) + note
+
+
+def follow_rebuild(job_id: int | None) -> tuple[Any, Any, gr.Timer]:
+    """The rebuild job's status line; once it has ended, the new summary too and the timer off."""
+    if job_id is None:
+        return gr.skip(), gr.skip(), gr.Timer(active=False)
+    try:
+        job = client().job(int(job_id))
+        if not job["finished"]:
+            return _rebuild_line(job), gr.skip(), gr.Timer(active=True)
+        return _rebuild_line(job), stats_text(client().memory()), gr.Timer(active=False)
+    except ApiError as e:  # a blip of the API: the next tick tries again
+        return f"⚠️ {e.detail}", gr.skip(), gr.Timer(active=True)
 
 
 @dataclass
@@ -174,7 +196,8 @@ def build(demo: gr.Blocks) -> MemoryTab:
         with gr.Row():
             dataset = gr.Dropdown([], value=None, label="Dataset (its train split)", elem_id="mem-dataset")
             again = gr.Button("Rebuild", elem_id="mem-rebuild")
-        rebuilt = gr.Markdown("", elem_id="mem-rebuilt")
+        rebuilt = gr.HTML("", elem_id="mem-rebuilt")
+        rebuilding, timer = gr.State(None), gr.Timer(1.0, active=False)
 
     listing = [table, info, page]
     tab.select(load_stats, None, stats, **QUIET).then(browse, [source, page], listing, **QUIET)
@@ -183,5 +206,6 @@ def build(demo: gr.Blocks) -> MemoryTab:
     for shown in (table, hits):  # a wrong answer found by a search can be removed too
         shown.select(pick_entry, shown, entry, **QUIET)
     drop.click(remove, [entry, source, page, hits], [stats, *listing, entry, hits], **on(table))
-    again.click(rebuild, dataset, rebuilt, **on(rebuilt))
+    again.click(rebuild, dataset, [rebuilding, rebuilt, timer], **on(rebuilt))
+    timer.tick(follow_rebuild, rebuilding, [rebuilt, stats, timer], **QUIET)
     return MemoryTab(tab, dataset)
