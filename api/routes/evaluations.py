@@ -19,10 +19,11 @@ from api.schemas.jobs import JobPublic
 from api.schemas.training import EvaluateRequest
 from api.services import evaluations
 from csra.settings import get_settings
+from csra.specs import ERROR_PATTERNS
 from db.models import Evaluation, Job
 
 router = APIRouter(route_class=RoleRoute, tags=["evaluation"])
-PATTERN_HELP = f"only examples showing an error pattern: {', '.join(evaluations.PATTERNS)}"
+PATTERN_HELP = f"only examples showing an error pattern: {', '.join(ERROR_PATTERNS)}"
 
 FILE_RE = re.compile(r"^[a-z_]+\.(png|md|html)$")
 

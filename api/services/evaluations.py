@@ -19,8 +19,6 @@ from db.models import Dataset, DatasetExample, DatasetStatus, Evaluation, Evalua
 from models_store.naming import preferred_gguf
 from models_store.registry import find_model
 
-PATTERNS = ERROR_PATTERNS
-
 
 def validate_evaluation(db: Session, spec: EvaluateSpec) -> list[str]:
     """The checks before an evaluation (422 naming the problem); the models' resolved names."""
@@ -71,8 +69,9 @@ def get_evaluation_or_404(db: Session, evaluation_id: int) -> Evaluation:
 def examples(db: Session, evaluation_id: int, model: str | None, sort: str, pattern: str | None,
              intent: str | None) -> list[EvaluationExample]:
     """Stored predictions with per-example scores; ``sort=worst`` orders by ROUGE-L ascending."""
-    if pattern is not None and pattern not in PATTERNS:
-        raise HTTPException(status_code=422, detail=f"unknown pattern {pattern!r}; choose from {', '.join(PATTERNS)}")
+    if pattern is not None and pattern not in ERROR_PATTERNS:
+        raise HTTPException(status_code=422,
+                            detail=f"unknown pattern {pattern!r}; choose from {', '.join(ERROR_PATTERNS)}")
     q = select(EvaluationExample).where(EvaluationExample.evaluation_id == evaluation_id)
     if model:
         q = q.where(EvaluationExample.model_name == model)
