@@ -8,6 +8,7 @@ instant to read.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 import redis
@@ -63,6 +64,28 @@ def report_invariance(client: redis.Redis, worker: str, model: str, report: dict
     pipe.hset(INVARIANCE_KEY, f"{worker}|{model}", json.dumps(report))
     pipe.expire(INVARIANCE_KEY, INVARIANCE_TTL)
     pipe.execute()
+
+
+def forget_invariance_of_dead(client: redis.Redis, host: str, alive: Callable[[int], bool]) -> list[str]:
+    """Remove the self-check reports of ``host``'s processes that are gone (``alive(pid)`` false); the
+    removed ``"host:pid|model"`` keys.
+
+    A report is keyed by the process that loaded the model (``host:pid``), and every restart of a worker
+    (``csra up`` restarts a dead one; each ``csra up`` starts new ones) gives it a new pid: without this,
+    ``GET /health`` went on listing the reports of processes that no longer exist, and the warning of a
+    failed check outlived the worker that failed it. Only a process on the same host can tell whether
+    a pid is alive, so each worker clears its own host's (``workers.presence``)."""
+    gone = []
+    raw_keys: list[bytes] = client.hkeys(INVARIANCE_KEY)  # type: ignore[assignment]  # sync client
+    for raw in raw_keys:
+        key = raw.decode()
+        worker = key.split("|", 1)[0]
+        name, _, pid = worker.rpartition(":")
+        if name == host and pid.isdigit() and not alive(int(pid)):
+            gone.append(key)
+    if gone:
+        client.hdel(INVARIANCE_KEY, *gone)
+    return gone
 
 
 def invariance_reports(client: redis.Redis) -> dict[str, dict[str, Any]]:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import socket
 import subprocess
 import sys
 import threading
@@ -13,7 +15,7 @@ from typing import Any
 import redis
 from celery import bootsteps
 
-from csra.presence import INTERVAL, announce, report_invariance, withdraw
+from csra.presence import INTERVAL, announce, forget_invariance_of_dead, report_invariance, withdraw
 from csra.redis_conn import get_redis
 from csra.settings import get_settings
 from models_store.cache import PRUNE_EVERY_SECONDS
@@ -23,6 +25,20 @@ logger = logging.getLogger(__name__)
 
 TORCH_QUEUES = {"train", "generate"}  # the workers that run torch: they report their device
 _DESCRIBE = "import json; from ml.device import describe; print(json.dumps(describe()))"
+
+
+FORGET_EVERY = 30.0  # seconds between two sweeps of this host's dead processes' invariance reports
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process of this host has this pid (signal 0 checks without sending anything)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
 
 
 class DeviceProbe:
@@ -81,6 +97,8 @@ class Presence(bootsteps.StartStopStep):
             self.probe = DeviceProbe()
         self._beat()
         self.trefs.append(worker.timer.call_repeatedly(INTERVAL, self._beat, priority=10))
+        self._forget_dead()  # a restarted worker clears what its dead predecessor reported
+        self.trefs.append(worker.timer.call_repeatedly(FORGET_EVERY, self._forget_dead, priority=10))
         if get_settings().model_store_url:
             # copies of models deleted on another host leave this host's cache within about a minute
             # (twice a period: prune_model_copies runs at most once per PRUNE_EVERY_SECONDS itself)
@@ -103,6 +121,16 @@ class Presence(bootsteps.StartStopStep):
             announce(self.client, self.hostname, self.queues, self.device)
         except (redis.RedisError, OSError):  # Redis restarting: the next beat re-registers
             logger.debug("presence beat failed", exc_info=True)
+
+    def _forget_dead(self) -> None:
+        try:
+            assert self.client is not None
+            gone = forget_invariance_of_dead(self.client, socket.gethostname(), pid_alive)
+        except (redis.RedisError, OSError):
+            logger.debug("clearing dead processes' invariance reports failed", exc_info=True)
+            return
+        if gone:
+            logger.info("cleared the batch-invariance reports of processes that are gone: %s", ", ".join(gone))
 
     def stop(self, worker: Any) -> None:
         for tref in self.trefs:
