@@ -221,3 +221,22 @@ def test_a_grounded_run_asks_for_its_exemplars_and_the_api_makes_room_for_them()
     assert TrainSpec.model_validate(chosen).max_input_length == 1024
     with pytest.raises(gr.Error, match="Exemplars per prompt"):
         train.train_body(*form(grounded=True, k=None))
+
+
+def test_a_grounded_run_sends_its_reply_settings_as_the_spec_types_them() -> None:
+    from csra.specs import Grounding, TrainSpec
+
+    fields = [field for field, _, _ in train.REPLY_SETTINGS]
+    assert set(fields) == set(Grounding.model_fields) - {"k", "max_exemplar_tokens", "template"}  # every one
+    chosen = {"copy_bias": 2.5, "copy_exemplars": 0.0, "length_floor": 0.6, "consensus_pool": 4.0,
+              "no_repeat_ngram_size": 6.0, "min_similarity": 0.4}  # gr.Number gives floats
+    body = train.train_body(*form(grounded=True), *chosen.values())
+    grounding = TrainSpec.model_validate(body).grounding
+    assert grounding is not None and grounding.model_dump(include=set(fields)) == chosen
+    assert isinstance(body["grounding"]["consensus_pool"], int) and isinstance(body["grounding"]["copy_bias"], float)
+    assert "copy_bias" not in train.train_body(*form(grounded=True))["grounding"]  # none given: the spec's defaults
+    assert "grounding" not in train.train_body(*form(), *chosen.values())  # not grounded: nothing of it is sent
+    cleared = list(chosen.values())
+    cleared[4] = None
+    with pytest.raises(gr.Error, match="Loop guard"):
+        train.train_body(*form(grounded=True), *cleared)

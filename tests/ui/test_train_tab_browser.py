@@ -151,3 +151,36 @@ def test_the_train_tab_follows_every_training_job(page, ui_url, stack):
         cli.wait(10)
         api.post(f"/jobs/{mine}/cancel")
         api.close()
+
+
+def test_a_grounded_runs_reply_settings_go_with_it(page, ui_url, stack):
+    """The grounded model's own reply settings, set in the tab: a value the spec refuses is the API's
+    detail in the estimate line; the run started carries the ones given."""
+    expect = sync_api.expect
+    api = httpx.Client(base_url=stack.url, timeout=30)
+    dataset_id = import_intents_dataset(api)
+    page.goto(ui_url)
+    expect(page.locator("#api-status")).to_contain_text("ok", timeout=30_000)
+    page.get_by_role("tab", name="Train").click()
+    _pick(page, "train-dataset", f"#{dataset_id} ")
+    page.locator("#train-grounded input").check()
+    page.locator("#train-reply-settings").get_by_text("how its replies follow").click()
+    estimate = page.locator("#train-estimate")
+    _number(page, "train-no-repeat-ngram-size", "1")
+    expect(estimate).to_contain_text("no_repeat_ngram_size 1 would ban", timeout=60_000)
+    _number(page, "train-no-repeat-ngram-size", "6")
+    _number(page, "train-copy-bias", "2.5")
+    _number(page, "train-epochs", "1")
+    expect(estimate).to_contain_text("Start will ask for a confirmation", timeout=60_000)
+    before = {j["id"] for j in _train_jobs(api)}
+    page.locator("#train-start").click()
+    page.locator("#train-confirm").click()
+    started = wait_until(lambda: next((j for j in _train_jobs(api) if j["id"] not in before), None), 30, 0.5,
+                         what="the job started in the tab")
+    try:
+        grounding = started["params"]["grounding"]
+        assert (grounding["copy_bias"], grounding["no_repeat_ngram_size"]) == (2.5, 6)
+        assert grounding["min_similarity"] == 0.5  # left alone: the spec's default
+    finally:
+        api.post(f"/jobs/{started['id']}/cancel")
+        api.close()

@@ -182,9 +182,11 @@ def train_body(
     grounded: bool = False,
     k: float = _default("k", Grounding),
     exemplar_tokens: float = _default("max_exemplar_tokens", Grounding),
+    *reply: float | None,
 ) -> dict[str, Any]:
     """The ``POST /jobs/train`` body of the form (``gr.Error`` for a missing field). A grounded run leaves
-    max input tokens at its default out, so the API makes room for the exemplars (``TrainSpec``)."""
+    max input tokens at its default out, so the API makes room for the exemplars (``TrainSpec``);
+    ``reply``: its reply settings in ``REPLY_SETTINGS``' order (those not given keep the spec's defaults)."""
     if dataset_id is None:
         raise gr.Error("Pick a dataset (import one in 'Import a dataset' above if the list is empty).")
     body: dict[str, Any] = {
@@ -206,12 +208,34 @@ def train_body(
     if max_train:
         body["max_train_samples"] = int(max_train)
     if grounded:
-        body["grounding"] = {"k": int(num(k, "Exemplars per prompt")),
-                             "max_exemplar_tokens": int(num(exemplar_tokens, "Tokens per exemplar"))}
+        body["grounding"] = grounding_body(k, exemplar_tokens, reply)
         if body["max_input_length"] == _default("max_input_length"):
             del body["max_input_length"]
     if (output_name or "").strip():
         body["output_name"] = output_name.strip()
+    return body
+
+
+# A grounded model's own reply settings (``Grounding``), set once at training and used by every chat and
+# evaluation that does not override them: (field, the form's label, its hint). Their defaults and ranges
+# are the spec's; the API's 422 names a value out of range.
+REPLY_SETTINGS = (
+    ("copy_bias", "Copy bias", "how hard a reply keeps to the approved answer (0: off; up to 20)"),
+    ("copy_exemplars", "Copy along the first N answers", "0: along all of them"),
+    ("length_floor", "Length floor", "the reply may not end before this share of the first answer's length"),
+    ("consensus_pool", "Consensus pool", "of the N nearest answers, those agreeing most come first (0: the k nearest)"),
+    ("no_repeat_ngram_size", "Loop guard", "no run of this many tokens twice in a reply (0: off)"),
+    ("min_similarity", "Min similarity", "below this, the message is unlike any approved one: the model writes freely"),
+)
+
+
+def grounding_body(k: float | None, exemplar_tokens: float | None, reply: tuple[float | None, ...]) -> dict[str, Any]:
+    """The ``grounding`` of a grounded run: its exemplars, and the reply settings the form gives."""
+    body: dict[str, Any] = {"k": int(num(k, "Exemplars per prompt")),
+                            "max_exemplar_tokens": int(num(exemplar_tokens, "Tokens per exemplar"))}
+    for (field, label, _), value in zip(REPLY_SETTINGS, reply, strict=False):
+        number = num(value, label)
+        body[field] = int(number) if Grounding.model_fields[field].annotation is int else number
     return body
 
 
@@ -366,12 +390,20 @@ def _form() -> tuple[list[Any], gr.Button, gr.Button, gr.Button, gr.HTML]:
             exemplar_tokens = gr.Number(_default("max_exemplar_tokens", Grounding), precision=0, minimum=16,
                                         maximum=512, label="Grounded: tokens per exemplar")
         keep_best = gr.Checkbox(_default("keep_best_on_cancel"), label="On cancel, keep the best checkpoint so far")
+    with gr.Accordion("Grounded: how its replies follow the approved answers", open=False,
+                      elem_id="train-reply-settings"):
+        gr.Markdown("The model keeps these for every reply; a reply or an evaluation can override some of them "
+                    "(the copy bias, the loop guard).")
+        reply = [gr.Number(_default(field, Grounding), label=label, info=hint, minimum=0,
+                           precision=0 if Grounding.model_fields[field].annotation is int else None,
+                           elem_id=f"train-{field.replace('_', '-')}")
+                 for field, label, hint in REPLY_SETTINGS]
     with gr.Row():
         start = gr.Button("Start training", variant="primary", elem_id="train-start")
         confirm = gr.Button("Start anyway", variant="stop", visible=False, elem_id="train-confirm")
     estimate = gr.HTML("", elem_id="train-estimate")
     params = [dataset, base, method, epochs, lr, batch, max_train, out_name, lora_r, lora_alpha, max_in, max_out,
-              warmup, seed, keep_best, log_every, grounded, k, exemplar_tokens]
+              warmup, seed, keep_best, log_every, grounded, k, exemplar_tokens, *reply]
     return params, refresh, start, confirm, estimate
 
 
