@@ -346,3 +346,11 @@ class Client:
 
     def save_profile(self, body: dict[str, Any]) -> dict[str, Any]:
         return self.put("/profile", body)
+
+
+def memory_entry_source(entry: dict[str, Any]) -> str:
+    """Where an answer of ``GET /memory/entries`` or ``/memory/search`` came from, as the UI and the CLI
+    show it: ``chat reply #12`` (approved in a chat), ``dataset #2`` (a dataset's train split)."""
+    if entry["source"] == "chat":
+        return f"chat reply #{entry['chat_message_id']}" if entry.get("chat_message_id") else "chat"
+    return f"dataset #{entry['dataset_id']}" if entry.get("dataset_id") else str(entry["source"])

@@ -7,13 +7,13 @@ one out; ``rebuild`` replaces a dataset's answers from its train split (a job, f
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from csra.client import ApiError, Client
+from csra.client import ApiError, Client, memory_entry_source
 
 memory_app = typer.Typer(help="The answer memory: the team's approved answers", invoke_without_command=True)
 console = Console(stderr=True)
@@ -23,12 +23,6 @@ out = Console()
 def _fail(e: ApiError) -> typer.Exit:
     console.print(f"error: {e.detail}", markup=False, soft_wrap=True)  # one line, as the API said it
     return typer.Exit(code=1)
-
-
-def _source(e: dict[str, Any]) -> str:
-    if e["source"] == "chat":
-        return f"chat reply {e['chat_message_id']}" if e.get("chat_message_id") else "chat"
-    return f"dataset {e['dataset_id']}" if e.get("dataset_id") else str(e["source"])
 
 
 @memory_app.callback()
@@ -63,8 +57,8 @@ def search(
         console.print(f"intent: {found['intent']} (confidence {found['intent_confidence']:.2f})")
     table = Table("id", "similarity", "intent", "source", "customer message", "approved answer")
     for h in found["data"]:
-        table.add_row(str(h["id"]), f"{h['similarity']:.3f}", h.get("intent") or "", _source(h), h["message"],
-                      h["reply"])
+        table.add_row(str(h["id"]), f"{h['similarity']:.3f}", h.get("intent") or "", memory_entry_source(h),
+                      h["message"], h["reply"])
     out.print(table)
 
 
@@ -82,8 +76,8 @@ def list_entries(
         raise _fail(e) from None
     table = Table("id", "source", "intent", "customer message", "approved answer", "added")
     for entry in page["data"]:
-        table.add_row(str(entry["id"]), _source(entry), entry.get("intent") or "", entry["message"], entry["reply"],
-                      (entry.get("created_at") or "")[:16].replace("T", " "))
+        table.add_row(str(entry["id"]), memory_entry_source(entry), entry.get("intent") or "", entry["message"],
+                      entry["reply"], (entry.get("created_at") or "")[:16].replace("T", " "))
     out.print(table)
     shown = len(page["data"])
     console.print(f"{offset + 1 if shown else 0}-{offset + shown} of {page['count']:,}")

@@ -15,7 +15,7 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
-from csra.client import ApiError
+from csra.client import ApiError, memory_entry_source
 from ui.common import QUIET, api_errors, client, job_html, on
 
 PAGE = 20
@@ -40,21 +40,17 @@ def stats_text(stats: dict[str, Any]) -> str:
     return line
 
 
-def _source(entry: dict[str, Any]) -> str:
-    if entry["source"] == "chat":
-        return f"chat reply #{entry['chat_message_id']}" if entry.get("chat_message_id") else "chat"
-    return f"dataset #{entry['dataset_id']}" if entry.get("dataset_id") else entry["source"]
-
-
 def hits_frame(hits: list[dict[str, Any]]) -> pd.DataFrame:
     rows = [{"id": h["id"], "similarity": round(float(h["similarity"]), 3), "intent": h.get("intent") or "",
-             "source": _source(h), "customer message": h["message"], "approved answer": h["reply"]} for h in hits]
+             "source": memory_entry_source(h), "customer message": h["message"], "approved answer": h["reply"]}
+            for h in hits]
     return pd.DataFrame(rows, columns=HIT_COLUMNS)
 
 
 def entries_frame(entries: list[dict[str, Any]]) -> pd.DataFrame:
-    rows = [{"id": e["id"], "source": _source(e), "intent": e.get("intent") or "", "customer message": e["message"],
-             "approved answer": e["reply"], "added": (e.get("created_at") or "")[:16].replace("T", " ")}
+    rows = [{"id": e["id"], "source": memory_entry_source(e), "intent": e.get("intent") or "",
+             "customer message": e["message"], "approved answer": e["reply"],
+             "added": (e.get("created_at") or "")[:16].replace("T", " ")}
             for e in entries]
     return pd.DataFrame(rows, columns=ENTRY_COLUMNS)
 
