@@ -1,6 +1,7 @@
 """The ``csra`` command: run the stack (``up``, ``api``, ``worker``, ``ui``, ``migrate``), manage API
 keys (``keys``, in ``csra.keys_cli``) and talk to a running API (``datasets``, ``train``, ``sweep``,
-``eval``, ``jobs``, ``job``, ``models``, ``chat``, ``memory`` in ``csra.memory_cli``)."""
+``eval``, ``jobs``, ``job``, ``models`` (its ``reply-settings`` in ``csra.reply_settings_cli``), ``chat``,
+``memory`` in ``csra.memory_cli``)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from rich.table import Table
 from csra.client import ApiError, Client
 from csra.keys_cli import keys_app
 from csra.memory_cli import memory_app
+from csra.reply_settings_cli import reply_settings
 from csra.settings import get_settings
 from csra.specs import REPLY_TOKENS
 
@@ -29,6 +31,7 @@ app.add_typer(datasets_app, name="datasets")
 app.add_typer(models_app, name="models")
 app.add_typer(keys_app, name="keys")
 app.add_typer(memory_app, name="memory")
+models_app.command("reply-settings")(reply_settings)
 console = Console(stderr=True)
 out = Console()
 

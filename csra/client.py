@@ -272,6 +272,13 @@ class Client:
     def models(self) -> list[dict[str, Any]]:
         return self.get("/models")["data"]
 
+    def model(self, ref: str) -> dict[str, Any]:
+        return self.get(f"/models/{ref}")
+
+    def set_reply_settings(self, ref: str, settings: dict[str, Any]) -> dict[str, Any]:
+        """Replace a grounded model's reply settings (``PUT /models/{ref}/reply-settings``): the model."""
+        return self.put(f"/models/{ref}/reply-settings", json=settings)
+
     # ------------------------------------------------------------------ the answer memory
     def memory(self) -> dict[str, Any]:
         """How many approved answers, by source, from which datasets."""

@@ -44,6 +44,12 @@ def _not_one(n: int) -> int:
 NoRepeatNgram = Annotated[int, Field(ge=0, le=64, description="the loop guard: a reply may not repeat a run of this "
                                      "many tokens it already wrote (0: off; ml.inference.loops)"),
                           AfterValidator(_not_one)]
+LengthFloor = Annotated[float, Field(ge=0, le=1.5, description="the reply may not end before this share of the "
+                                     "first exemplar's length in tokens (0: no floor)")]
+MinSimilarity = Annotated[float, Field(ge=0, le=1, description="the copy bias and the length floor hold a reply to "
+                                       "its exemplars only when the nearest approved answer's message is at least "
+                                       "this similar (MiniLM cosine); below, the message is unlike any approved one "
+                                       "and the model writes on its own (0: always)")]
 # The default reply length (chat, /v1, evaluation) and training's reply cut: 384 tokens hold 99.6% of
 # Bitext's replies (256 cut 6.8% of them, 192 cut 18%: check_refund_policy's replies average 334).
 REPLY_TOKENS = 384
@@ -106,8 +112,7 @@ class Grounding(_Spec):
     # Alone, floors of 0.6-1.0 cost ROUGE-L and added repetitive replies (the model wrote filler past
     # its own ending); with consensus exemplars, the copy bias and the loop guard, 0.8 lifts BLEU and
     # chrF at the same ROUGE-L on the validation split (README, "Consensus exemplars and a loop guard").
-    length_floor: float = Field(0.8, ge=0, le=1.5, description="the reply may not end before this share of the "
-                                "first exemplar's length in tokens (0: no floor)")
+    length_floor: LengthFloor = 0.8
     # 10 along the first (consensus) exemplar, with the loop guard at 4: on Bitext's validation split the
     # setting above retrieval on all four metrics with the fewest repetitive and unfinished replies (README,
     # "Following it harder"; 2.5 along every exemplar before 2026-12-05, 6 earlier that day). A
@@ -122,10 +127,7 @@ class Grounding(_Spec):
     # 0.69-0.71), while off-topic messages (the weather, a recipe, a crashing app) find nothing above 0.42
     # (README, "Only for a message like an approved one"). Below it, copying the nearest answer would answer
     # another question, so the model writes on its own.
-    min_similarity: float = Field(0.5, ge=0, le=1, description="the copy bias and the length floor hold a reply to "
-                                  "its exemplars only when the nearest approved answer's message is at least this "
-                                  "similar (MiniLM cosine); below, the message is unlike any approved one and the "
-                                  "model writes on its own (0: always)")
+    min_similarity: MinSimilarity = 0.5
 
     @field_validator("template")
     @classmethod
@@ -154,6 +156,37 @@ def recorded_grounding(recorded: dict[str, Any] | None, **overrides: float | int
         return None
     grounding = Grounding.model_validate(recorded)
     return grounding.model_copy(update={k: v for k, v in overrides.items() if v is not None})
+
+
+class ReplySettings(_Spec):
+    """How a grounded model's replies follow their approved answers, set after training
+    (``PUT /models/{ref}/reply-settings``), typically to serve a setting an evaluation measured. Each one
+    set replaces the value the model was trained with; one left out keeps it. What the model learned
+    from (``k``, ``max_exemplar_tokens``, ``template``) stays as trained."""
+
+    copy_bias: CopyBias | None = None
+    copy_exemplars: CopyExemplars | None = None
+    length_floor: LengthFloor | None = None
+    consensus_pool: ConsensusPool | None = None
+    no_repeat_ngram_size: NoRepeatNgram | None = None
+    min_similarity: MinSimilarity | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _not_what_it_learned(cls, data: Any) -> Any:
+        learned = sorted(set(data) & {"k", "max_exemplar_tokens", "template"}) if isinstance(data, dict) else []
+        if learned:
+            raise ValueError(f"{', '.join(learned)}: what the model was trained with, not a reply setting; "
+                             "train it again to change that")
+        return data
+
+
+def served_grounding(trained: dict[str, Any] | None, reply_settings: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The grounding a model serves with: the one it was trained with (``training_config.grounding``;
+    None: not grounded) with its reply settings in place of the trained values."""
+    if not trained:
+        return None
+    return {**trained, **(reply_settings or {})}
 
 
 class TrainSpec(_Spec):
@@ -338,7 +371,7 @@ class EvaluateSpec(_Spec):
     temperature: float = Field(0.0, ge=0, le=2)
     batch_size: int = Field(16, ge=1, le=128)
     seed: int = 42
-    length_floor: float | None = Field(None, ge=0, le=1.5, description="grounded models only: the share of the "
+    length_floor: LengthFloor | None = Field(None, description="grounded models only: the share of the "
                                        "first exemplar's length a reply must reach, instead of the model's "
                                        "own (to measure a setting before serving it)")
     copy_bias: CopyBias | None = Field(None, description="grounded models only: instead of the model's own")

@@ -124,6 +124,8 @@ class Model(Base):
         ForeignKey("datasets.id", ondelete="SET NULL"), nullable=True
     )
     training_config: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    # a grounded model's reply settings set after training, over training_config's grounding (csra.specs.ReplySettings)
+    reply_settings: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     metrics: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     owner: Mapped[str | None] = mapped_column(String(64), nullable=True)  # the key name that trained it
     created_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 
 from csra.jobctx import JobError
 from csra.settings import get_settings
-from csra.specs import RETRIEVAL
+from csra.specs import RETRIEVAL, served_grounding
 from db.ids import parse_id
 from db.jobs import TERMINAL
 from db.models import Job, Model
@@ -52,7 +52,8 @@ def find_model_row(ref: str | int, local: bool = True) -> dict[str, Any] | None:
             return None
         config = row.training_config or {}
         out: dict[str, Any] = {"id": row.id, "name": row.name, "path": row.path, "kind": row.kind,
-                               "model_type": row.model_type, "grounding": config.get("grounding"),
+                               "model_type": row.model_type,
+                               "grounding": served_grounding(config.get("grounding"), row.reply_settings),
                                "content_hash": row.content_hash,
                                # a retrieval responder: 0 the nearest answer, n the consensus of the n nearest
                                "consensus_pool": int(config.get("consensus_pool") or 0)}

@@ -1,4 +1,5 @@
-"""The model store: list, read, delete (refused while a job uses the model), export as GGUF and download."""
+"""The model store: list, read, delete (refused while a job uses the model), set a grounded model's reply
+settings, export as GGUF and download."""
 
 from __future__ import annotations
 
@@ -11,7 +12,15 @@ from api.params import Limit
 from api.roles import RoleRoute
 from api.schemas.jobs import JobPublic
 from api.schemas.models import ExportRequest, ModelFiles, ModelPublic, ModelsPublic
-from api.services.models import delete_model, get_model_or_404, model_file, model_files, submit_export
+from api.services.models import (
+    delete_model,
+    get_model_or_404,
+    model_file,
+    model_files,
+    set_reply_settings,
+    submit_export,
+)
+from csra.specs import ReplySettings
 from db.models import Job, Model
 
 router = APIRouter(route_class=RoleRoute, prefix="/models", tags=["models"])
@@ -37,6 +46,14 @@ def read_model(ref: str, db: DbSession, caller: Agent) -> Model:
 def remove_model(ref: str, db: DbSession, caller: Admin) -> Response:
     delete_model(db, ref)
     return Response(status_code=204)
+
+
+@router.put("/{ref}/reply-settings", response_model=ModelPublic)
+def put_reply_settings(ref: str, body: ReplySettings, db: DbSession, caller: Admin) -> Model:
+    """Set how a grounded model's replies follow their approved answers, in place of what it was trained
+    with (each setting left out: the trained value; ``{}``: all of them), e.g. to serve a setting an
+    evaluation measured. Its ``grounding`` then shows what it replies with."""
+    return set_reply_settings(db, ref, body)
 
 
 @router.post("/{ref}/export", status_code=202, response_model=JobPublic)

@@ -5,10 +5,10 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, computed_field
 
 from api.schemas.common import OWNER_HELP, Public
-from csra.specs import GgufQuantization
+from csra.specs import GgufQuantization, served_grounding
 
 
 class ModelPublic(Public):
@@ -24,9 +24,17 @@ class ModelPublic(Public):
     train_job_id: int | None = None
     dataset_id: int | None = None
     training_config: dict[str, Any] | None = None
+    reply_settings: dict[str, Any] | None = Field(None, description="a grounded model's reply settings set "
+                                                  "after training (PUT /models/{ref}/reply-settings)")
     metrics: dict[str, Any] | None = None
     owner: str | None = Field(None, description=OWNER_HELP)
     created_at: datetime
+
+    @computed_field(description="what a grounded model replies with: training_config's grounding with the reply "
+                    "settings in place of the trained values (null: not grounded)")
+    def grounding(self) -> dict[str, Any] | None:
+        trained = (self.training_config or {}).get("grounding")
+        return served_grounding(trained, self.reply_settings)
 
 
 class ExportRequest(BaseModel):

@@ -1,5 +1,5 @@
 """Models as the API sees them: resolve a reference (422), find one (404), delete one (409 while used),
-export one (a job) and find its exported files."""
+set a grounded one's reply settings, export one (a job) and find its exported files."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from api.schemas.models import ExportRequest, ModelFile
 from api.services import jobs
 from api.services.access import Caller
 from csra.settings import get_settings
-from csra.specs import EXPORTS_DIR, GGUF_ARCHITECTURES, RETRIEVAL, ExportSpec
+from csra.specs import EXPORTS_DIR, GGUF_ARCHITECTURES, RETRIEVAL, ExportSpec, ReplySettings
 from db.jobs import JobKind
 from db.models import Job, Model
 from models_store.naming import gguf_exports
@@ -60,6 +60,21 @@ def delete_model(db: Session, ref: str) -> None:
     db.commit()
     if path.resolve().is_relative_to(store) and path.exists():
         shutil.rmtree(path, ignore_errors=True)
+
+
+def set_reply_settings(db: Session, ref: str, settings: ReplySettings) -> Model:
+    """Replace a grounded model's reply settings (each one left out goes back to its trained value); 422 for
+    a model that was not trained grounded. The next reply, chat turn and evaluation use them: workers read
+    a model's grounding from its row for every job, so no cached copy holds the old ones."""
+    model = get_model_or_404(db, ref)
+    if model.kind == RETRIEVAL or not (model.training_config or {}).get("grounding"):
+        raise HTTPException(status_code=422, detail=f"model {model.name!r} was not trained grounded: reply "
+                                                    "settings are for grounded models (a reply can still set "
+                                                    "its own loop guard)")
+    model.reply_settings = settings.model_dump(exclude_none=True) or None
+    db.commit()
+    db.refresh(model)
+    return model
 
 
 def submit_export(db: Session, ref: str, body: ExportRequest, caller: Caller) -> Job:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 
 import httpx
@@ -10,6 +12,7 @@ import pytest
 
 from ml.memory.grounding import by_consensus
 from tests.integration.helpers import wait_job
+from tests.stack import Stack
 
 pytestmark = pytest.mark.databases("sqlite", "postgresql")  # see tests/conftest.py
 
@@ -292,3 +295,62 @@ def test_a_grounded_model_is_trained_served_and_evaluated_on_its_exemplars(api, 
     assert board["tiny-grounded"]["grounding"]["copy_bias"] == 2.0
     board = api.get("/leaderboard", params={"dataset_id": memory_dataset}).json()["data"]
     assert "retrieval" in {row["model"] for row in board}
+
+
+def csra_cli(stack: Stack, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "csra.cli", *args], env={**stack.env, "COLUMNS": "250"},
+                          capture_output=True, text=True, timeout=240)
+
+
+def test_reply_settings_set_after_training_are_what_it_replies_with(api, memory_dataset, stack):
+    """The same request, no override in it: the model's reply settings decide whether its reply keeps to the
+    approved answer, and the evaluation says which it measured."""
+    if api.get("/models/tiny-grounded").status_code == 404:  # this test alone: train it as the one above does
+        job = api.post("/jobs/train", json={"dataset_id": memory_dataset, "epochs": 1, "batch_size": 8,
+                                            "max_input_length": 256, "output_name": "tiny-grounded",
+                                            "grounding": {"k": 2, "max_exemplar_tokens": 24}}).json()
+        assert wait_job(api, job["id"], timeout=300)["status"] == "succeeded"
+    if api.get("/memory").json()["entries"] == 0:
+        _rebuild(api, memory_dataset)
+    message = "cancel order 3 please"
+    nearest = {h["id"]: h["reply"] for h in api.get("/memory/search", params={"q": message, "k": 8}).json()["data"]}
+
+    def reply() -> dict:
+        job = api.post("/jobs/generate", json={"model_id": "tiny-grounded", "message": message, "max_new_tokens": 4})
+        done = wait_job(api, job.json()["id"])
+        assert done["status"] == "succeeded", done["error"]
+        return done["result"]
+
+    try:
+        held = api.put("/models/tiny-grounded/reply-settings", json={"copy_bias": 20})
+        assert held.status_code == 200 and held.json()["grounding"]["copy_bias"] == 20, held.text
+        copied = reply()  # the approved answer it follows, whole, past max_new_tokens 4
+        assert copied["raw_text"] == nearest[copied["grounded_on"][0]].strip() and copied["completion_tokens"] > 4
+
+        free = api.put("/models/tiny-grounded/reply-settings", json={"copy_bias": 0, "length_floor": 0})
+        assert free.status_code == 200, free.text
+        own = reply()  # nothing holds it to the answer: the random tiny model's own words, the caller's limit
+        assert own["completion_tokens"] <= 4 and own["raw_text"] != copied["raw_text"]
+
+        ev = api.post("/jobs/evaluate", json={"model_ids": ["tiny-grounded"], "dataset_id": memory_dataset,
+                                              "max_new_tokens": 4, "max_samples": 2})
+        finished = wait_job(api, ev.json()["id"], timeout=300)
+        assert finished["status"] == "succeeded", finished["error"]
+        measured = api.get(f"/evaluations/{finished['result']['evaluation_id']}").json()["metrics"]["tiny-grounded"]
+        assert (measured["grounding"]["copy_bias"], measured["grounding"]["length_floor"]) == (0, 0)
+
+        # the same from the terminal: a setting given joins those set before; a bad one is the API's one line
+        changed = csra_cli(stack, "models", "reply-settings", "tiny-grounded", "--copy-bias", "2.5")
+        assert changed.returncode == 0, changed.stderr
+        rows = {line.split("│")[1].strip(): line for line in changed.stdout.splitlines() if line.startswith("│")}
+        assert "2.5 (set)" in rows["copy_bias"] and "0.0 (set)" in rows["length_floor"]
+        assert "(set)" not in rows["min_similarity"]
+        assert api.get("/models/tiny-grounded").json()["reply_settings"] == {"copy_bias": 2.5, "length_floor": 0}
+        bad = csra_cli(stack, "models", "reply-settings", "tiny-grounded", "--loop-guard", "1")
+        assert bad.returncode == 1 and bad.stderr.startswith("error: ") and "no_repeat_ngram_size" in bad.stderr
+        assert csra_cli(stack, "models", "reply-settings", "tiny-grounded", "--reset").returncode == 0
+        assert api.get("/models/tiny-grounded").json()["reply_settings"] is None
+    finally:
+        api.put("/models/tiny-grounded/reply-settings", json={})
+    trained = api.get("/models/tiny-grounded").json()
+    assert trained["reply_settings"] is None and trained["grounding"] == trained["training_config"]["grounding"]
