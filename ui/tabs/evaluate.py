@@ -10,7 +10,7 @@ import gradio as gr
 import pandas as pd
 
 from csra.client import ApiError
-from csra.specs import ERROR_PATTERNS, EvaluateSpec
+from csra.specs import ERROR_PATTERNS, EvaluateSpec, ReplySettings
 from ui.common import (
     QUIET,
     api_errors,
@@ -200,8 +200,33 @@ def show_examples(evaluation_id: int | None, model: str | None, pattern: str, in
     return examples_frame(found["data"]), line
 
 
-def _examples() -> tuple[list[Any], gr.Button, gr.Markdown, gr.Dataframe]:
-    """The examples' filters (in show_examples' order, after the evaluation), show, the line and the table."""
+def measured_reply_settings(measured: dict[str, Any] | None, trained: dict[str, Any] | None) -> dict[str, Any]:
+    """The reply settings an evaluation measured a grounded model with that differ from what it was trained
+    with: the ``PUT /models/{ref}/reply-settings`` body that serves them (``{}``: the trained ones)."""
+    measured, trained = measured or {}, trained or {}
+    return {k: measured[k] for k in ReplySettings.model_fields if k in measured and measured[k] != trained.get(k)}
+
+
+@api_errors
+def serve_measured(evaluation_id: int | None, model: str | None) -> str:
+    """Serve the reply settings the picked evaluation measured ``model`` with; the line saying what it serves."""
+    if evaluation_id is None or not model:
+        raise gr.Error("Pick an evaluation and one of its models first.")
+    measured = ((client().evaluation(int(evaluation_id)).get("metrics") or {}).get(model) or {}).get("grounding")
+    if not measured:
+        raise gr.Error(f"{model} was not evaluated grounded: it has no reply settings to serve.")
+    trained = (client().model(model).get("training_config") or {}).get("grounding")
+    body = measured_reply_settings(measured, trained)
+    served = client().set_reply_settings(model, body)["grounding"] or {}
+    what = ", ".join(f"{k.replace('_', ' ')} {served.get(k)}" for k in ReplySettings.model_fields)
+    gr.Info(f"{model} now replies with the settings of evaluation #{evaluation_id}.")
+    return (f"**{model}** replies with {what}"
+            + (f" (set after training: {', '.join(body)})." if body else " (as trained)."))
+
+
+def _examples(pick: gr.Dropdown) -> tuple[list[Any], gr.Button, gr.Markdown, gr.Dataframe]:
+    """The examples' filters (in show_examples' order, after the evaluation), show, the line and the table;
+    and the button that serves what the picked evaluation measured a model with."""
     with gr.Accordion("Examples: what each model answered, by error pattern and intent", open=False):
         with gr.Row():
             model = gr.Dropdown([], value=None, label="Model", elem_id="ex-model")
@@ -213,6 +238,11 @@ def _examples() -> tuple[list[Any], gr.Button, gr.Markdown, gr.Dataframe]:
         line = gr.Markdown("", elem_id="ex-line")
         table = gr.Dataframe(pd.DataFrame(columns=EXAMPLE_COLUMNS), interactive=False, wrap=True,
                              column_widths=EXAMPLE_WIDTHS, elem_id="ex-table")
+        with gr.Row():
+            serve = gr.Button("Serve the reply settings this evaluation measured for this model", size="sm",
+                              elem_id="ex-serve", scale=0, min_width=360)
+            served = gr.Markdown("", elem_id="ex-served")
+        serve.click(serve_measured, [pick, model], served, **on(served))
     return [model, pattern, intent, sort, page], go, line, table
 
 
@@ -272,7 +302,7 @@ def build(demo: gr.Blocks) -> EvaluateTab:
         params, run, cancel, pick, show = _form()
         status = gr.HTML(job_html(None), elem_id="eval-status")
         results = _results()
-        filters, ex_go, ex_line, ex_table = _examples()
+        filters, ex_go, ex_line, ex_table = _examples(pick)
 
     view = [*results, pick]
     run.click(eval_start, params, [job, status, timer], **on(status))
