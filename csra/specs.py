@@ -174,7 +174,9 @@ class ReplySettings(_Spec):
     @model_validator(mode="before")
     @classmethod
     def _not_what_it_learned(cls, data: Any) -> Any:
-        learned = sorted(set(data) & {"k", "max_exemplar_tokens", "template"}) if isinstance(data, dict) else []
+        if not isinstance(data, dict):
+            return data
+        learned = sorted(set(data) & (set(Grounding.model_fields) - set(cls.model_fields)))
         if learned:
             raise ValueError(f"{', '.join(learned)}: what the model was trained with, not a reply setting; "
                              "train it again to change that")
