@@ -15,6 +15,7 @@ import httpx
 import pytest
 
 from csra.client import Client
+from ui import common
 from ui.tabs import train
 
 
@@ -56,6 +57,9 @@ class FakeApi:
         if path == "/jobs":
             assert request.url.params["kind"] == "train"
             return httpx.Response(200, json={"data": sorted(self.jobs.values(), key=lambda j: -j["id"]), "count": 0})
+        if request.method == "POST" and path.endswith("/cancel"):  # asked: the worker stops it later
+            self.jobs[int(path.split("/")[2])]["cancel_requested"] = True
+            return httpx.Response(202, json=self.jobs[int(path.split("/")[2])])
         if path.endswith("/events"):
             return httpx.Response(200, json={"data": self.metrics, "count": len(self.metrics)})
         return httpx.Response(200, json=self.jobs[int(path.rsplit("/", 1)[1])])
@@ -74,6 +78,7 @@ def api(monkeypatch: pytest.MonkeyPatch) -> FakeApi:
     ])
     c = Client(base_url="http://api.test", api_key="", transport=httpx.MockTransport(fake))
     monkeypatch.setattr(train, "client", lambda: c)
+    monkeypatch.setattr(common, "client", lambda: c)  # cancel_job, shared by the tabs
     return fake
 
 
@@ -240,3 +245,17 @@ def test_a_grounded_run_sends_its_reply_settings_as_the_spec_types_them() -> Non
     cleared[4] = None
     with pytest.raises(gr.Error, match="Loop guard"):
         train.train_body(*form(grounded=True), *cleared)
+
+
+def test_a_cancel_answered_after_a_tick_saw_the_job_end_is_repainted_by_the_next_tick(api: FakeApi) -> None:
+    """The cancel's answer (the job before the worker stopped it) can reach the page after a tick that
+    already showed the job cancelled; the next tick must send the status again, not skip it as shown."""
+    *_, shown, _ = train.train_refresh(4, None, None)  # job 4 running, shown
+    answer, forgotten = train.train_cancel(4)
+    assert "running" in answer and forgotten is None
+    api.jobs[4] = job(4, "cancelled", 0.45)
+    _, _, status, *_, seen_done, _ = train.train_refresh(4, shown, None)  # this tick lands first
+    assert "cancelled" in status
+    assert train.train_refresh(4, seen_done, None)[2] == SKIP  # as that tick left things: nothing to resend
+    # then the answer lands: "running" on screen, shown forgotten; the next tick repaints
+    assert "cancelled" in train.train_refresh(4, forgotten, None)[2]

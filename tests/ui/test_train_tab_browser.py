@@ -56,16 +56,21 @@ def _train_jobs(api: httpx.Client) -> list[dict]:
     return api.get("/jobs", params={"kind": "train", "limit": 100}).json()["data"]
 
 
-def test_the_train_tab_follows_every_training_job(page, ui_url, stack):
-    expect = sync_api.expect
+def _train_tab_on_a_dataset(page: sync_api.Page, ui_url: str, stack: Stack) -> tuple[httpx.Client, int]:
+    """The Train tab open with a dataset picked: a client of the stack's API and the dataset's id."""
     api = httpx.Client(base_url=stack.url, timeout=30)
     dataset_id = import_intents_dataset(api)
     page.goto(ui_url)
-    expect(page.locator("#api-status")).to_contain_text("ok", timeout=30_000)
+    sync_api.expect(page.locator("#api-status")).to_contain_text("ok", timeout=30_000)
     page.get_by_role("tab", name="Train").click()
-
-    # a long run started here: the estimate shows as the form changes, Start asks, "Start anyway" starts
     _pick(page, "train-dataset", f"#{dataset_id} ")
+    return api, dataset_id
+
+
+def test_the_train_tab_follows_every_training_job(page, ui_url, stack):
+    expect = sync_api.expect
+    # a long run started here: the estimate shows as the form changes, Start asks, "Start anyway" starts
+    api, dataset_id = _train_tab_on_a_dataset(page, ui_url, stack)
     _number(page, "train-epochs", "200")
     _number(page, "train-batch", "4")
     estimate = page.locator("#train-estimate")
@@ -157,12 +162,7 @@ def test_a_grounded_runs_reply_settings_go_with_it(page, ui_url, stack):
     """The grounded model's own reply settings, set in the tab: a value the spec refuses is the API's
     detail in the estimate line; the run started carries the ones given."""
     expect = sync_api.expect
-    api = httpx.Client(base_url=stack.url, timeout=30)
-    dataset_id = import_intents_dataset(api)
-    page.goto(ui_url)
-    expect(page.locator("#api-status")).to_contain_text("ok", timeout=30_000)
-    page.get_by_role("tab", name="Train").click()
-    _pick(page, "train-dataset", f"#{dataset_id} ")
+    api, _ = _train_tab_on_a_dataset(page, ui_url, stack)
     page.locator("#train-grounded input").check()
     page.locator("#train-reply-settings").get_by_text("how its replies follow").click()
     estimate = page.locator("#train-estimate")

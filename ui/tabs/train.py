@@ -145,6 +145,14 @@ def _follow(job: dict[str, Any]) -> tuple[Any, ...]:
     return job["id"], gr.Dropdown(choices=choices, value=job["id"]), *view, shown, choices
 
 
+def train_cancel(job_id: int | None) -> tuple[str, None]:
+    """Cancel: the followed job's status line as the API answered, and ``shown`` forgotten, so the next tick
+    sends the status again. The answer's job is the one before the worker stopped it ("running"); a tick
+    that already saw it cancelled may land before this answer, and without the reset every later tick
+    would skip a status it believes shown (seen in CI: "running 13%" stayed on screen after the cancel)."""
+    return cancel_job(job_id), None
+
+
 @api_errors
 def show_job(job_id: int | None) -> tuple[Any, ...]:
     """Follow ``job_id``, picked in the list or opened from the Jobs tab."""
@@ -461,7 +469,7 @@ def build(demo: gr.Blocks) -> TrainTab:
     tab.select(train_refresh, *polled, **QUIET)
     timer.tick(train_refresh, *polled, **QUIET)
     follow.input(show_job, follow, view, **on(status))
-    cancel.click(cancel_job, job, status, **on(status))
+    cancel.click(train_cancel, job, [status, shown], **on(status))
     _wire_estimate(params, est, estimate, pending, confirm)
     started = [*view, pending, confirm, estimate]
     start.click(train_start, [est, *params], started, **on(estimate))
