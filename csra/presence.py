@@ -58,6 +58,12 @@ def worker_devices(client: redis.Redis) -> dict[str, dict[str, Any]]:
     return found
 
 
+def report_parts(key: str) -> tuple[str, str]:
+    """A report's ``"worker|model"`` key (``report_invariance``) as (worker, model)."""
+    worker, _, model = key.partition("|")
+    return worker, model
+
+
 def report_invariance(client: redis.Redis, worker: str, model: str, report: dict[str, Any]) -> None:
     """Publish a model's batch-invariance self-check (``ml.inference.invariance``) for ``GET /health``."""
     pipe = client.pipeline()
@@ -79,8 +85,7 @@ def forget_invariance_of_dead(client: redis.Redis, host: str, alive: Callable[[i
     raw_keys: list[bytes] = client.hkeys(INVARIANCE_KEY)  # type: ignore[assignment]  # sync client
     for raw in raw_keys:
         key = raw.decode()
-        worker = key.split("|", 1)[0]
-        name, _, pid = worker.rpartition(":")
+        name, _, pid = report_parts(key)[0].rpartition(":")
         if name == host and pid.isdigit() and not alive(int(pid)):
             gone.append(key)
     if gone:

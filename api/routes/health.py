@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy import text
 from starlette.concurrency import run_in_threadpool
 
-from csra.presence import SUPERVISOR_KEY, invariance_reports, live_workers, worker_devices
+from csra.presence import SUPERVISOR_KEY, invariance_reports, live_workers, report_parts, worker_devices
 from csra.queue import QUEUES
 from csra.redis_conn import get_redis, redis_ok
 from db.session import get_engine
@@ -57,9 +57,12 @@ def _invariance() -> tuple[dict[str, Any], list[str]]:
         return {}, []
     summary = {key: {k: r.get(k) for k in ("batch_invariant", "linear_plan", "attention", "cpu", "detail")}
                for key, r in sorted(reports.items())}
-    warnings = [f"batch invariance is OFF for model {key.split('|', 1)[1]} on worker {key.split('|', 1)[0]}: "
-                f"greedy replies may differ between a request alone and in a batch ({r.get('detail')})"
-                for key, r in sorted(reports.items()) if not r.get("batch_invariant")]
+    warnings = []
+    for key, r in sorted(reports.items()):
+        if not r.get("batch_invariant"):
+            worker, model = report_parts(key)
+            warnings.append(f"batch invariance is OFF for model {model} on worker {worker}: greedy replies may "
+                            f"differ between a request alone and in a batch ({r.get('detail')})")
     return summary, warnings
 
 

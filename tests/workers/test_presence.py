@@ -49,3 +49,28 @@ def test_a_dead_workers_reports_are_forgotten_and_the_living_ones_kept(tmp_path:
         assert forget_invariance_of_dead(client, host, pid_alive) == []  # nothing left to clear
     finally:
         server.stop()
+
+
+def test_a_failed_check_is_a_health_warning_naming_its_model_and_worker(tmp_path: Path, monkeypatch) -> None:
+    from api.routes.health import _invariance
+    from csra.presence import report_parts
+    from csra.redis_conn import get_redis
+    from csra.settings import get_settings
+
+    assert report_parts("vm:12|tiny-llama") == ("vm:12", "tiny-llama")
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    monkeypatch.setenv("CSRA_REDIS_URL", server.url)
+    get_settings.cache_clear()
+    get_redis.cache_clear()
+    try:
+        report_invariance(get_redis(), "vm:12", "tiny-llama", FAILED)
+        report_invariance(get_redis(), "vm:13", "baseline", PASSED)
+        summary, warnings = _invariance()
+        assert set(summary) == {"vm:12|tiny-llama", "vm:13|baseline"}
+        assert warnings == ["batch invariance is OFF for model tiny-llama on worker vm:12: greedy replies may "
+                            "differ between a request alone and in a batch (logits differ)"]
+    finally:
+        get_settings.cache_clear()
+        get_redis.cache_clear()
+        server.stop()
