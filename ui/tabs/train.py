@@ -149,7 +149,8 @@ def train_cancel(job_id: int | None) -> tuple[str, None]:
     """Cancel: the followed job's status line as the API answered, and ``shown`` forgotten, so the next tick
     sends the status again. The answer's job is the one before the worker stopped it ("running"); a tick
     that already saw it cancelled may land before this answer, and without the reset every later tick
-    would skip a status it believes shown (seen in CI: "running 13%" stayed on screen after the cancel)."""
+    would skip a status it believes shown (the likely cause of a CI failure where "running 13%" stayed on
+    screen after the cancel)."""
     return cancel_job(job_id), None
 
 
@@ -237,13 +238,18 @@ REPLY_SETTINGS = (
 )
 
 
+def _whole(field: str) -> bool:
+    """Whether a ``Grounding`` field takes a whole number."""
+    return Grounding.model_fields[field].annotation is int
+
+
 def grounding_body(k: float | None, exemplar_tokens: float | None, reply: tuple[float | None, ...]) -> dict[str, Any]:
     """The ``grounding`` of a grounded run: its exemplars, and the reply settings the form gives."""
     body: dict[str, Any] = {"k": int(num(k, "Exemplars per prompt")),
                             "max_exemplar_tokens": int(num(exemplar_tokens, "Tokens per exemplar"))}
     for (field, label, _), value in zip(REPLY_SETTINGS, reply, strict=False):
         number = num(value, label)
-        body[field] = int(number) if Grounding.model_fields[field].annotation is int else number
+        body[field] = int(number) if _whole(field) else number
     return body
 
 
@@ -403,7 +409,7 @@ def _form() -> tuple[list[Any], gr.Button, gr.Button, gr.Button, gr.HTML]:
         gr.Markdown("The model keeps these for every reply; a reply or an evaluation can override some of them "
                     "(the copy bias, the loop guard).")
         reply = [gr.Number(_default(field, Grounding), label=label, info=hint, minimum=0,
-                           precision=0 if Grounding.model_fields[field].annotation is int else None,
+                           precision=0 if _whole(field) else None,
                            elem_id=f"train-{field.replace('_', '-')}")
                  for field, label, hint in REPLY_SETTINGS]
     with gr.Row():
